@@ -1,0 +1,114 @@
+"""The client's side of a split step (FL-GLM, arXiv 2406.14898, Alg. 1).
+
+The client owns the head, the tail, its data and its labels. Per micro-batch:
+
+    head forward -> FORWARD(h_head) -> tail forward + loss -> tail backward
+    -> BACKWARD(dL/dh_trunk) -> head backward
+and per optimizer step OPTIMIZER_STEP(client grad norm) -> clip -> step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from fedsplit.adapters import trainable_parameters
+from fedsplit.channel import Channel
+from fedsplit.protocol import decode_tensor, encode_tensor, pb
+from fedsplit.split.parts import Head, Tail, positions_from_mask
+from fedsplit.train.config import TrainConfig
+from fedsplit.train.optim import autocast, build_optimizer, causal_lm_loss, grad_sq_norm, scale_grads, set_lr
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+
+
+class SplitClient:
+    """Owns head + tail + optimizer; talks to the server only through its :class:`Channel`."""
+
+    def __init__(self, head: Head, tail: Tail, channel: Channel, cfg: TrainConfig, total_steps: int) -> None:
+        self.head, self.tail, self.channel, self.cfg = head, tail, channel, cfg
+        self.total_steps = total_steps
+        self.params = trainable_parameters(head) + trainable_parameters(tail)
+        self.optimizer = build_optimizer(self.params, cfg)
+        self.steps_taken = 0
+        self.micro_steps = 0
+        self.round = 0
+
+    def _hidden(self, message: pb.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
+        return decode_tensor(message, name, dtypes=(like.dtype,), shape=tuple(like.shape))
+
+    def forward_backward(self, batch: dict[str, torch.Tensor]) -> float:
+        """One micro-batch: forward through all three parts, backward through all three."""
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        positions = positions_from_mask(mask)  # (B, T)
+        self.micro_steps += 1
+        with autocast(self.cfg):
+            h_head = self.head(ids, mask, positions)  # (B, T, H) -> cut 1
+        forward = pb.Forward(
+            hidden=encode_tensor(h_head),
+            attention_mask=encode_tensor(mask.bool()),
+            position_ids=encode_tensor(positions),
+            train=True,
+        )
+        reply = self.channel.call(pb.FORWARD, forward, round=self.round, step=self.micro_steps)
+        h_trunk = self._hidden(reply.hidden, h_head, "ForwardResult.hidden").requires_grad_()  # (B, T, H) <- cut 2
+        with autocast(self.cfg):
+            logits = self.tail(h_trunk, mask, positions)  # (B, T, V)
+            loss = causal_lm_loss(logits, labels)
+        (loss / self.cfg.grad_accum).backward()
+        reply = self.channel.call(
+            pb.BACKWARD, pb.Backward(grad=encode_tensor(h_trunk.grad)), round=self.round, step=self.micro_steps
+        )
+        h_head.backward(self._hidden(reply.grad, h_head, "BackwardResult.grad"))  # dL/dh_head <- cut 1
+        return float(loss.detach())
+
+    def optimizer_step(self) -> StepResult:
+        """Commit the accumulated gradients on both sides with one global clip coefficient."""
+        request = pb.OptimizerStep(client_grad_sq_norm=grad_sq_norm(self.params))
+        reply = self.channel.call(pb.OPTIMIZER_STEP, request, round=self.round, step=self.micro_steps)
+        scale_grads(self.params, reply.clip_coef)
+        lr = set_lr(self.optimizer, self.steps_taken, self.cfg, self.total_steps)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_taken += 1
+        return StepResult(loss=math.nan, grad_norm=reply.total_grad_norm, lr=lr)
+
+    def train_step(self, micro_batches: Iterable[dict[str, torch.Tensor]]) -> StepResult:
+        """One optimizer step over ``cfg.grad_accum`` micro-batches; returns their mean loss."""
+        losses = [self.forward_backward(batch) for batch in micro_batches]
+        if len(losses) != self.cfg.grad_accum:
+            raise ValueError(f"train_step: expected {self.cfg.grad_accum} micro-batches, got {len(losses)}")
+        result = self.optimizer_step()
+        result.loss = sum(losses) / len(losses)
+        return result
+
+    @torch.no_grad()
+    def eval_loss(self, batches: Iterable[dict[str, torch.Tensor]]) -> float:
+        """Mean supervised-token loss, through the server without keeping a graph."""
+        total, tokens = 0.0, 0
+        for batch in batches:
+            ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+            positions = positions_from_mask(mask)
+            with autocast(self.cfg):
+                h_head = self.head(ids, mask, positions)
+            forward = pb.Forward(
+                hidden=encode_tensor(h_head),
+                attention_mask=encode_tensor(mask.bool()),
+                position_ids=encode_tensor(positions),
+                train=False,
+            )
+            reply = self.channel.call(pb.FORWARD, forward, round=self.round, step=self.micro_steps)
+            with autocast(self.cfg):
+                logits = self.tail(self._hidden(reply.hidden, h_head, "ForwardResult.hidden"), mask, positions)
+            n = int((labels[:, 1:] != -100).sum())
+            total += float(causal_lm_loss(logits, labels)) * n
+            tokens += n
+        return total / max(tokens, 1)

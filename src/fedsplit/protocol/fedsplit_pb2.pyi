@@ -1,0 +1,263 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ProtocolVersion(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PROTOCOL_VERSION_UNSPECIFIED: _ClassVar[ProtocolVersion]
+    PROTOCOL_VERSION_CURRENT: _ClassVar[ProtocolVersion]
+
+class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KIND_UNSPECIFIED: _ClassVar[Kind]
+    CLIENT_HELLO: _ClassVar[Kind]
+    SERVER_HELLO: _ClassVar[Kind]
+    JOIN_ROUND: _ClassVar[Kind]
+    ROUND_PLAN: _ClassVar[Kind]
+    CLIENT_UPDATE: _ClassVar[Kind]
+    UPDATE_ACK: _ClassVar[Kind]
+    FORWARD: _ClassVar[Kind]
+    FORWARD_RESULT: _ClassVar[Kind]
+    BACKWARD: _ClassVar[Kind]
+    BACKWARD_RESULT: _ClassVar[Kind]
+    OPTIMIZER_STEP: _ClassVar[Kind]
+    OPTIMIZER_RESULT: _ClassVar[Kind]
+    ERROR: _ClassVar[Kind]
+    GOODBYE: _ClassVar[Kind]
+
+class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ERROR_CODE_UNSPECIFIED: _ClassVar[ErrorCode]
+    BAD_REQUEST: _ClassVar[ErrorCode]
+    UNAUTHENTICATED: _ClassVar[ErrorCode]
+    PERMISSION_DENIED: _ClassVar[ErrorCode]
+    FAILED_PRECONDITION: _ClassVar[ErrorCode]
+    RESOURCE_EXHAUSTED: _ClassVar[ErrorCode]
+    ABORTED: _ClassVar[ErrorCode]
+    INTERNAL: _ClassVar[ErrorCode]
+PROTOCOL_VERSION_UNSPECIFIED: ProtocolVersion
+PROTOCOL_VERSION_CURRENT: ProtocolVersion
+KIND_UNSPECIFIED: Kind
+CLIENT_HELLO: Kind
+SERVER_HELLO: Kind
+JOIN_ROUND: Kind
+ROUND_PLAN: Kind
+CLIENT_UPDATE: Kind
+UPDATE_ACK: Kind
+FORWARD: Kind
+FORWARD_RESULT: Kind
+BACKWARD: Kind
+BACKWARD_RESULT: Kind
+OPTIMIZER_STEP: Kind
+OPTIMIZER_RESULT: Kind
+ERROR: Kind
+GOODBYE: Kind
+ERROR_CODE_UNSPECIFIED: ErrorCode
+BAD_REQUEST: ErrorCode
+UNAUTHENTICATED: ErrorCode
+PERMISSION_DENIED: ErrorCode
+FAILED_PRECONDITION: ErrorCode
+RESOURCE_EXHAUSTED: ErrorCode
+ABORTED: ErrorCode
+INTERNAL: ErrorCode
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class NamedTensor(_message.Message):
+    __slots__ = ("name", "tensor")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tensor: Tensor
+    def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class Frame(_message.Message):
+    __slots__ = ("protocol_version", "kind", "round", "step", "seq", "body", "chunk_index", "chunk_count")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    kind: Kind
+    round: int
+    step: int
+    seq: int
+    body: bytes
+    chunk_index: int
+    chunk_count: int
+    def __init__(self, protocol_version: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ..., round: _Optional[int] = ..., step: _Optional[int] = ..., seq: _Optional[int] = ..., body: _Optional[bytes] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ...) -> None: ...
+
+class ClientHello(_message.Message):
+    __slots__ = ("protocol_version", "run_id", "client_id", "identity_key", "ephemeral_key", "nonce", "timestamp", "config_hash", "signature")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_KEY_FIELD_NUMBER: _ClassVar[int]
+    EPHEMERAL_KEY_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    run_id: str
+    client_id: str
+    identity_key: bytes
+    ephemeral_key: bytes
+    nonce: bytes
+    timestamp: float
+    config_hash: bytes
+    signature: bytes
+    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[str] = ..., client_id: _Optional[str] = ..., identity_key: _Optional[bytes] = ..., ephemeral_key: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., timestamp: _Optional[float] = ..., config_hash: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class ServerHello(_message.Message):
+    __slots__ = ("ephemeral_key", "nonce", "timestamp", "signature", "session_id")
+    EPHEMERAL_KEY_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    ephemeral_key: bytes
+    nonce: bytes
+    timestamp: float
+    signature: bytes
+    session_id: str
+    def __init__(self, ephemeral_key: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., timestamp: _Optional[float] = ..., signature: _Optional[bytes] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class JoinRound(_message.Message):
+    __slots__ = ("last_round",)
+    LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    last_round: int
+    def __init__(self, last_round: _Optional[int] = ...) -> None: ...
+
+class RoundPlan(_message.Message):
+    __slots__ = ("round", "finished", "local_steps", "lr", "adapters", "settings", "first_step", "wait_s")
+    class SettingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_STEP_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    finished: bool
+    local_steps: int
+    lr: float
+    adapters: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    settings: _containers.ScalarMap[str, str]
+    first_step: int
+    wait_s: float
+    def __init__(self, round: _Optional[int] = ..., finished: _Optional[bool] = ..., local_steps: _Optional[int] = ..., lr: _Optional[float] = ..., adapters: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., settings: _Optional[_Mapping[str, str]] = ..., first_step: _Optional[int] = ..., wait_s: _Optional[float] = ...) -> None: ...
+
+class ClientUpdate(_message.Message):
+    __slots__ = ("round", "adapters", "num_examples", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    adapters: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    num_examples: int
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, round: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class UpdateAck(_message.Message):
+    __slots__ = ("round", "accepted", "reason")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    accepted: bool
+    reason: str
+    def __init__(self, round: _Optional[int] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Forward(_message.Message):
+    __slots__ = ("hidden", "attention_mask", "position_ids", "train")
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
+    POSITION_IDS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
+    hidden: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    train: bool
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., train: _Optional[bool] = ...) -> None: ...
+
+class ForwardResult(_message.Message):
+    __slots__ = ("hidden",)
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    hidden: Tensor
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class Backward(_message.Message):
+    __slots__ = ("grad",)
+    GRAD_FIELD_NUMBER: _ClassVar[int]
+    grad: Tensor
+    def __init__(self, grad: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class BackwardResult(_message.Message):
+    __slots__ = ("grad",)
+    GRAD_FIELD_NUMBER: _ClassVar[int]
+    grad: Tensor
+    def __init__(self, grad: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class OptimizerStep(_message.Message):
+    __slots__ = ("client_grad_sq_norm",)
+    CLIENT_GRAD_SQ_NORM_FIELD_NUMBER: _ClassVar[int]
+    client_grad_sq_norm: float
+    def __init__(self, client_grad_sq_norm: _Optional[float] = ...) -> None: ...
+
+class OptimizerResult(_message.Message):
+    __slots__ = ("total_grad_norm", "clip_coef", "server_step")
+    TOTAL_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    CLIP_COEF_FIELD_NUMBER: _ClassVar[int]
+    SERVER_STEP_FIELD_NUMBER: _ClassVar[int]
+    total_grad_norm: float
+    clip_coef: float
+    server_step: int
+    def __init__(self, total_grad_norm: _Optional[float] = ..., clip_coef: _Optional[float] = ..., server_step: _Optional[int] = ...) -> None: ...
+
+class Error(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: ErrorCode
+    message: str
+    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Goodbye(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,7 @@
+"""The server actor: the trunk, its optimizer, and (over the network) sessions and rounds."""
+
+from __future__ import annotations
+
+from fedsplit.server.trunk import TrunkServer
+
+__all__ = ["TrunkServer"]

@@ -1,0 +1,61 @@
+"""The yardstick: the same data, loss, optimizer and schedule on the unsplit model.
+
+Every federated result is compared against this. It uses the very functions the split path
+uses (:mod:`fedsplit.train.optim`), so a difference between the two is a bug, not a choice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from fedsplit.client.split_client import StepResult
+from fedsplit.split.parts import positions_from_mask
+from fedsplit.train.config import TrainConfig
+from fedsplit.train.optim import autocast, build_optimizer, causal_lm_loss, clip_coefficient, grad_sq_norm, scale_grads, set_lr
+
+
+class CentralizedTrainer:
+    """LoRA fine-tuning of the unsplit model on pooled data."""
+
+    def __init__(self, model: nn.Module, params: Sequence[nn.Parameter], cfg: TrainConfig, total_steps: int) -> None:
+        self.model, self.cfg, self.total_steps = model, cfg, total_steps
+        self.params = list(params)
+        self.optimizer = build_optimizer(self.params, cfg)
+        self.steps_taken = 0
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = batch["attention_mask"]
+        with autocast(self.cfg):
+            return self.model(
+                input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions_from_mask(mask)
+            ).logits  # (B, T, V)
+
+    def train_step(self, micro_batches: Iterable[dict[str, torch.Tensor]]) -> StepResult:
+        losses = []
+        for batch in micro_batches:
+            with autocast(self.cfg):
+                loss = causal_lm_loss(self.logits(batch), batch["labels"])
+            (loss / self.cfg.grad_accum).backward()
+            losses.append(float(loss.detach()))
+        if len(losses) != self.cfg.grad_accum:
+            raise ValueError(f"train_step: expected {self.cfg.grad_accum} micro-batches, got {len(losses)}")
+        total = math.sqrt(grad_sq_norm(self.params))
+        scale_grads(self.params, clip_coefficient(total, self.cfg.max_grad_norm))
+        lr = set_lr(self.optimizer, self.steps_taken, self.cfg, self.total_steps)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_taken += 1
+        return StepResult(loss=sum(losses) / len(losses), grad_norm=total, lr=lr)
+
+    @torch.no_grad()
+    def eval_loss(self, batches: Iterable[dict[str, torch.Tensor]]) -> float:
+        total, tokens = 0.0, 0
+        for batch in batches:
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(causal_lm_loss(self.logits(batch), batch["labels"])) * n
+            tokens += n
+        return total / max(tokens, 1)

@@ -1,0 +1,86 @@
+"""Optimizer, schedule, clipping and loss: the same functions for every part and every mode.
+
+Global-norm clipping across a cut: each side sums its squared gradient norms, the client sends
+its sum to the server, the server adds the trunk's and answers with the clip coefficient, and
+both sides scale before stepping. This is exactly ``clip_grad_norm_`` over all parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from fedsplit.train.config import TrainConfig
+
+IGNORE_INDEX = -100
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    params = list(params)
+    if not params:
+        raise ValueError("no trainable parameters: add LoRA adapters before building the optimizer")
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    if cfg.schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig, total_steps: int) -> float:
+    lr = cfg.lr * lr_factor(step, cfg, total_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def grad_sq_norm(params: Iterable[torch.nn.Parameter]) -> float:
+    """Sum of squared gradient entries, accumulated in float64."""
+    return float(sum(p.grad.detach().double().pow(2).sum() for p in params if p.grad is not None))
+
+
+def clip_coefficient(total_norm: float, max_norm: float) -> float:
+    """``torch.nn.utils.clip_grad_norm_``'s coefficient; 1.0 when clipping is off or not needed."""
+    if max_norm <= 0:
+        return 1.0
+    return min(1.0, max_norm / (total_norm + 1e-6))
+
+
+def scale_grads(params: Iterable[torch.nn.Parameter], coef: float) -> None:
+    if coef < 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over supervised tokens (labels != -100)."""
+    shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
+    shift_labels = labels[:, 1:]  # (B, T-1)
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+def autocast(cfg: TrainConfig, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
+    """bf16 autocast when asked for, else nothing."""
+    if cfg.precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def microbatches(batches: Iterable[dict], accum: int) -> Iterator[tuple[dict, bool]]:
+    """Yield (batch, is_last_of_accumulation_cycle)."""
+    for index, batch in enumerate(batches):
+        yield batch, (index + 1) % accum == 0
