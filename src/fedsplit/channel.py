@@ -20,7 +20,7 @@ from typing import Protocol
 
 from google.protobuf.message import DecodeError, Message
 
-from fedsplit.protocol import PROTOCOL_VERSION, REPLY_TO, ProtocolError, decode_payload, kind_name, pb
+from fedsplit.protocol import PAYLOADS, PROTOCOL_VERSION, REPLY_TO, ProtocolError, decode_payload, kind_name, pb
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,8 @@ class ServerSession:
             request = decode_payload(kind, self.sealer.open(kind, round, step, frame.seq, frame.body))
             reply = self.handler(kind, round, step, request)
             reply_kind = REPLY_TO[kind]
+            if not isinstance(reply, PAYLOADS[reply_kind]):
+                raise TypeError(f"handler answered {kind_name(kind)} with {type(reply).__name__}")
         except ProtocolError as exc:
             log.warning("client %s: rejected %s: %s", self.client_id, kind_name(kind), exc)
             reply, reply_kind = pb.Error(code=exc.code, message=str(exc)), pb.ERROR

@@ -95,8 +95,8 @@ def decode_tensor(
     if any(d < 0 for d in dims):
         raise ProtocolError(f"{name}: negative dimension in shape {dims}")
     if shape is not None and (len(dims) != len(shape) or any(e is not None and e != d for e, d in zip(shape, dims))):
-        expected = tuple("*" if e is None else e for e in shape)
-        raise ProtocolError(f"{name}: expected shape {expected}, got {tuple(dims)}")
+        expected = ", ".join("*" if e is None else str(e) for e in shape)
+        raise ProtocolError(f"{name}: expected shape ({expected}), got {tuple(dims)}")
     numel = 1
     for d in dims:
         numel *= d
