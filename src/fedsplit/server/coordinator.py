@@ -1,0 +1,809 @@
+"""The server's round loop of FL-GLM (arXiv 2406.14898, Alg. 1 and Sec. 3): rounds, clients, failures.
+
+One round, stage by stage (:class:`RoundStage`, transitions checked)::
+
+    WAITING_FOR_CLIENTS  clients send JOIN_ROUND and wait in the lobby (reply ``wait_s > 0``). The
+                         round starts when every expected client is in the lobby, or when at least
+                         ``min_clients`` are and ``join_grace_s`` has passed since there were enough.
+    TRAINING             the strategy picks the participants. Each collects its RoundPlan at its
+                         next JOIN_ROUND (global head/tail adapters, local_steps, lr, ``first_step``),
+                         runs ``local_steps`` split steps through the trunk (the trunk's adapter is
+                         updated at every step) and sends CLIENT_UPDATE. The round ends when every
+                         participant has sent its update or failed, or after ``round_timeout_s``.
+    AGGREGATING          the strategy averages exactly the updates that arrived; the failures
+                         arrive as data. The round is checkpointed.
+    DONE / FAILED        after ``num_rounds`` rounds; or a round could not be completed.
+
+Failures. A participant fails when its session ends (``on_disconnect``), when it sends JOIN_ROUND
+again before its update (it restarted), when it has no request in flight for ``step_timeout_s``
+while it owes one (evaluation requests do not count), when its update is refused, or at the round
+deadline. Its partial trunk step is discarded (``TrunkServer.abort``); the trunk steps it completed
+stay, as every split step updates the server's own adapter. It is readmitted at the next round (a
+JOIN_ROUND mid-round gets ``wait_s``). A client may have several sessions at once (a reconnect
+before the old stream is noticed dead): it counts as disconnected when its last session ends.
+
+Too few results (< ``min_clients``): the round leaves no trace (trunk adapter, optimizer and step
+counters are restored to the round's start) and is retried, at most ``max_round_retries`` times;
+then ``run`` raises :class:`RoundFailedError` naming every failure.
+
+Stopping. :meth:`RoundCoordinator.stop` abandons the round in progress (no aggregate, no
+checkpoint): the last checkpoint is that of the last completed round, and ``run`` / ``wait`` raise
+:class:`RunStoppedError`.
+
+Reproducibility. With ``ordered_steps`` the participants take their trunk steps in round-robin
+order of their ids (the trunk is used by one client step at a time anyway), so a run with fixed
+seeds is deterministic whatever the thread timing, and a run resumed from a checkpoint
+(:meth:`RoundCoordinator.restore`) ends with the same adapters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from google.protobuf.message import Message
+from torch import Tensor
+
+from fedsplit.adapters import adapter_state_dict
+from fedsplit.channel import Handler
+from fedsplit.metrics import MetricsWriter
+from fedsplit.protocol import ProtocolError, decode_named, encode_named, kind_name, pb
+from fedsplit.server.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    TrunkHolder,
+    TrunkState,
+    capture_rng,
+    capture_trunk,
+    restore_rng,
+    restore_trunk,
+    save_checkpoint,
+)
+from fedsplit.strategy import (
+    AggregateResult,
+    ClientUpdate,
+    Failure,
+    NotEnoughClientsError,
+    NotEnoughResultsError,
+    RoundPlan,
+    Strategy,
+    StrategyError,
+)
+
+log = logging.getLogger(__name__)
+
+_PRECONDITION = pb.FAILED_PRECONDITION
+
+
+class RoundStage(enum.Enum):
+    WAITING_FOR_CLIENTS = "waiting_for_clients"
+    TRAINING = "training"
+    AGGREGATING = "aggregating"
+    DONE = "done"
+    FAILED = "failed"
+
+
+_ROUND_NEXT: dict[RoundStage, frozenset[RoundStage]] = {
+    RoundStage.WAITING_FOR_CLIENTS: frozenset({RoundStage.TRAINING, RoundStage.DONE, RoundStage.FAILED}),
+    RoundStage.TRAINING: frozenset({RoundStage.AGGREGATING, RoundStage.FAILED}),
+    RoundStage.AGGREGATING: frozenset({RoundStage.WAITING_FOR_CLIENTS, RoundStage.DONE, RoundStage.FAILED}),
+    RoundStage.DONE: frozenset(),
+    RoundStage.FAILED: frozenset(),
+}
+
+
+class ClientStage(enum.Enum):
+    """Where one participant is within the current round (``Failure.stage`` is its value)."""
+
+    PICKED = "picked"  # chosen by the strategy; has not collected its plan yet
+    TRAINING = "training"  # has its plan; owes local_steps split steps and an update
+    SUBMITTED = "submitted"  # its update was accepted
+    FAILED = "failed"
+
+
+_CLIENT_NEXT: dict[ClientStage, frozenset[ClientStage]] = {
+    ClientStage.PICKED: frozenset({ClientStage.TRAINING, ClientStage.FAILED}),
+    ClientStage.TRAINING: frozenset({ClientStage.SUBMITTED, ClientStage.FAILED}),
+    ClientStage.SUBMITTED: frozenset(),
+    ClientStage.FAILED: frozenset(),
+}
+
+
+class TrunkService(TrunkHolder, Protocol):
+    """The trunk side the coordinator delegates to: :class:`~fedsplit.server.trunk.TrunkServer`,
+    :class:`~fedsplit.server.batching.BatchingTrunkServer` or the hierarchical ``ReplicaRouter``."""
+
+    def handle(self, client_id: str, kind: int, round: int, step: int, request: Message) -> Message: ...
+
+    def abort(self, client_id: str) -> bool: ...
+
+
+class StageTransitionError(RuntimeError):
+    """A stage change that the protocol does not allow (a bug in the coordinator, not a client error)."""
+
+
+class RunStoppedError(RuntimeError):
+    """:meth:`RoundCoordinator.stop` ended the run before its last round."""
+
+
+class RoundFailedError(RuntimeError):
+    """A round got fewer than ``min_clients`` results on every attempt."""
+
+    def __init__(self, round: int, attempts: int, failures: Sequence[Failure]) -> None:
+        self.round, self.attempts, self.failures = round, attempts, list(failures)
+        reasons = "; ".join(f"{f.client_id} ({f.stage}): {f.reason}" for f in failures) or "no failures recorded"
+        super().__init__(f"round {round}: too few results after {attempts} attempt(s); failures: {reasons}")
+
+
+@dataclass
+class CoordinatorConfig:
+    """How the server runs rounds. Times are seconds."""
+
+    num_rounds: int = field(metadata={"help": "federated rounds to run"})
+    min_clients: int = field(default=1, metadata={"help": "fewest clients a round starts with and aggregates"})
+    round_timeout_s: float = field(default=3600.0, metadata={"help": "a round ends this long after it started"})
+    step_timeout_s: float = field(default=120.0, metadata={"help": "a participant with no request this long fails"})
+    join_timeout_s: float = field(default=3600.0, metadata={"help": "longest wait for min_clients to join"})
+    join_grace_s: float = field(default=10.0, metadata={"help": "once min_clients are in, wait this long for the rest"})
+    poll_s: float = field(default=0.5, metadata={"help": "the wait_s told to clients that must ask again"})
+    max_round_retries: int = field(default=1, metadata={"help": "reruns of a round that got too few results"})
+    ordered_steps: bool = field(default=True, metadata={"help": "round-robin trunk step order: reproducible runs"})
+
+    def __post_init__(self) -> None:
+        for name, least in (("num_rounds", 1), ("min_clients", 1), ("max_round_retries", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"coordinator.{name}: expected an int >= {least}, got {value!r}")
+        for name in ("round_timeout_s", "step_timeout_s", "join_timeout_s", "poll_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"coordinator.{name}: expected > 0, got {getattr(self, name)!r}")
+        if not self.join_grace_s >= 0:
+            raise ValueError(f"coordinator.join_grace_s: expected >= 0, got {self.join_grace_s!r}")
+        if self.poll_s >= self.step_timeout_s:
+            raise ValueError(
+                f"coordinator.poll_s ({self.poll_s}) must be < step_timeout_s ({self.step_timeout_s}): "
+                "a picked client collects its plan at its next poll"
+            )
+
+
+@dataclass
+class RunResult:
+    rounds_completed: int
+    global_adapters: dict[str, Tensor]  # final head/tail adapters ("head/...", "tail/...")
+    trunk_adapters: dict[str, Tensor]  # final trunk adapter (PEFT key names)
+    history: list[dict[str, Any]]  # per completed round: round, clients, failures, metrics
+
+
+@dataclass
+class _Session:
+    """What the server knows about one client's connection(s)."""
+
+    open: int = 0  # sessions handed out by handler_for and not yet disconnected
+    in_flight: int = 0  # requests being served right now
+    trunk_calls: int = 0  # training requests inside the TrunkServer
+    last_seen: float = 0.0
+
+
+@dataclass
+class _Participant:
+    stage: ClientStage = ClientStage.PICKED
+    steps: int = 0  # optimizer steps the trunk committed for it this round
+    update: ClientUpdate | None = None
+
+    def move(self, to: ClientStage) -> None:
+        if to not in _CLIENT_NEXT[self.stage]:
+            raise StageTransitionError(f"participant: {self.stage.name} -> {to.name} is not a valid transition")
+        self.stage = to
+
+
+@dataclass
+class _Round:
+    number: int
+    attempt: int
+    local_steps: int
+    lr: float
+    settings: dict[str, str]
+    adapters: list[pb.NamedTensor]  # the global adapters, encoded once per round
+    participants: dict[str, _Participant]
+    turns: deque[str]  # whose trunk step is next (ordered_steps)
+    deadline: float
+    start_trunk: TrunkState  # restored if the round fails
+    failures: list[Failure] = field(default_factory=list)
+
+    def owing(self) -> list[str]:
+        """Participants that still owe an update."""
+        active = (ClientStage.PICKED, ClientStage.TRAINING)
+        return [cid for cid, p in self.participants.items() if p.stage in active]
+
+
+class RoundCoordinator:
+    """Runs FL-GLM rounds: owns the trunk server, the global client adapters and the strategy.
+
+    ``handler_for(client_id)`` is the per-session request handler the transport calls (from one
+    thread per session); ``on_disconnect(client_id)`` is called when one of its sessions ends.
+    ``run()`` drives the rounds in the calling thread; ``start()`` / ``wait()`` in a background one.
+    """
+
+    def __init__(
+        self,
+        trunk: TrunkService,
+        strategy: Strategy,
+        global_adapters: Mapping[str, Tensor],
+        clients: Sequence[str],
+        config: CoordinatorConfig,
+        *,
+        metrics: MetricsWriter | None = None,
+        checkpoint_dir: Path | str | None = None,
+        run_id: str = "",
+        config_hash: str = "",
+    ) -> None:
+        if not global_adapters:
+            raise ValueError("global_adapters: expected the clients' head/tail adapter tensors, got none")
+        if not clients or len(set(clients)) != len(clients):
+            raise ValueError(f"clients: expected unique client ids, got {list(clients)}")
+        if config.min_clients > len(clients):
+            raise ValueError(f"min_clients: expected <= {len(clients)} (the number of clients), got {config.min_clients}")
+        self.trunk, self.strategy, self.config = trunk, strategy, config
+        self.clients = tuple(clients)
+        self.metrics = metrics
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.run_id, self.config_hash = run_id, config_hash
+        self.completed_round = 0
+        self.history: list[dict[str, Any]] = []
+        self._global = {k: v.detach().clone() for k, v in global_adapters.items()}
+        self._client_steps = {cid: 0 for cid in self.clients}
+        self._stage = RoundStage.WAITING_FOR_CLIENTS
+        self._round: _Round | None = None
+        self._sessions = {cid: _Session() for cid in self.clients}
+        self._lobby: set[str] = set()
+        self._trunk_calls = 0
+        self._error: BaseException | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._started = False
+        # One reentrant lock for the mutable state above: handlers run in one thread per session.
+        self._cond = threading.Condition()
+        self._serve = {
+            pb.JOIN_ROUND: self._join,
+            pb.CLIENT_UPDATE: self._receive_update,
+            pb.FORWARD: self._serve_trunk,
+            pb.BACKWARD: self._serve_trunk,
+            pb.OPTIMIZER_STEP: self._serve_trunk,
+        }
+
+    # -- the round loop -----------------------------------------------------------------------
+    def run(self) -> RunResult:
+        """Run every remaining round; returns when the last one is aggregated."""
+        self._started = True
+        try:
+            while self.completed_round < self.config.num_rounds:
+                self._run_round(self.completed_round + 1)
+            self._finish()
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        return self.result()
+
+    def _run_round(self, number: int) -> None:
+        failures: list[Failure] = []
+        for attempt in range(1, self.config.max_round_retries + 2):
+            self._open_round(number, attempt)  # WAITING_FOR_CLIENTS -> TRAINING
+            results, failures = self._collect_updates()  # TRAINING -> AGGREGATING
+            aggregate = self._aggregate(results, failures)
+            if aggregate is not None:
+                self._commit(aggregate, results, failures)  # -> WAITING_FOR_CLIENTS or DONE
+                return
+            self._roll_back(failures)  # -> WAITING_FOR_CLIENTS, same round again
+        raise RoundFailedError(number, self.config.max_round_retries + 1, failures)
+
+    def _open_round(self, number: int, attempt: int) -> None:
+        available = self._wait_for_clients(number)
+        plan = self.strategy.configure_round(number, available)
+        local_steps, lr = self._check_plan(plan, available)
+        with self._cond:
+            now = time.monotonic()
+            picked = sorted(plan.client_ids)
+            self._round = _Round(
+                number=number,
+                attempt=attempt,
+                local_steps=local_steps,
+                lr=lr,
+                settings=self._settings(plan, local_steps),
+                adapters=encode_named(self._global),
+                participants={cid: _Participant() for cid in picked},
+                turns=deque(picked),
+                deadline=now + self.config.round_timeout_s,
+                start_trunk=capture_trunk(self.trunk),
+            )
+            for cid in picked:
+                self._lobby.discard(cid)
+                self._sessions[cid].last_seen = now  # the step clock starts now, not at its last poll
+            self._move(RoundStage.TRAINING)
+            for cid in picked:
+                if self._sessions[cid].open == 0:  # left between the lobby snapshot and the pick
+                    self._fail_participant(cid, "disconnected")
+        self._log("round_start", round=number, attempt=attempt, clients=picked, local_steps=local_steps, lr=lr)
+
+    def _wait_for_clients(self, number: int) -> list[str]:
+        """Block until the round may start; the lobby's clients, sorted."""
+        cfg = self.config
+        deadline = time.monotonic() + cfg.join_timeout_s
+        enough_since: float | None = None
+        with self._cond:
+            while True:
+                self._check_not_stopping()
+                now = time.monotonic()
+                available = sorted(self._lobby)
+                if len(available) == len(self.clients):
+                    return available
+                if len(available) < cfg.min_clients:
+                    enough_since = None
+                elif enough_since is None:
+                    enough_since = now
+                if enough_since is not None and now - enough_since >= cfg.join_grace_s:
+                    return available
+                if now >= deadline:
+                    raise NotEnoughClientsError(
+                        f"round {number}: expected at least {cfg.min_clients} clients to join within "
+                        f"{cfg.join_timeout_s} s, got {len(available)} ({', '.join(available) or 'none'})"
+                    )
+                wake = deadline if enough_since is None else min(deadline, enough_since + cfg.join_grace_s)
+                self._cond.wait(timeout=wake - now)
+
+    def _collect_updates(self) -> tuple[list[ClientUpdate], list[Failure]]:
+        """Wait until every participant has sent its update or failed; then quiesce the trunk."""
+        with self._cond:
+            r = self._current()
+            while r.owing():
+                self._check_not_stopping()
+                now = time.monotonic()
+                if now >= r.deadline:
+                    for cid in r.owing():
+                        self._fail_participant(cid, f"round timeout after {self.config.round_timeout_s} s")
+                    break
+                for cid in self._idle(r, now):
+                    self._fail_participant(cid, f"no request for {self.config.step_timeout_s} s")
+                self._cond.wait(timeout=min(r.deadline - now, self.config.step_timeout_s / 4))
+            self._move(RoundStage.AGGREGATING)
+            self._cond.wait_for(lambda: self._trunk_calls == 0)  # late steps are aborted as they return
+            results = [p.update for _, p in sorted(r.participants.items()) if p.update is not None]
+            return results, list(r.failures)
+
+    def _aggregate(self, results: list[ClientUpdate], failures: list[Failure]) -> AggregateResult | None:
+        """The strategy's aggregate of exactly ``results``, or ``None`` if they are too few."""
+        r = self._current()
+        if len(results) < self.config.min_clients:
+            return None
+        try:
+            return self.strategy.aggregate(r.number, results, failures, self._global)
+        except NotEnoughResultsError:
+            return None
+
+    def _commit(self, aggregate: AggregateResult, results: list[ClientUpdate], failures: list[Failure]) -> None:
+        r = self._current()
+        with self._cond:
+            self._global = {k: v.detach().clone() for k, v in aggregate.tensors.items()}
+            for update in results:
+                self._client_steps[update.client_id] += r.local_steps
+            self.completed_round = r.number
+            last = r.number == self.config.num_rounds
+            self._round = None
+            self._move(RoundStage.DONE if last else RoundStage.WAITING_FOR_CLIENTS)
+        record = {
+            "round": r.number,
+            "attempt": r.attempt,
+            "clients": aggregate.clients,
+            "failures": [f.client_id for f in failures],
+            "num_examples": aggregate.num_examples,
+            "metrics": dict(aggregate.metrics),
+        }
+        self.history.append(record)
+        self._log("round_end", **record)
+        if self.checkpoint_dir is not None:
+            path = save_checkpoint(self.checkpoint_dir, self.checkpoint())
+            self._log("checkpoint", round=r.number, path=str(path))
+
+    def _roll_back(self, failures: list[Failure]) -> None:
+        """Undo a round that got too few results: restore the trunk; the same round runs again."""
+        r = self._current()
+        restore_trunk(self.trunk, r.start_trunk)
+        with self._cond:
+            self._round = None
+            self._move(RoundStage.WAITING_FOR_CLIENTS)
+        self._log(
+            "round_failed",
+            round=r.number,
+            attempt=r.attempt,
+            failures=[{"client": f.client_id, "stage": f.stage, "reason": f.reason} for f in failures],
+        )
+
+    def _finish(self) -> None:
+        with self._cond:
+            if self._stage is not RoundStage.DONE:
+                self._move(RoundStage.DONE)
+        self._log("run_done", rounds=self.completed_round)
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._cond:
+            self._error = exc
+            if self._stage is RoundStage.TRAINING:  # drop the partial trunk steps of the abandoned round
+                for cid in self._current().owing():
+                    self._fail_participant(cid, f"the run ended: {type(exc).__name__}")
+            if self._stage not in (RoundStage.DONE, RoundStage.FAILED):
+                self._move(RoundStage.FAILED)
+        self._log("run_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def stop(self) -> None:
+        """End the run now (e.g. on SIGTERM): the round in progress is abandoned, not checkpointed."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
+    def _check_not_stopping(self) -> None:
+        if self._stopping:
+            raise RunStoppedError(f"stopped after round {self.completed_round} of {self.config.num_rounds}")
+
+    # -- background driving -------------------------------------------------------------------
+    def start(self) -> RoundCoordinator:
+        """Run the rounds in a background thread; :meth:`wait` for the result."""
+        if self._thread is not None:
+            raise RuntimeError("RoundCoordinator.start: already started")
+        self._thread = threading.Thread(target=self._run_quietly, name="round-coordinator", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run_quietly(self) -> None:
+        with contextlib.suppress(BaseException):  # kept in self._error, re-raised by wait()
+            self.run()
+
+    def wait(self, timeout: float | None = None) -> RunResult:
+        """Block until the background run ends; re-raise its error."""
+        if self._thread is None:
+            raise RuntimeError("RoundCoordinator.wait: call start() first")
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the run did not finish within {timeout} s (stage {self._stage.name})")
+        if self._error is not None:
+            raise self._error
+        return self.result()
+
+    # -- state ----------------------------------------------------------------------------------
+    @property
+    def stage(self) -> RoundStage:
+        return self._stage
+
+    @property
+    def global_adapters(self) -> dict[str, Tensor]:
+        with self._cond:
+            return {k: v.clone() for k, v in self._global.items()}
+
+    @property
+    def client_steps(self) -> dict[str, int]:
+        with self._cond:
+            return dict(self._client_steps)
+
+    def trunk_adapters(self) -> dict[str, Tensor]:
+        return adapter_state_dict(self.trunk.trunk)
+
+    def result(self) -> RunResult:
+        return RunResult(self.completed_round, self.global_adapters, self.trunk_adapters(), list(self.history))
+
+    def checkpoint(self) -> Checkpoint:
+        """The server state between rounds (the trunk is idle then)."""
+        with self._cond:
+            if self._stage in (RoundStage.TRAINING, RoundStage.AGGREGATING):
+                raise RuntimeError(f"checkpoint: expected no round in progress, stage is {self._stage.name}")
+            return Checkpoint(
+                round=self.completed_round,
+                run_id=self.run_id,
+                config_hash=self.config_hash,
+                global_adapters=self.global_adapters,
+                trunk=capture_trunk(self.trunk),
+                client_steps=dict(self._client_steps),
+                rng=capture_rng(),
+            )
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue a run from ``checkpoint`` (call before :meth:`run`)."""
+        if self._started:
+            raise RuntimeError("restore: expected a coordinator that has not run yet")
+        self._check_checkpoint(checkpoint)
+        restore_trunk(self.trunk, checkpoint.trunk)
+        restore_rng(checkpoint.rng)
+        with self._cond:
+            self._global = {k: v.detach().clone() for k, v in checkpoint.global_adapters.items()}
+            self._client_steps.update(checkpoint.client_steps)
+            self.completed_round = checkpoint.round
+        self._log("resumed", round=checkpoint.round)
+
+    def _check_checkpoint(self, checkpoint: Checkpoint) -> None:
+        if (checkpoint.run_id, checkpoint.config_hash) != (self.run_id, self.config_hash):
+            raise CheckpointError(
+                f"checkpoint belongs to run {checkpoint.run_id!r} (config {checkpoint.config_hash[:12]!r}), "
+                f"this coordinator runs {self.run_id!r} (config {self.config_hash[:12]!r})"
+            )
+        if not 0 <= checkpoint.round <= self.config.num_rounds:
+            raise CheckpointError(f"checkpoint round: expected 0..{self.config.num_rounds}, got {checkpoint.round}")
+        _check_adapters(checkpoint.global_adapters, self._global, "checkpoint global adapters", CheckpointError)
+        unknown = sorted(set(checkpoint.client_steps) - set(self.clients))
+        if unknown:
+            raise CheckpointError(f"checkpoint client_steps: clients {unknown} are not expected in this run")
+
+    # -- sessions -------------------------------------------------------------------------------
+    def handler_for(self, client_id: str) -> Handler:
+        """The request handler of one new session of ``client_id``."""
+        with self._cond:
+            if client_id in self._sessions:
+                self._sessions[client_id].open += 1
+        return functools.partial(self._handle, client_id)
+
+    def on_disconnect(self, client_id: str) -> None:
+        """One session of ``client_id`` ended; when it was the last, its round participation ends."""
+        with self._cond:
+            session = self._sessions.get(client_id)
+            if session is None:
+                return
+            session.open = max(0, session.open - 1)
+            if session.open > 0:
+                return
+            self._lobby.discard(client_id)
+            r = self._round
+            if r is not None and client_id in r.owing() and self._stage is RoundStage.TRAINING:
+                self._fail_participant(client_id, "disconnected")
+            self._cond.notify_all()
+
+    def _handle(self, client_id: str, kind: int, round: int, step: int, request: Message) -> Message:
+        if client_id not in self._sessions:
+            raise ProtocolError(f"client {client_id!r} is not admitted to this run", code=pb.PERMISSION_DENIED)
+        serve = self._serve.get(kind)
+        if serve is None:
+            raise ProtocolError(f"the coordinator does not serve {kind_name(kind)}", code=pb.FAILED_PRECONDITION)
+        if kind == pb.FORWARD and not request.train:  # evaluation: changes nothing, keeps nobody alive
+            return self.trunk.handle(client_id, kind, round, step, request)
+        with self._in_flight(client_id):
+            return serve(client_id, kind, round, step, request)
+
+    @contextlib.contextmanager
+    def _in_flight(self, client_id: str) -> Iterator[None]:
+        session = self._sessions[client_id]
+        with self._cond:
+            session.in_flight += 1
+            session.last_seen = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._cond:
+                session.in_flight -= 1
+                session.last_seen = time.monotonic()
+
+    # -- JOIN_ROUND -----------------------------------------------------------------------------
+    def _join(self, client_id: str, kind: int, round: int, step: int, request: pb.JoinRound) -> pb.RoundPlan:
+        with self._cond:
+            if self._stage is RoundStage.DONE:
+                return pb.RoundPlan(round=self.completed_round, finished=True, adapters=encode_named(self._global))
+            if self._stage is RoundStage.FAILED:
+                raise ProtocolError(f"the run failed: {self._error}", code=pb.ABORTED)
+            r = self._round
+            participant = r.participants.get(client_id) if r is not None else None
+            if self._stage is RoundStage.TRAINING and participant is not None:
+                if participant.stage is ClientStage.PICKED:
+                    participant.move(ClientStage.TRAINING)
+                    return self._plan(r, client_id)
+                if participant.stage is ClientStage.TRAINING:
+                    self._fail_participant(client_id, "joined again before sending its update (it restarted)")
+            self._lobby.add(client_id)
+            self._cond.notify_all()
+            return pb.RoundPlan(round=self.completed_round + 1, wait_s=self.config.poll_s)
+
+    def _plan(self, r: _Round, client_id: str) -> pb.RoundPlan:
+        return pb.RoundPlan(
+            round=r.number,
+            local_steps=r.local_steps,
+            lr=r.lr,
+            adapters=r.adapters,
+            settings=r.settings,
+            first_step=self._client_steps[client_id],
+        )
+
+    def _settings(self, plan: RoundPlan, local_steps: int) -> dict[str, str]:
+        settings = {k: str(v) for k, v in plan.settings.items()}
+        # The client's LR schedule spans all rounds (assumes the same local_steps every round).
+        settings["total_steps"] = str(self.config.num_rounds * local_steps)
+        settings["num_rounds"] = str(self.config.num_rounds)
+        return settings
+
+    def _check_plan(self, plan: RoundPlan, available: Sequence[str]) -> tuple[int, float]:
+        stray = sorted(set(plan.client_ids) - set(available))
+        if stray or not plan.client_ids:
+            raise StrategyError(
+                f"round {plan.round}: expected the strategy to pick a non-empty subset of {list(available)}, "
+                f"got {plan.client_ids}"
+            )
+        try:
+            local_steps, lr = int(plan.settings["local_steps"]), float(plan.settings["lr"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StrategyError(f"round {plan.round}: expected local_steps and lr in the settings, got {plan.settings}") from exc
+        if local_steps < 1 or not lr > 0:
+            raise StrategyError(f"round {plan.round}: expected local_steps >= 1 and lr > 0, got {local_steps}, {lr}")
+        return local_steps, lr
+
+    # -- FORWARD / BACKWARD / OPTIMIZER_STEP ----------------------------------------------------
+    def _serve_trunk(self, client_id: str, kind: int, round: int, step: int, request: Message) -> Message:
+        """A training request: checked against the round, in turn, then delegated to the TrunkServer."""
+        with self._cond:
+            self._await_turn(client_id, kind, round)
+            self._sessions[client_id].trunk_calls += 1
+            self._trunk_calls += 1
+        done, lost = False, False
+        try:
+            reply = self.trunk.handle(client_id, kind, round, step, request)
+            done = True
+        finally:
+            with self._cond:
+                lost = self._end_trunk_call(client_id, kind, round, done)
+        if lost:
+            raise ProtocolError(f"{kind_name(kind)}: client {client_id} lost round {round}; step discarded", code=pb.ABORTED)
+        return reply
+
+    def _await_turn(self, client_id: str, kind: int, round: int) -> None:
+        """Check that ``client_id`` may take this step; in ordered mode wait until it is its turn."""
+        while True:
+            r, _ = self._check_step(client_id, kind, round)
+            if not self.config.ordered_steps or kind != pb.FORWARD or r.turns[0] == client_id:
+                return
+            self._cond.wait()
+
+    def _check_step(self, client_id: str, kind: int, round: int) -> tuple[_Round, _Participant]:
+        name, r = kind_name(kind), self._round
+        participant = r.participants.get(client_id) if r is not None else None
+        if r is None or participant is None:
+            raise ProtocolError(
+                f"{name}: client {client_id} is not a participant of the current round "
+                f"(round {self.completed_round + 1}, stage {self._stage.name})",
+                code=pb.FAILED_PRECONDITION,
+            )
+        if self._stage is not RoundStage.TRAINING or participant.stage is ClientStage.FAILED:
+            raise ProtocolError(f"{name}: round {r.number} is over for client {client_id}", code=pb.ABORTED)
+        if round != r.number:
+            raise ProtocolError(f"{name}: expected round {r.number}, got a frame for round {round}", code=_PRECONDITION)
+        if participant.stage is not ClientStage.TRAINING:
+            raise ProtocolError(f"{name}: client {client_id} is {participant.stage.value}, not training", code=_PRECONDITION)
+        if kind == pb.FORWARD and participant.steps >= r.local_steps:
+            raise ProtocolError(f"{name}: client {client_id} already took its {r.local_steps} steps", code=_PRECONDITION)
+        return r, participant
+
+    def _end_trunk_call(self, client_id: str, kind: int, round: int, done: bool) -> bool:
+        """Book a finished trunk call; returns whether the client lost its round meanwhile."""
+        self._sessions[client_id].trunk_calls -= 1
+        self._trunk_calls -= 1
+        self._cond.notify_all()
+        r = self._round
+        participant = r.participants.get(client_id) if r is not None and r.number == round else None
+        training_now = self._stage is RoundStage.TRAINING and participant is not None
+        if not training_now or participant.stage is not ClientStage.TRAINING:
+            self.trunk.abort(client_id)  # the call outlived the client's round: drop its partial step
+            return True
+        if done and kind == pb.OPTIMIZER_STEP:
+            participant.steps += 1
+            r.turns.remove(client_id)
+            if participant.steps < r.local_steps:
+                r.turns.append(client_id)
+        return False
+
+    # -- CLIENT_UPDATE --------------------------------------------------------------------------
+    def _receive_update(
+        self, client_id: str, kind: int, round: int, step: int, request: pb.ClientUpdate
+    ) -> pb.UpdateAck:
+        tensors = decode_named(request.adapters, "ClientUpdate.adapters")  # outside the lock: the big part
+        with self._cond:
+            r = self._round
+            participant = r.participants.get(client_id) if r is not None else None
+            if self._stage is not RoundStage.TRAINING or participant is None:
+                current = r.number if r is not None else self.completed_round
+                raise ProtocolError(
+                    f"ClientUpdate: client {client_id} has no open round (round {request.round} sent; "
+                    f"round {current} is {self._stage.value})",
+                    code=pb.ABORTED if request.round == current else pb.FAILED_PRECONDITION,
+                )
+            try:
+                update = self._check_update(client_id, r, participant, request, tensors)
+            except ProtocolError as exc:
+                if participant.stage in (ClientStage.PICKED, ClientStage.TRAINING):
+                    self._fail_participant(client_id, f"update refused: {exc}")
+                raise
+            participant.update = update
+            participant.move(ClientStage.SUBMITTED)
+            self._cond.notify_all()
+        self._log("client_update", round=r.number, client=client_id, num_examples=update.num_examples,
+                  metrics=update.metrics)
+        return pb.UpdateAck(round=r.number, accepted=True)
+
+    def _check_update(
+        self, client_id: str, r: _Round, participant: _Participant, request: pb.ClientUpdate, tensors: dict[str, Tensor]
+    ) -> ClientUpdate:
+        if request.round != r.number:
+            raise ProtocolError(
+                f"ClientUpdate.round: expected {r.number} (the current round), got {request.round}", code=_PRECONDITION
+            )
+        if participant.stage is not ClientStage.TRAINING:
+            raise ProtocolError(f"ClientUpdate: client {client_id} is {participant.stage.value}, not training", code=_PRECONDITION)
+        if participant.steps != r.local_steps:
+            raise ProtocolError(
+                f"ClientUpdate: expected {r.local_steps} optimizer steps in round {r.number}, "
+                f"the trunk saw {participant.steps}",
+                code=_PRECONDITION,
+            )
+        if request.num_examples < 1:
+            raise ProtocolError(f"ClientUpdate.num_examples: expected >= 1, got {request.num_examples}")
+        _check_adapters(tensors, self._global, "ClientUpdate.adapters", ProtocolError)
+        return ClientUpdate(client_id, tensors, num_examples=int(request.num_examples), metrics=dict(request.metrics))
+
+    # -- failures -------------------------------------------------------------------------------
+    def _fail_participant(self, client_id: str, reason: str) -> None:
+        """Drop ``client_id`` from the current round (call with the lock held)."""
+        r = self._current()
+        participant = r.participants[client_id]
+        stage = participant.stage
+        participant.move(ClientStage.FAILED)
+        with contextlib.suppress(ValueError):
+            r.turns.remove(client_id)
+        r.failures.append(Failure(client_id=client_id, reason=reason, stage=stage.value))
+        discarded = False
+        if self._sessions[client_id].trunk_calls == 0:  # else its call is aborted when it returns
+            discarded = self.trunk.abort(client_id)
+        log.warning("round %d: client %s failed (%s): %s", r.number, client_id, stage.value, reason)
+        self._log("client_failed", round=r.number, client=client_id, stage=stage.value, reason=reason,
+                  partial_step_discarded=discarded)
+        self._cond.notify_all()
+
+    def _idle(self, r: _Round, now: float) -> list[str]:
+        """Participants that owe a request, have none in flight, and were silent for step_timeout_s."""
+        limit = self.config.step_timeout_s
+        return [
+            cid
+            for cid in r.owing()
+            if self._sessions[cid].in_flight == 0 and now - self._sessions[cid].last_seen > limit
+        ]
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _current(self) -> _Round:
+        assert self._round is not None, "no round in progress"
+        return self._round
+
+    def _move(self, to: RoundStage) -> None:
+        if to not in _ROUND_NEXT[self._stage]:
+            raise StageTransitionError(f"round: {self._stage.name} -> {to.name} is not a valid transition")
+        log.info("round %d: %s -> %s", self.completed_round + 1, self._stage.name, to.name)
+        self._stage = to
+        self._cond.notify_all()
+
+    def _log(self, event: str, **fields: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.write(event, **fields)
+
+
+def _check_adapters(
+    tensors: Mapping[str, Tensor], reference: Mapping[str, Tensor], what: str, error: type[ValueError]
+) -> None:
+    """Raise ``error`` unless ``tensors`` has exactly ``reference``'s keys, shapes and dtypes."""
+    missing, unexpected = sorted(set(reference) - set(tensors)), sorted(set(tensors) - set(reference))
+    if missing or unexpected:
+        raise error(
+            f"{what}: keys do not match the global adapters: "
+            f"missing {len(missing)} {missing[:3]}, unexpected {len(unexpected)} {unexpected[:3]}"
+        )
+    for key, expected in reference.items():
+        got = tensors[key]
+        if got.shape != expected.shape:
+            raise error(f"{what}[{key}]: expected shape {tuple(expected.shape)}, got {tuple(got.shape)}")
+        if got.dtype != expected.dtype:
+            raise error(f"{what}[{key}]: expected dtype {expected.dtype}, got {got.dtype}")
