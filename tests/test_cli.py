@@ -28,6 +28,27 @@ def test_config_prints_toml_that_describes_every_section(capsys):
         assert section in out
 
 
-def test_bad_cut_is_a_clear_error():
-    with pytest.raises(Exception, match="head_layers \\+ tail_layers must be < the model's 6 blocks"):
-        main(["check-split", "--model", "tiny-llama", "--head-layers", "3", "--tail-layers", "3"])
+def test_bad_cut_is_one_clear_error_line(capsys):
+    code = main(["check-split", "--model", "tiny-llama", "--head-layers", "3", "--tail-layers", "3"])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "head_layers + tail_layers must be < the model's 6 blocks" in err and "Traceback" not in err
+
+
+def test_unknown_config_key_names_file_and_key(tmp_path, capsys):
+    path = tmp_path / "run.toml"
+    path.write_text("[train]\nlearning_rate = 1e-4\n")
+
+    code = main(["centralized", "--config", str(path)])
+
+    err = capsys.readouterr().err
+    assert code == 2 and "learning_rate" in err and "run.toml" in err
+
+
+def test_insecure_in_config_needs_the_flag(tmp_path):
+    path = tmp_path / "server.toml"
+    path.write_text("[security]\ninsecure = true\n")
+
+    with pytest.raises(SystemExit, match="needs the explicit --insecure flag"):
+        main(["server", "--config", str(path)])

@@ -75,6 +75,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(cfg, args.out or Path("runs/demo"))
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from fedsplit.security.identity import run_keygen
+    from fedsplit.security.pki import run_issue_client_cert
+
+    written = run_keygen(args.out, args.name, with_ca=args.ca)
+    if args.client_cert:
+        written += run_issue_client_cert(args.out, args.name)
+    for path in written:
+        print(path)
+    return 0
+
+
+def _network_config(args: argparse.Namespace):
+    from dataclasses import replace
+
+    cfg = _load_run_config(args)
+    if cfg.security.insecure and not args.insecure:
+        raise SystemExit("security.insecure = true: running without TLS also needs the explicit --insecure flag")
+    cfg = replace(cfg, security=replace(cfg.security, insecure=args.insecure))
+    config_dir = args.config.resolve().parent if args.config else Path.cwd()
+    return cfg, config_dir
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from fedsplit.recipes.network import run_server
+
+    cfg, config_dir = _network_config(args)
+    return run_server(cfg, config_dir, args.out or Path("runs/server"), resume=args.resume)
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from fedsplit.recipes.network import run_client
+
+    cfg, config_dir = _network_config(args)
+    return run_client(cfg, config_dir, args.out or Path(f"runs/{cfg.client.id}"))
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedsplit.recipes.network import simulate
+
+    cfg, _ = _network_config(args)
+    server_dir = simulate(cfg, args.out or Path("runs/simulate"))
+    print(f"federation complete; adapters in {server_dir / 'adapters'}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from fedsplit.config import RunConfig, describe
     from fedsplit.configio import dump_config
@@ -105,6 +151,23 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("keygen", help="an Ed25519 identity; with --ca also a TLS CA and server certificate")
+    p.add_argument("--out", type=Path, required=True, help="directory for the key files")
+    p.add_argument("--name", default="server", help="key pair name: server, or a client id")
+    p.add_argument("--ca", action="store_true", help="also a CA (ca.key/ca.crt) and a server TLS certificate")
+    p.add_argument("--client-cert", action="store_true", help="also a mutual-TLS certificate for client NAME from the CA in --out")
+    p.set_defaults(func=cmd_keygen)
+
+    for name, func, text in (("server", cmd_server, "run the server: trunk, rounds, aggregation"),
+                             ("client", cmd_client, "run one client: head, tail and its own data"),
+                             ("simulate", cmd_simulate, "one server and N clients as processes on 127.0.0.1")):
+        p = sub.add_parser(name, help=text)
+        _config_args(p)
+        p.add_argument("--insecure", action="store_true", help="no TLS (frames stay AES-GCM sealed); prints a warning")
+        if name == "server":
+            p.add_argument("--resume", action="store_true", help="continue from the last round checkpoint in --out")
+        p.set_defaults(func=func)
+
     p = sub.add_parser("config", help="print the default run configuration as TOML")
     p.add_argument("--describe", action="store_true", help="one line per field with its help text")
     p.set_defaults(func=cmd_config)
@@ -115,7 +178,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(args.func(args) or 0)
+    if args.verbose:
+        return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, RuntimeError, ConnectionError, OSError) as exc:
+        # Errors of the user's input or environment: one clear line, not a traceback (-v shows it).
+        print(f"fedsplit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -71,6 +71,53 @@ class EvalConfig:
 
 
 @dataclass
+class ServerConfig:
+    address: str = field(default="127.0.0.1:50051", metadata={"help": "host:port the server listens on / clients dial"})
+    mode: Literal["sequential", "client-batch", "hierarchical"] = field(
+        default="sequential", metadata={"help": "how the trunk serves clients (see docs/parallel.md)"}
+    )
+    max_message_bytes: int = field(default=4 << 20, metadata={"help": "larger frames are sent in chunks"})
+    max_tokens: int = field(default=1 << 20, metadata={"help": "largest batch x sequence a FORWARD may carry"})
+    round_timeout_s: float = field(default=3600.0, metadata={"help": "a round ends this long after it started"})
+    step_timeout_s: float = field(default=120.0, metadata={"help": "a client owing a request this long fails"})
+    join_timeout_s: float = field(default=600.0, metadata={"help": "longest wait for min_clients to join"})
+    join_grace_s: float = field(default=10.0, metadata={"help": "once min_clients joined, wait this long for the rest"})
+    deadline_s: float = field(default=300.0, metadata={"help": "client: longest wait for any reply"})
+    threads: int = field(default=0, metadata={"help": "torch threads of the server process (0 = torch default)"})
+
+    def __post_init__(self) -> None:
+        if ":" not in self.address:
+            raise ValueError(f"server.address: expected host:port, got {self.address!r}")
+        if self.mode not in ("sequential", "client-batch", "hierarchical"):
+            raise ValueError(f"server.mode: expected sequential, client-batch or hierarchical, got {self.mode!r}")
+        for key in ("max_message_bytes", "max_tokens"):
+            if getattr(self, key) < 1024:
+                raise ValueError(f"server.{key}: expected >= 1024, got {getattr(self, key)}")
+
+
+@dataclass
+class SecurityConfig:
+    keys_dir: str = field(default="keys", metadata={"help": "directory written by `fedsplit keygen` (relative to the config file)"})
+    server_name: str = field(default="server", metadata={"help": "name of the server's identity key pair in keys_dir"})
+    clients: list[str] = field(default_factory=list, metadata={"help": "admitted client ids; public keys at keys_dir/<id>.pub"})
+    revoked: list[str] = field(default_factory=list, metadata={"help": "client ids refused even if listed"})
+    insecure: bool = field(default=False, metadata={"help": "no TLS (AES-GCM sealing stays); prints a warning"})
+    mutual_tls: bool = field(default=False, metadata={"help": "clients present CA-issued certificates too"})
+    run_id: str = field(default="fedsplit-run", metadata={"help": "bound into every handshake and sealed frame"})
+
+
+@dataclass
+class ClientConfig:
+    id: str = field(default="client-0", metadata={"help": "this client's id (its key pair is keys_dir/<id>.key/.pub)"})
+    silo: int = field(default=0, metadata={"help": "which data silo of the run's dataset is this client's own"})
+    threads: int = field(default=0, metadata={"help": "torch threads of the client process (0 = torch default)"})
+
+    def __post_init__(self) -> None:
+        if self.silo < 0:
+            raise ValueError(f"client.silo: expected >= 0, got {self.silo}")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -80,6 +127,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
 
     @property
     def lora(self) -> list[LoraSettings]:
@@ -98,3 +148,27 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[str]:
         else:
             lines.append(f"{prefix}{f.name} = {default!r}: {f.metadata.get('help', '')}")
     return lines
+
+
+def run_config_hash(cfg: RunConfig, tokenizer) -> bytes:
+    """What client and server must agree on: model, cut, adapters, optimization, tokenizer, protocol.
+
+    Sent in every handshake; a mismatch is refused before any tensor moves.
+    """
+    import hashlib
+    import json
+
+    from fedsplit.configio import config_to_dict
+    from fedsplit.protocol import PROTOCOL_VERSION
+    from fedsplit.security.handshake import hash_run_config
+
+    vocab = sorted(tokenizer.get_vocab().items())
+    agreed = {
+        "protocol": int(PROTOCOL_VERSION),
+        "model": config_to_dict(cfg.model),
+        "lora": [config_to_dict(part) for part in cfg.lora],
+        "train": config_to_dict(cfg.train),
+        "federation": config_to_dict(cfg.federation),
+        "tokenizer": hashlib.sha256(json.dumps(vocab).encode()).hexdigest(),
+    }
+    return hash_run_config(agreed)

@@ -22,7 +22,7 @@ from fedsplit.recipes.federated import run_federated
 
 def _row(name: str, result: EvalResult) -> str:
     rouge = "   n/a" if result.rouge_l is None else f"{result.rouge_l:6.4f}"
-    return f"| {name:<22} | {result.loss:13.4f} | {rouge:>7} |"
+    return f"| {name:<24} | {result.loss:13.4f} | {rouge:>7} |"
 
 
 def run_demo(cfg: RunConfig, out: Path) -> int:
@@ -40,8 +40,8 @@ def run_demo(cfg: RunConfig, out: Path) -> int:
         centralized = run_centralized(cfg, data, out, metrics)
 
         table = [
-            "| model                  | held-out loss | ROUGE-L |",
-            "|------------------------|---------------|---------|",
+            "| model                    | held-out loss | ROUGE-L |",
+            "|--------------------------|---------------|---------|",
             _row("zero-shot", zero_shot),
             _row("federated split (FedAvg)", federated.eval),
             _row("centralized", centralized.eval),

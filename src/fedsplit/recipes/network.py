@@ -1,0 +1,310 @@
+"""``fedsplit server`` / ``client`` / ``simulate``: the federation as separate processes over gRPC.
+
+Each reads top to bottom: configuration -> model parts -> keys -> transport -> rounds -> outputs.
+The server keeps the trunk and the global client-part adapters; each client keeps its head,
+tail and data. Every activation, gradient and adapter crosses TLS and per-client AES-256-GCM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from fedsplit.adapters import add_part_adapters, merge_adapters, save_adapter
+from fedsplit.config import RunConfig, run_config_hash
+from fedsplit.configio import dump_config
+from fedsplit.metrics import MetricsWriter
+from fedsplit.models import load_model
+from fedsplit.recipes.common import encode, eval_batches, load_federated_data
+from fedsplit.split import SplitParts, split_model
+
+log = logging.getLogger(__name__)
+
+
+# -- shared --------------------------------------------------------------------------------------
+def build_parts(cfg: RunConfig) -> tuple[object, SplitParts]:
+    """The model cut as configured, with LoRA on every part initialized from the run seed."""
+    model, tokenizer = load_model(cfg.model.name)
+    parts = split_model(model, cfg.model.head_layers, cfg.model.tail_layers)
+    add_part_adapters(parts, cfg.lora, seed=cfg.train.seed)
+    return tokenizer, parts
+
+
+def keys_dir(cfg: RunConfig, config_dir: Path) -> Path:
+    path = Path(cfg.security.keys_dir)
+    return path if path.is_absolute() else (config_dir / path).resolve()
+
+
+def _threads(count: int) -> None:
+    if count:
+        torch.set_num_threads(count)
+
+
+def trunk_total_steps(cfg: RunConfig) -> int:
+    """Optimizer steps the trunk takes in the whole run (the LR schedule's horizon)."""
+    steps = cfg.federation.rounds * cfg.federation.local_steps * len(cfg.security.clients or [None])
+    if cfg.server.mode == "client-batch":  # one trunk step per group of clients
+        steps = cfg.federation.rounds * cfg.federation.local_steps
+    return max(1, steps)
+
+
+def make_trunk_server(cfg: RunConfig, parts: SplitParts):
+    from fedsplit.server import TrunkServer
+
+    if cfg.server.mode == "client-batch":
+        from fedsplit.server.batching import BatchingTrunkServer
+
+        return BatchingTrunkServer(parts.trunk, cfg.train, trunk_total_steps(cfg), max_tokens=cfg.server.max_tokens,
+                                   max_clients=max(1, len(cfg.security.clients)))
+    if cfg.server.mode == "hierarchical":
+        raise NotImplementedError("server.mode = 'hierarchical' needs sub-servers: see docs/parallel.md")
+    return TrunkServer(parts.trunk, cfg.train, trunk_total_steps(cfg), max_tokens=cfg.server.max_tokens,
+                       lease_timeout_s=cfg.server.step_timeout_s)
+
+
+# -- server --------------------------------------------------------------------------------------
+def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = False) -> int:
+    from fedsplit.client.runner import client_adapters, load_client_adapters
+    from fedsplit.protocol import PROTOCOL_VERSION
+    from fedsplit.security.handshake import HandshakeVerifier
+    from fedsplit.security.identity import load_private_key, load_public_key
+    from fedsplit.security.tls import load_server_tls
+    from fedsplit.server.checkpoint import latest_checkpoint, load_checkpoint
+    from fedsplit.server.coordinator import CoordinatorConfig, RoundCoordinator
+    from fedsplit.strategy import FedAvg
+    from fedsplit.transport.grpc_server import GrpcServer
+    from fedsplit.transport.handshake import SessionFactory
+
+    _threads(cfg.server.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    if not cfg.security.clients:
+        raise ValueError("security.clients: the server admits no client; list their ids")
+    tokenizer, parts = build_parts(cfg)
+    config_hash = run_config_hash(cfg, tokenizer)
+    keys = keys_dir(cfg, config_dir)
+
+    strategy = FedAvg(local_steps=cfg.federation.local_steps, lr=cfg.train.lr, min_clients=cfg.federation.min_clients,
+                      fraction=cfg.federation.fraction, seed=cfg.train.seed)
+    coordinator_cfg = CoordinatorConfig(
+        num_rounds=cfg.federation.rounds, min_clients=cfg.federation.min_clients,
+        round_timeout_s=cfg.server.round_timeout_s, step_timeout_s=cfg.server.step_timeout_s,
+        join_timeout_s=cfg.server.join_timeout_s, join_grace_s=cfg.server.join_grace_s,
+        ordered_steps=cfg.server.mode == "sequential",
+    )
+    metrics = MetricsWriter(out / "metrics.jsonl")
+    coordinator = RoundCoordinator(
+        make_trunk_server(cfg, parts), strategy, client_adapters(parts.head, parts.tail), cfg.security.clients,
+        coordinator_cfg, metrics=metrics, checkpoint_dir=out / "checkpoints",
+        run_id=cfg.security.run_id, config_hash=config_hash.hex(),
+    )
+    if resume:
+        found = latest_checkpoint(out / "checkpoints")
+        if found is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}")
+        coordinator.restore(load_checkpoint(found))
+        log.info("resumed from %s", found)
+
+    admitted = {cid: load_public_key(keys / f"{cid}.pub") for cid in cfg.security.clients}
+    verifier = HandshakeVerifier(load_private_key(keys / f"{cfg.security.server_name}.key"), admitted,
+                                 set(cfg.security.revoked), int(PROTOCOL_VERSION), config_hash, run_id=cfg.security.run_id)
+    tls = None if cfg.security.insecure else load_server_tls(
+        keys / "server-tls.key", keys / "server-tls.crt", keys / "ca.crt" if cfg.security.mutual_tls else None)
+    server = GrpcServer(cfg.server.address, SessionFactory(verifier, coordinator.handler_for, cfg.security.run_id),
+                        tls=tls, insecure=cfg.security.insecure, max_message_bytes=cfg.server.max_message_bytes,
+                        max_streams=2 * len(cfg.security.clients) + 4, on_disconnect=coordinator.on_disconnect)
+    server.start()
+    log.info("serving %s on %s (%s, %s)", cfg.security.run_id, cfg.server.address, cfg.server.mode,
+             "INSECURE" if cfg.security.insecure else "TLS")
+    stop = _install_stop_handlers(coordinator)
+    try:
+        result = coordinator.start().wait()
+    except BaseException:
+        if stop.is_set():
+            log.info("stopped by signal after round %d; last checkpoint kept", coordinator.completed_round)
+            return 0
+        raise
+    finally:
+        server.stop(grace=2.0)
+        metrics.close()
+    load_client_adapters(parts.head, parts.tail, result.global_adapters)
+    _save_final_adapters(parts, out / "adapters", cfg.model.name)
+    log.info("run complete: %d rounds; adapters in %s", result.rounds_completed, out / "adapters")
+    return 0
+
+
+def _install_stop_handlers(coordinator) -> threading.Event:
+    """SIGINT/SIGTERM: stop after making sure the last completed round is checkpointed."""
+    stop = threading.Event()
+
+    def handler(signum, frame):  # noqa: ARG001
+        stop.set()
+        log.warning("signal %d: shutting down (checkpoint of round %d kept)", signum, coordinator.completed_round)
+        coordinator.stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    return stop
+
+
+def _save_final_adapters(parts: SplitParts, out: Path, base_model: str) -> None:
+    for name in ("head", "trunk", "tail"):
+        save_adapter(getattr(parts, name), out / name, base_model=base_model)
+    merge_adapters(list(parts), out / "merged", base_model=base_model)
+
+
+# -- client --------------------------------------------------------------------------------------
+def client_batches(cfg: RunConfig, tokenizer) -> list[dict]:
+    """This client's own silo, tokenized and cut into fixed micro-batches (the runner orders them)."""
+    import random
+
+    from fedsplit.data import collate
+
+    data = load_federated_data(cfg.data, cfg.train.seed)
+    if cfg.client.silo >= len(data.silos):
+        raise ValueError(f"client.silo: expected < {len(data.silos)} (data.num_clients), got {cfg.client.silo}")
+    encoded = encode(data.silos[cfg.client.silo], tokenizer, cfg)
+    random.Random(cfg.train.seed).shuffle(encoded)
+    size = cfg.train.batch_size
+    return [collate(encoded[i : i + size], tokenizer.pad_token_id, cfg.train.padding_side)
+            for i in range(0, len(encoded) - size + 1, size)]
+
+
+def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
+    from fedsplit.client.runner import ClientRunner
+    from fedsplit.security.identity import load_private_key, load_public_key
+    from fedsplit.security.tls import load_channel_tls
+    from fedsplit.transport.grpc_client import connect_grpc
+    from fedsplit.transport.handshake import ClientCredentials
+
+    _threads(cfg.client.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer, parts = build_parts(cfg)
+    keys = keys_dir(cfg, config_dir)
+    cid = cfg.client.id
+    credentials = ClientCredentials(
+        identity=load_private_key(keys / f"{cid}.key"), server_key=load_public_key(keys / f"{cfg.security.server_name}.pub"),
+        client_id=cid, run_id=cfg.security.run_id, config_hash=run_config_hash(cfg, tokenizer),
+    )
+    tls = None
+    if not cfg.security.insecure:
+        mtls = (keys / f"{cid}-tls.key", keys / f"{cid}-tls.crt") if cfg.security.mutual_tls else (None, None)
+        tls = load_channel_tls(keys / "ca.crt", *mtls)
+
+    def connect():
+        return connect_grpc(cfg.server.address, credentials, tls=tls, insecure=cfg.security.insecure,
+                            max_message_bytes=cfg.server.max_message_bytes, deadline_s=cfg.server.deadline_s)
+
+    batches = client_batches(cfg, tokenizer)
+    with MetricsWriter(out / "metrics.jsonl") as metrics:
+        runner = ClientRunner(cid, parts.head, parts.tail, batches, cfg.train, connect,
+                              on_step=lambda rnd, step, result: metrics.write(
+                                  "train_step", client=cid, round=rnd, step=step, loss=result.loss,
+                                  lr=result.lr, grad_norm=result.grad_norm))
+        result = runner.run()
+        for report in result.rounds:
+            metrics.write("round", client=cid, round=report.round, loss=report.loss, examples=report.num_examples)
+        metrics.write("done", client=cid, final_round=result.final_round, lost_rounds=result.lost_rounds,
+                      reconnects=result.reconnects)
+    runner.close()
+    log.info("client %s done after round %d", cid, result.final_round)
+    return 0
+
+
+# -- simulate ------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_federation(cfg: RunConfig, out: Path) -> tuple[Path, list[Path]]:
+    """Keys (CA, server, one identity per client) and one TOML per process, under ``out``."""
+    from fedsplit.security.identity import run_keygen
+    from fedsplit.security.pki import run_issue_client_cert
+
+    out.mkdir(parents=True, exist_ok=True)
+    keys = out / "keys"
+    clients = [f"client-{k}" for k in range(cfg.data.num_clients)]
+    if not (keys / "ca.crt").exists():
+        run_keygen(keys, cfg.security.server_name, with_ca=True)
+        for cid in clients:
+            run_keygen(keys, cid)
+            if cfg.security.mutual_tls:
+                run_issue_client_cert(keys, cid)
+    security = replace(cfg.security, keys_dir=str(keys.resolve()), clients=clients)
+    # One machine: the trunk (most of the blocks) gets the cores, each client one thread.
+    server_cfg = replace(cfg, security=security,
+                         server=replace(cfg.server, threads=cfg.server.threads or (os.cpu_count() or 1)),
+                         client=replace(cfg.client, threads=cfg.client.threads or 1))
+    (out / "server.toml").write_text(dump_config(server_cfg))
+    client_files = []
+    for silo, cid in enumerate(clients):
+        path = out / f"{cid}.toml"
+        path.write_text(dump_config(replace(server_cfg, client=replace(cfg.client, id=cid, silo=silo))))
+        client_files.append(path)
+    return out / "server.toml", client_files
+
+
+def _spawn(args: list[str], log_path: Path) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(log_path, "w")  # noqa: SIM115 - closed by the process's end
+    # Several processes share the cores: idle OpenMP workers must sleep, not spin.
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    return subprocess.Popen([sys.executable, "-m", "fedsplit.cli", *args], stdout=handle, stderr=subprocess.STDOUT, env=env)
+
+
+def simulate(cfg: RunConfig, out: Path, *, timeout_s: float = 3600.0) -> Path:
+    """One server and N client processes on 127.0.0.1; returns the server's run directory."""
+    from tqdm.auto import tqdm
+
+    from fedsplit.metrics import read_metrics
+
+    if cfg.server.address.endswith(":0") or cfg.server.address == RunConfig().server.address:
+        cfg = replace(cfg, server=replace(cfg.server, address=f"127.0.0.1:{free_port()}"))
+    server_toml, client_tomls = write_federation(cfg, out)
+    server_out = out / "server"
+    flags = ["--insecure"] if cfg.security.insecure else []
+    procs = {"server": _spawn(["server", "--config", str(server_toml), "--out", str(server_out), *flags],
+                              out / "logs" / "server.log")}
+    for path in client_tomls:
+        procs[path.stem] = _spawn(["client", "--config", str(path), "--out", str(out / path.stem), *flags],
+                                  out / "logs" / f"{path.stem}.log")
+    deadline = time.monotonic() + timeout_s
+    with tqdm(total=cfg.federation.rounds, desc="federated rounds", unit="round") as bar:
+        while procs["server"].poll() is None and time.monotonic() < deadline:
+            time.sleep(1.0)
+            done = len(read_metrics(server_out / "metrics.jsonl", "round_end")) if (server_out / "metrics.jsonl").exists() else 0
+            bar.update(done - bar.n)
+            crashed = [name for name, p in procs.items() if p.poll() not in (None, 0)]
+            if crashed:
+                break
+    failed = _finish(procs, deadline)
+    if failed:
+        raise RuntimeError(f"federation failed: {', '.join(failed)}; see the logs in {out / 'logs'}")
+    return server_out
+
+
+def _finish(procs: dict[str, subprocess.Popen], deadline: float) -> list[str]:
+    failed = []
+    for name, proc in procs.items():
+        try:
+            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = "timeout"
+        if code != 0:
+            failed.append(f"{name} exited with {code}")
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+    return failed
