@@ -1,0 +1,77 @@
+"""Split-step overhead: split LoRA step (in-process channel, full serialization) over the monolithic one.
+
+SmolLM2-135M-Instruct, batch 4 x 128 tokens, LoRA r=8 on every part, same thread count.
+Steps of the two modes are interleaved so machine noise hits both alike; medians are compared.
+Prints one JSON line last: {"bench": "split_overhead", "ratio": ..., "split_s": ..., "monolithic_s": ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import torch
+
+from fedsplit.adapters import LoraSettings, add_part_adapters, trainable_parameters
+from fedsplit.channel import in_process_channel
+from fedsplit.client import SplitClient
+from fedsplit.models import load_model
+from fedsplit.server import TrunkServer
+from fedsplit.split import split_model
+from fedsplit.train.centralized import CentralizedTrainer
+from fedsplit.train.config import TrainConfig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    base, _ = load_model(args.model)
+    cfg = TrainConfig(lr=1e-4, schedule="constant")
+    total = args.steps + args.warmup
+    split_model_copy, mono = copy.deepcopy(base), copy.deepcopy(base)
+    parts = split_model(split_model_copy, 1, 1)
+    add_part_adapters(parts, [LoraSettings()] * 3)
+    server = TrunkServer(parts.trunk, cfg, total)
+    channel, _ = in_process_channel("bench", lambda k, r, s, m: server.handle("bench", k, r, s, m))
+    client = SplitClient(parts.head, parts.tail, channel, cfg, total)
+    mono_parts = split_model(mono, 1, 1)
+    add_part_adapters(mono_parts, [LoraSettings()] * 3)
+    trainer = CentralizedTrainer(mono, [p for part in mono_parts for p in trainable_parameters(part)], cfg, total)
+
+    g = torch.Generator().manual_seed(0)
+    vocab = base.config.vocab_size
+    times: dict[str, list[float]] = {"split": [], "monolithic": []}
+    for step in range(total):
+        ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        for name, run in (("split", client.train_step), ("monolithic", trainer.train_step)):
+            start = time.perf_counter()
+            run([batch])
+            if step >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+
+    split_s, mono_s = statistics.median(times["split"]), statistics.median(times["monolithic"])
+    raw = 4 * args.batch * args.seq * base.config.hidden_size * 4  # hidden + grads at both cuts, fp32
+    print(f"split steps {['%.3f' % t for t in times['split']]}")
+    print(f"mono  steps {['%.3f' % t for t in times['monolithic']]}")
+    print(json.dumps({
+        "bench": "split_overhead", "ratio": round(split_s / mono_s, 4), "split_s": round(split_s, 4),
+        "monolithic_s": round(mono_s, 4), "model": args.model, "batch": args.batch, "seq": args.seq,
+        "threads": args.threads, "steps": args.steps, "raw_tensor_bytes_per_step": raw,
+        "channel_bytes_per_step": (channel.stats.bytes_sent + channel.stats.bytes_received) // total,
+    }))
+
+
+if __name__ == "__main__":
+    main()
