@@ -5,3 +5,5 @@ from __future__ import annotations
 from fedsplit.server.trunk import TrunkServer
 
 __all__ = ["TrunkServer"]
+# The coordinator, the batching server and checkpoints import torch-heavy modules: import them from
+# their modules (fedsplit.server.coordinator, .batching, .checkpoint).

@@ -257,7 +257,7 @@ class BatchingTrunkServer:
 
     # -- the three requests (each in its client's thread) --------------------------------------
     def forward(self, client_id: str, request: pb.Forward) -> pb.ForwardResult:
-        inputs = _Inputs(*self._core._decode_inputs(request))  # (B, T, H), (B, T), (B, T)
+        inputs = _Inputs(*self._core.decode_forward(request))  # (B, T, H), (B, T), (B, T)
         if not request.train:
             return pb.ForwardResult(hidden=encode_tensor(self._evaluate(inputs)))
         with self._cond:

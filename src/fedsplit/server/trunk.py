@@ -67,7 +67,8 @@ class TrunkServer:
         return handlers[kind](client_id, request)
 
     # -- the step -----------------------------------------------------------------------------
-    def _decode_inputs(self, request: pb.Forward) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def decode_forward(self, request: pb.Forward) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Check a FORWARD request against this trunk: (hidden (B, T, H), mask (B, T), positions (B, T))."""
         hidden = decode_tensor(request.hidden, "Forward.hidden", dtypes=(self.dtype,), shape=(None, None, self.hidden_size))
         batch, seq, _ = hidden.shape
         if batch * seq > self.max_tokens:
@@ -80,7 +81,7 @@ class TrunkServer:
         return hidden, mask, positions
 
     def forward(self, client_id: str, request: pb.Forward) -> pb.ForwardResult:
-        hidden, mask, positions = self._decode_inputs(request)
+        hidden, mask, positions = self.decode_forward(request)
         if not request.train:
             with torch.no_grad(), autocast(self.cfg):
                 return pb.ForwardResult(hidden=encode_tensor(self.trunk(hidden, mask, positions)))
