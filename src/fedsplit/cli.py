@@ -121,6 +121,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_subserver(args: argparse.Namespace) -> int:
+    from fedsplit.server.subserver import read_spec, run_subserver
+
+    return run_subserver(read_spec(args.root_config), args.rank)
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from fedsplit.config import RunConfig, describe
     from fedsplit.configio import dump_config
@@ -167,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "server":
             p.add_argument("--resume", action="store_true", help="continue from the last round checkpoint in --out")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("subserver", help="one trunk replica of a server-hierarchical run (started by the root)")
+    p.add_argument("--root-config", type=Path, required=True, help="hierarchy.toml written by the root server")
+    p.add_argument("--rank", type=int, required=True, help="this sub-server's rank, 1..K")
+    p.set_defaults(func=cmd_subserver)
 
     p = sub.add_parser("config", help="print the default run configuration as TOML")
     p.add_argument("--describe", action="store_true", help="one line per field with its help text")

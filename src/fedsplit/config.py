@@ -6,6 +6,7 @@ Every field carries its help text; ``fedsplit <command> --help-config`` prints t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
@@ -118,6 +119,45 @@ class ClientConfig:
 
 
 @dataclass
+class HierarchyConfig:
+    """How the root and its sub-servers run. Times are seconds."""
+
+    subservers: int = field(default=2, metadata={"help": "K: trunk replicas (sub-server processes)"})
+    sync_every: int = field(default=8, metadata={"help": "R: optimizer steps per sub-server between averagings"})
+    control_host: str = field(default="127.0.0.1", metadata={"help": "where the root's control store listens"})
+    control_port: int = field(default=0, metadata={"help": "control store port (0: any free port, local launches)"})
+    collective_host: str = field(default="127.0.0.1", metadata={"help": "root address for the process group"})
+    listen_host: str = field(default="127.0.0.1", metadata={"help": "sub-servers' gRPC host"})
+    listen_port_base: int = field(default=0, metadata={"help": "sub-server k listens on base + k (0: any free port)"})
+    threads: int = field(default=0, metadata={"help": "torch threads per sub-server (0: cpu_count // subservers)"})
+    shared_weights: bool = field(default=True, metadata={"help": "memory-map the frozen trunk (safetensors); "
+                                                         "false: a private copy per sub-server"})
+    backend: Literal["auto", "gloo", "nccl"] = field(default="auto", metadata={"help": "auto: nccl with a GPU per rank, else gloo"})
+    startup_timeout_s: float = field(default=180.0, metadata={"help": "wait this long for sub-servers to announce"})
+    sync_timeout_s: float = field(default=60.0, metadata={"help": "collective and control-result deadline"})
+    drain_timeout_s: float = field(default=120.0, metadata={"help": "then a started step is discarded to sync"})
+    relay_deadline_s: float = field(default=300.0, metadata={"help": "longest wait for a sub-server's reply"})
+    probe_timeout_s: float = field(default=5.0, metadata={"help": "connect deadline of a session to a sub-server"})
+    max_streams: int = field(default=64, metadata={"help": "gRPC streams per sub-server (one per client)"})
+
+    def __post_init__(self) -> None:
+        for name in ("subservers", "sync_every", "max_streams"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"hierarchy.{name}: expected >= 1, got {getattr(self, name)!r}")
+        for name in ("control_port", "listen_port_base", "threads"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"hierarchy.{name}: expected 0..65535, got {getattr(self, name)!r}")
+        for name in ("startup_timeout_s", "sync_timeout_s", "drain_timeout_s", "relay_deadline_s", "probe_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"hierarchy.{name}: expected > 0, got {getattr(self, name)!r}")
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"hierarchy.backend: expected auto, gloo or nccl, got {self.backend!r}")
+
+    def threads_per_subserver(self) -> int:
+        return self.threads or max(1, (os.cpu_count() or 1) // self.subservers)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -130,6 +170,7 @@ class RunConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
+    hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)
 
     @property
     def lora(self) -> list[LoraSettings]:

@@ -142,7 +142,8 @@ def _wrong_shape(round: int, tensors: dict) -> tuple[int, dict]:
 )
 def test_bad_client_update_is_refused_clearly_and_the_others_continue(tamper, code, message):
     # Arrange: a and b are normal clients; x trains its steps honestly, then sends a tampered update
-    fed = make_federation(["a", "b", "x"], num_rounds=1, local_steps=1, min_clients=2, runners_for=["a", "b"])
+    fed = make_federation(["a", "b", "x"], num_rounds=1, local_steps=1, min_clients=2, runners_for=["a", "b"],
+                          join_grace_s=30.0)  # x is slow to start under load: the round waits for it
     refused: list[BaseException] = []
 
     def scripted_x() -> None:

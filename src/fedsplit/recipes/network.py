@@ -66,8 +66,6 @@ def make_trunk_server(cfg: RunConfig, parts: SplitParts):
 
         return BatchingTrunkServer(parts.trunk, cfg.train, trunk_total_steps(cfg), max_tokens=cfg.server.max_tokens,
                                    max_clients=max(1, len(cfg.security.clients)))
-    if cfg.server.mode == "hierarchical":
-        raise NotImplementedError("server.mode = 'hierarchical' needs sub-servers: see docs/parallel.md")
     return TrunkServer(parts.trunk, cfg.train, trunk_total_steps(cfg), max_tokens=cfg.server.max_tokens,
                        lease_timeout_s=cfg.server.step_timeout_s)
 
@@ -102,8 +100,9 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
         ordered_steps=cfg.server.mode == "sequential",
     )
     metrics = MetricsWriter(out / "metrics.jsonl")
+    hierarchy = start_hierarchy(cfg, parts, keys, config_hash, out) if cfg.server.mode == "hierarchical" else None
     coordinator = RoundCoordinator(
-        make_trunk_server(cfg, parts), strategy, client_adapters(parts.head, parts.tail), cfg.security.clients,
+        hierarchy.router if hierarchy else make_trunk_server(cfg, parts), strategy, client_adapters(parts.head, parts.tail), cfg.security.clients,
         coordinator_cfg, metrics=metrics, checkpoint_dir=out / "checkpoints",
         run_id=cfg.security.run_id, config_hash=config_hash.hex(),
     )
@@ -135,11 +134,30 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
         raise
     finally:
         server.stop(grace=2.0)
+        if hierarchy is not None:
+            hierarchy.close()
         metrics.close()
     load_client_adapters(parts.head, parts.tail, result.global_adapters)
     _save_final_adapters(parts, out / "adapters", cfg.model.name)
     log.info("run complete: %d rounds; adapters in %s", result.rounds_completed, out / "adapters")
     return 0
+
+
+def start_hierarchy(cfg: RunConfig, parts: SplitParts, keys: Path, config_hash: bytes, out: Path):
+    """Server-hierarchical mode: K sub-server processes, each a trunk replica, behind a relaying router."""
+    from fedsplit.security.identity import load_private_key
+    from fedsplit.server import hierarchical
+    from fedsplit.server.subserver import RunIdentity, SecurityFiles, SubServerSpec
+
+    tls = {} if cfg.security.insecure else dict(
+        tls_key=keys / "server-tls.key", tls_cert=keys / "server-tls.crt", ca_cert=keys / "ca.crt")
+    spec = SubServerSpec(
+        run=RunIdentity(cfg.security.run_id, config_hash.hex(), list(cfg.security.clients), trunk_total_steps(cfg)),
+        security=SecurityFiles(keys / f"{cfg.security.server_name}.key", keys / "root.pub",
+                               insecure=cfg.security.insecure, **tls),
+        model=cfg.model, train=cfg.train, lora_trunk=cfg.lora_trunk, hierarchy=cfg.hierarchy,
+    )
+    return hierarchical.start_hierarchy(spec, parts.trunk, load_private_key(keys / "root.key"), out)
 
 
 def _install_stop_handlers(coordinator) -> threading.Event:
@@ -237,6 +255,7 @@ def write_federation(cfg: RunConfig, out: Path) -> tuple[Path, list[Path]]:
     clients = [f"client-{k}" for k in range(cfg.data.num_clients)]
     if not (keys / "ca.crt").exists():
         run_keygen(keys, cfg.security.server_name, with_ca=True)
+        run_keygen(keys, "root")  # the root server's identity towards its sub-servers (hierarchical mode)
         for cid in clients:
             run_keygen(keys, cid)
             if cfg.security.mutual_tls:

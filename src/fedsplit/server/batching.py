@@ -568,6 +568,9 @@ class BatchingTrunkServer:
         self._active = None
         self._cond.notify_all()
 
+    def end_round(self, round: int) -> None:
+        """One trunk: nothing to reconcile at round end."""
+
     def abort(self, client_id: str) -> bool:
         """Drop a client's part of its group step at once (disconnect). Returns whether it had one."""
         with self._cond:

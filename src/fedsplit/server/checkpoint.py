@@ -51,8 +51,12 @@ class CheckpointError(ValueError):
 class TrunkHolder(Protocol):
     """What a checkpoint reads from the server's trunk service (TrunkServer, BatchingTrunkServer, ...)."""
 
-    trunk: Trunk
-    optimizer: torch.optim.Optimizer
+    @property
+    def trunk(self) -> Trunk: ...
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer: ...
+
     steps_taken: int
 
 

@@ -126,6 +126,8 @@ class TrunkService(TrunkHolder, Protocol):
 
     def abort(self, client_id: str) -> bool: ...
 
+    def end_round(self, round: int) -> object: ...
+
 
 class StageTransitionError(RuntimeError):
     """A stage change that the protocol does not allow (a bug in the coordinator, not a client error)."""
@@ -298,6 +300,7 @@ class RoundCoordinator:
         for attempt in range(1, self.config.max_round_retries + 2):
             self._open_round(number, attempt)  # WAITING_FOR_CLIENTS -> TRAINING
             results, failures = self._collect_updates()  # TRAINING -> AGGREGATING
+            self.trunk.end_round(number)  # hierarchical: average the replicas before aggregating and checkpointing
             aggregate = self._aggregate(results, failures)
             if aggregate is not None:
                 self._commit(aggregate, results, failures)  # -> WAITING_FOR_CLIENTS or DONE

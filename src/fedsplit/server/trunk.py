@@ -117,6 +117,9 @@ class TrunkServer:
         self._release(client_id)
         return pb.OptimizerResult(total_grad_norm=total, clip_coef=coef, server_step=self.steps_taken)
 
+    def end_round(self, round: int) -> None:
+        """One trunk: nothing to reconcile at round end (the hierarchical router averages here)."""
+
     # -- the lease ----------------------------------------------------------------------------
     def _acquire(self, client_id: str) -> None:
         deadline = time.monotonic() + self.lease_timeout_s
