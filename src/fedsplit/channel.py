@@ -96,7 +96,8 @@ def _frame(kind: int, round: int, step: int, sealed: SealedLike) -> bytes:
     return frame.SerializeToString()
 
 
-def _parse_frame(data: bytes) -> pb.Frame:
+def parse_frame(data: bytes) -> pb.Frame:
+    """Parse one frame and check its protocol version."""
     frame = pb.Frame()
     try:
         frame.ParseFromString(data)
@@ -128,7 +129,7 @@ class Channel:
             self.stats.bytes_sent += len(request)
             self.stats.frames_received += 1
             self.stats.bytes_received += len(reply_bytes)
-            reply = _parse_frame(reply_bytes)
+            reply = parse_frame(reply_bytes)
             body = self.sealer.open(reply.kind, reply.round, reply.step, reply.seq, reply.body)
         payload = decode_payload(reply.kind, body)
         if reply.kind == pb.ERROR:
@@ -159,7 +160,7 @@ class ServerSession:
         self.stats.bytes_received += len(data)
         kind, round, step = pb.ERROR, 0, 0
         try:
-            frame = _parse_frame(data)
+            frame = parse_frame(data)
             kind, round, step = frame.kind, frame.round, frame.step
             if kind not in REPLY_TO:
                 raise ProtocolError(f"{kind_name(kind)} is not a request")

@@ -13,7 +13,7 @@ import torch
 from google.protobuf.message import Message
 
 from fedsplit.channel import Channel, RemoteError, ServerSession
-from fedsplit.protocol import encode_tensor, pb
+from fedsplit.protocol import pb
 from fedsplit.security.errors import InsecureTransportWarning
 from fedsplit.security.identity import generate_identity, run_keygen
 from fedsplit.transport.errors import HandshakeRefusedError, TransportError

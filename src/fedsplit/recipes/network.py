@@ -25,7 +25,7 @@ from fedsplit.config import RunConfig, run_config_hash
 from fedsplit.configio import dump_config
 from fedsplit.metrics import MetricsWriter
 from fedsplit.models import load_model
-from fedsplit.recipes.common import encode, eval_batches, load_federated_data
+from fedsplit.recipes.common import encode, load_federated_data
 from fedsplit.split import SplitParts, split_model
 
 log = logging.getLogger(__name__)

@@ -48,10 +48,10 @@ import torch
 from google.protobuf.message import Message
 
 from fedsplit.protocol import ProtocolError, decode_tensor, encode_tensor, kind_name, pb
-from fedsplit.server.trunk import TrunkServer
+from fedsplit.server.trunk import TrunkServer, commit_step
 from fedsplit.split.parts import Trunk
 from fedsplit.train.config import TrainConfig
-from fedsplit.train.optim import autocast, clip_coefficient, grad_sq_norm, scale_grads, set_lr
+from fedsplit.train.optim import autocast
 
 log = logging.getLogger(__name__)
 
@@ -492,14 +492,7 @@ class BatchingTrunkServer:
         client_sq_norm, retract = work
         for share in retract:
             self._retract(share)
-        total = math.sqrt(grad_sq_norm(self.params) + client_sq_norm)  # the joint norm of all updated params
-        coef = clip_coefficient(total, self.cfg.max_grad_norm)
-        scale_grads(self.params, coef)
-        set_lr(self.optimizer, self.steps_taken, self.cfg, self.total_steps)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.steps_taken += 1
-        return pb.OptimizerResult(total_grad_norm=total, clip_coef=coef, server_step=self.steps_taken)
+        return commit_step(self, client_sq_norm)  # the joint norm of all parameters the group step updates
 
     def _retract(self, share: _Share) -> None:
         """Subtract one micro-batch of a dropped member from the trunk gradients (recomputed alone)."""

@@ -33,6 +33,18 @@ class _Pending:
     outputs: torch.Tensor  # (B, T, H) trunk output, still attached to the graph
 
 
+def commit_step(server: TrunkServer, client_sq_norm: float) -> pb.OptimizerResult:
+    """Clip by the global norm (trunk + clients' squared norms), step the trunk, count the step."""
+    total = math.sqrt(grad_sq_norm(server.params) + client_sq_norm)
+    coef = clip_coefficient(total, server.cfg.max_grad_norm)
+    scale_grads(server.params, coef)
+    set_lr(server.optimizer, server.steps_taken, server.cfg, server.total_steps)
+    server.optimizer.step()
+    server.optimizer.zero_grad(set_to_none=True)
+    server.steps_taken += 1
+    return pb.OptimizerResult(total_grad_norm=total, clip_coef=coef, server_step=server.steps_taken)
+
+
 class TrunkServer:
     """Owns the trunk; answers FORWARD, BACKWARD and OPTIMIZER_STEP requests."""
 
@@ -107,15 +119,9 @@ class TrunkServer:
             raise ProtocolError("OPTIMIZER_STEP without accumulated gradients", code=pb.FAILED_PRECONDITION)
         if not (math.isfinite(request.client_grad_sq_norm) and request.client_grad_sq_norm >= 0):
             raise ProtocolError(f"OptimizerStep.client_grad_sq_norm: expected a finite value >= 0, got {request.client_grad_sq_norm}")
-        total = math.sqrt(grad_sq_norm(self.params) + request.client_grad_sq_norm)
-        coef = clip_coefficient(total, self.cfg.max_grad_norm)
-        scale_grads(self.params, coef)
-        set_lr(self.optimizer, self.steps_taken, self.cfg, self.total_steps)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.steps_taken += 1
+        result = commit_step(self, request.client_grad_sq_norm)
         self._release(client_id)
-        return pb.OptimizerResult(total_grad_norm=total, clip_coef=coef, server_step=self.steps_taken)
+        return result
 
     def end_round(self, round: int) -> None:
         """One trunk: nothing to reconcile at round end (the hierarchical router averages here)."""

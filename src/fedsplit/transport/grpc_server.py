@@ -21,10 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import grpc
-from google.protobuf.message import DecodeError
 
-from fedsplit.channel import ServerSession
-from fedsplit.protocol import PROTOCOL_VERSION, ProtocolError, decode_payload, kind_name, pb
+from fedsplit.channel import ServerSession, parse_frame
+from fedsplit.protocol import ProtocolError, decode_payload, kind_name, pb
 from fedsplit.security.errors import HandshakeError
 from fedsplit.security.pki import client_uri
 from fedsplit.security.tls import ServerTLS, warn_insecure_transport
@@ -123,16 +122,7 @@ def _end(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> 
 
 
 def _parse_hello(message: bytes) -> pb.ClientHello:
-    frame = pb.Frame()
-    try:
-        frame.ParseFromString(message)
-    except DecodeError as exc:
-        raise ProtocolError(f"malformed first frame ({exc})") from None
-    if frame.protocol_version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"frame protocol version {frame.protocol_version} is not supported; this server speaks {PROTOCOL_VERSION}",
-            code=pb.FAILED_PRECONDITION,
-        )
+    frame = parse_frame(message)
     if frame.kind != pb.CLIENT_HELLO or frame.chunk_count > 1:
         raise ProtocolError(f"a session starts with an unchunked CLIENT_HELLO, got {kind_name(frame.kind)}", code=pb.FAILED_PRECONDITION)
     return decode_payload(pb.CLIENT_HELLO, frame.body)
