@@ -298,3 +298,28 @@ def test_requests_out_of_order_or_malformed_are_refused():
         channel.call(pb.BACKWARD, pb.Backward(grad=encode_tensor(torch.ones(1, 3, 64))))
     with pytest.raises(RemoteError, match="ABORTED: .*bad request"):  # a bad BACKWARD drops the member
         channel.call(pb.BACKWARD, pb.Backward(grad=encode_tensor(torch.ones(1, 4, 64))))
+
+
+def test_group_step_scales_the_trunk_lr_by_its_members(tiny_llama):
+    model, _ = tiny_llama
+    _, trunk, _ = split_model(model, 1, 1)
+    add_lora(trunk, LoraSettings(r=2))
+    server = BatchingTrunkServer(trunk, TrainConfig(lr=1e-3, schedule="constant"), 4, window_s=0.5, max_clients=2)
+
+    def one_step(cid: str) -> None:
+        channel, _ = in_process_channel(cid, lambda k, r, s, m: server.handle(cid, k, r, s, m))
+        hidden = torch.randn(1, 4, 64)
+        forward = pb.Forward(hidden=encode_tensor(hidden), attention_mask=encode_tensor(torch.ones(1, 4, dtype=torch.bool)),
+                             position_ids=encode_tensor(torch.arange(4).unsqueeze(0)), train=True)
+        channel.call(pb.FORWARD, forward)
+        channel.call(pb.BACKWARD, pb.Backward(grad=encode_tensor(torch.ones(1, 4, 64))))
+        channel.call(pb.OPTIMIZER_STEP, pb.OptimizerStep(client_grad_sq_norm=0.0))
+
+    threads = [threading.Thread(target=one_step, args=(cid,)) for cid in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+
+    assert server.stats.forward_sizes == [2]
+    assert server.optimizer.param_groups[0]["lr"] == pytest.approx(2e-3)

@@ -139,6 +139,8 @@ class HierarchyConfig:
     relay_deadline_s: float = field(default=300.0, metadata={"help": "longest wait for a sub-server's reply"})
     probe_timeout_s: float = field(default=5.0, metadata={"help": "connect deadline of a session to a sub-server"})
     max_streams: int = field(default=64, metadata={"help": "gRPC streams per sub-server (one per client)"})
+    scale_lr: bool = field(default=True, metadata={"help": "replica trunk LR x subservers: the averaged K replicas "
+                                                   "move as far per sample as one sequential trunk"})
 
     def __post_init__(self) -> None:
         for name in ("subservers", "sync_every", "max_streams"):

@@ -228,6 +228,7 @@ class BatchingTrunkServer:
         max_clients: int = 8,
         member_timeout_s: float = 30.0,
         max_tokens: int = 1 << 20,
+        scale_lr: bool = True,
     ) -> None:
         if not (window_s >= 0 and member_timeout_s > 0):
             raise ValueError(f"expected window_s >= 0 and member_timeout_s > 0, got {window_s} and {member_timeout_s}")
@@ -239,6 +240,7 @@ class BatchingTrunkServer:
         self.params, self.optimizer = self._core.params, self._core.optimizer
         self.steps_taken = 0
         self.window_s, self.max_clients, self.member_timeout_s = window_s, max_clients, member_timeout_s
+        self.scale_lr = scale_lr  # trunk LR x members of the step (linear scaling rule)
         self.stats = BatchStats()
         self._cond = threading.Condition(threading.Lock())
         self._compute = threading.Lock()  # one trunk computation at a time (training or evaluation)
@@ -483,16 +485,18 @@ class BatchingTrunkServer:
         self.stats.backwards += 1 if graded else 0
         group.move(_G.BACKWARDED)
 
-    def _begin_step(self, group: _Group) -> tuple[float, list[_Share]]:
+    def _begin_step(self, group: _Group) -> tuple[float, list[_Share], int]:
         committed = group.live(_M.COMMITTED)
         retract, group.retract = group.retract, []
-        return sum(m.client_sq_norm for m in committed), retract
+        return sum(m.client_sq_norm for m in committed), retract, len(committed)
 
-    def _run_step(self, group: _Group, work: tuple[float, list[_Share]]) -> pb.OptimizerResult:
-        client_sq_norm, retract = work
+    def _run_step(self, group: _Group, work: tuple[float, list[_Share], int]) -> pb.OptimizerResult:
+        client_sq_norm, retract, members = work
         for share in retract:
             self._retract(share)
-        return commit_step(self, client_sq_norm)  # the joint norm of all parameters the group step updates
+        # One step stands for ``members`` sequential client steps: scale the trunk LR linearly.
+        lr_scale = float(members) if self.scale_lr else 1.0
+        return commit_step(self, client_sq_norm, lr_scale)  # the joint norm of all parameters the step updates
 
     def _retract(self, share: _Share) -> None:
         """Subtract one micro-batch of a dropped member from the trunk gradients (recomputed alone)."""

@@ -23,6 +23,8 @@ The root writes the spec file (:func:`write_spec`); ``run_subserver`` is the ent
 
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 import contextlib
 import enum
@@ -389,7 +391,10 @@ def run_subserver(spec: SubServerSpec, rank: int) -> int:
     if not 1 <= rank <= h.subservers:
         raise ValueError(f"rank: expected 1..{h.subservers}, got {rank}")
     torch.set_num_threads(h.threads_per_subserver())
-    server = TrunkServer(build_replica_trunk(spec), spec.train, spec.run.total_steps, lease_timeout_s=h.relay_deadline_s)
+    # Averaging K replicas that each took n steps moves the trunk about as far as n steps, where one
+    # sequential trunk would have taken K n: the linear scaling rule gives each replica K x the LR.
+    train = dataclasses.replace(spec.train, lr=spec.train.lr * h.subservers) if h.scale_lr else spec.train
+    server = TrunkServer(build_replica_trunk(spec), train, spec.run.total_steps, lease_timeout_s=h.relay_deadline_s)
     replica = SubServer(rank, server, quiesce_timeout_s=h.sync_timeout_s)
     endpoint = serve(replica, spec, rank)
     try:

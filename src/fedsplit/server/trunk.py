@@ -33,12 +33,18 @@ class _Pending:
     outputs: torch.Tensor  # (B, T, H) trunk output, still attached to the graph
 
 
-def commit_step(server: TrunkServer, client_sq_norm: float) -> pb.OptimizerResult:
-    """Clip by the global norm (trunk + clients' squared norms), step the trunk, count the step."""
+def commit_step(server: TrunkServer, client_sq_norm: float, lr_scale: float = 1.0) -> pb.OptimizerResult:
+    """Clip by the global norm (trunk + clients' squared norms), step the trunk, count the step.
+
+    ``lr_scale`` > 1 when one step stands for several clients' steps (client-batching): the
+    linear scaling rule keeps the trunk's progress per sample that of sequential training.
+    """
     total = math.sqrt(grad_sq_norm(server.params) + client_sq_norm)
     coef = clip_coefficient(total, server.cfg.max_grad_norm)
     scale_grads(server.params, coef)
-    set_lr(server.optimizer, server.steps_taken, server.cfg, server.total_steps)
+    lr = set_lr(server.optimizer, server.steps_taken, server.cfg, server.total_steps) * lr_scale
+    for group in server.optimizer.param_groups:
+        group["lr"] = lr
     server.optimizer.step()
     server.optimizer.zero_grad(set_to_none=True)
     server.steps_taken += 1
