@@ -49,7 +49,7 @@ def run_demo(cfg: RunConfig, out: Path) -> int:
         elapsed = time.monotonic() - start
         metrics.write("summary", seconds=elapsed, table=table)
     plot_loss_curves(
-        {"federated split (mean over clients)": federated.losses, "centralized": centralized.losses},
+        {"federated split (every client step, in time order)": federated.losses, "centralized": centralized.losses},
         out / "loss.png",
         title=f"LoRA fine-tuning of {cfg.model.name}: federated split vs centralized",
         xlabel="optimizer steps (all clients)",
