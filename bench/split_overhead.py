@@ -16,13 +16,11 @@ import time
 import torch
 
 from fedsplit.adapters import LoraSettings, add_part_adapters, trainable_parameters
-from fedsplit.channel import in_process_channel
-from fedsplit.client import SplitClient
 from fedsplit.models import load_model
-from fedsplit.server import TrunkServer
 from fedsplit.split import split_model
 from fedsplit.train.centralized import CentralizedTrainer
 from fedsplit.train.config import TrainConfig
+from fedsplit.train.local import local_split
 
 
 def main() -> None:
@@ -39,12 +37,9 @@ def main() -> None:
     base, _ = load_model(args.model)
     cfg = TrainConfig(lr=1e-4, schedule="constant")
     total = args.steps + args.warmup
-    split_model_copy, mono = copy.deepcopy(base), copy.deepcopy(base)
-    parts = split_model(split_model_copy, 1, 1)
-    add_part_adapters(parts, [LoraSettings()] * 3)
-    server = TrunkServer(parts.trunk, cfg, total)
-    channel, _ = in_process_channel("bench", lambda k, r, s, m: server.handle("bench", k, r, s, m))
-    client = SplitClient(parts.head, parts.tail, channel, cfg, total)
+    local = local_split(copy.deepcopy(base), cfg, total)
+    channel, client = local.channel, local.client
+    mono = copy.deepcopy(base)
     mono_parts = split_model(mono, 1, 1)
     add_part_adapters(mono_parts, [LoraSettings()] * 3)
     trainer = CentralizedTrainer(mono, [p for part in mono_parts for p in trainable_parameters(part)], cfg, total)

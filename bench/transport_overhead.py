@@ -21,8 +21,6 @@ from pathlib import Path
 
 import torch
 
-from fedsplit.adapters import LoraSettings, add_part_adapters
-from fedsplit.channel import in_process_channel
 from fedsplit.client import SplitClient
 from fedsplit.models import load_model
 from fedsplit.protocol import PROTOCOL_VERSION
@@ -30,18 +28,11 @@ from fedsplit.security.handshake import HandshakeVerifier, hash_run_config
 from fedsplit.security.identity import load_private_key, load_public_key, run_keygen
 from fedsplit.security.tls import load_channel_tls, load_server_tls
 from fedsplit.server import TrunkServer
-from fedsplit.split import split_model
 from fedsplit.train.config import TrainConfig
+from fedsplit.train.local import local_split
 from fedsplit.transport.grpc_client import connect_grpc
 from fedsplit.transport.grpc_server import GrpcServer
 from fedsplit.transport.handshake import ClientCredentials, SessionFactory
-
-
-def _pair(base, cfg: TrainConfig, total: int):
-    model = copy.deepcopy(base)
-    parts = split_model(model, 1, 1)
-    add_part_adapters(parts, [LoraSettings()] * 3)
-    return parts, TrunkServer(parts.trunk, cfg, total)
 
 
 def _grpc_channel(server: TrunkServer, keys: Path, config_hash: bytes):
@@ -71,13 +62,12 @@ def main() -> None:
     base, _ = load_model(args.model)
     cfg = TrainConfig(lr=1e-4, schedule="constant")
     total = args.steps + args.warmup
-    local_parts, local_server = _pair(base, cfg, total)
-    local_channel, _ = in_process_channel("c", lambda k, r, s, m: local_server.handle("c", k, r, s, m))
-    local = SplitClient(local_parts.head, local_parts.tail, local_channel, cfg, total)
-    net_parts, net_server = _pair(base, cfg, total)
+    local = local_split(copy.deepcopy(base), cfg, total, client_id="c").client
+    remote_pair = local_split(copy.deepcopy(base), cfg, total, client_id="client-0")
     with tempfile.TemporaryDirectory() as keys:
-        grpc_server, net_channel = _grpc_channel(net_server, Path(keys), hash_run_config({"bench": args.model}))
-    remote = SplitClient(net_parts.head, net_parts.tail, net_channel, cfg, total)
+        grpc_server, net_channel = _grpc_channel(remote_pair.server, Path(keys), hash_run_config({"bench": args.model}))
+    # The same parts, but the client now reaches its trunk over gRPC + TLS + AES-GCM.
+    remote = SplitClient(remote_pair.parts.head, remote_pair.parts.tail, net_channel, cfg, total)
 
     g = torch.Generator().manual_seed(0)
     times: dict[str, list[float]] = {"in_process": [], "grpc_tls": []}

@@ -20,7 +20,15 @@ from fedsplit.channel import Channel
 from fedsplit.protocol import decode_tensor, encode_tensor, pb
 from fedsplit.split.parts import Head, Tail, positions_from_mask
 from fedsplit.train.config import TrainConfig
-from fedsplit.train.optim import autocast, build_optimizer, causal_lm_loss, grad_sq_norm, scale_grads, set_lr
+from fedsplit.train.optim import (
+    autocast,
+    build_optimizer,
+    causal_lm_loss,
+    grad_sq_norm,
+    scale_grads,
+    set_lr,
+    token_weighted_loss,
+)
 
 
 @dataclass
@@ -45,21 +53,28 @@ class SplitClient:
     def _hidden(self, message: pb.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
         return decode_tensor(message, name, dtypes=(like.dtype,), shape=tuple(like.shape))
 
-    def forward_backward(self, batch: dict[str, torch.Tensor]) -> float:
-        """One micro-batch: forward through all three parts, backward through all three."""
-        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        positions = positions_from_mask(mask)  # (B, T)
-        self.micro_steps += 1
+    def _through_trunk(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, *, train: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head forward, then FORWARD to the server: (h_head (B, T, H), trunk output (B, T, H))."""
         with autocast(self.cfg):
             h_head = self.head(ids, mask, positions)  # (B, T, H) -> cut 1
         forward = pb.Forward(
             hidden=encode_tensor(h_head),
             attention_mask=encode_tensor(mask.bool()),
             position_ids=encode_tensor(positions),
-            train=True,
+            train=train,
         )
         reply = self.channel.call(pb.FORWARD, forward, round=self.round, step=self.micro_steps)
-        h_trunk = self._hidden(reply.hidden, h_head, "ForwardResult.hidden").requires_grad_()  # (B, T, H) <- cut 2
+        return h_head, self._hidden(reply.hidden, h_head, "ForwardResult.hidden")  # <- cut 2
+
+    def forward_backward(self, batch: dict[str, torch.Tensor]) -> float:
+        """One micro-batch: forward through all three parts, backward through all three."""
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        positions = positions_from_mask(mask)  # (B, T)
+        self.micro_steps += 1
+        h_head, trunk_out = self._through_trunk(ids, mask, positions, train=True)
+        h_trunk = trunk_out.requires_grad_()  # (B, T, H)
         with autocast(self.cfg):
             logits = self.tail(h_trunk, mask, positions)  # (B, T, V)
             loss = causal_lm_loss(logits, labels)
@@ -93,22 +108,11 @@ class SplitClient:
     @torch.no_grad()
     def eval_loss(self, batches: Iterable[dict[str, torch.Tensor]]) -> float:
         """Mean supervised-token loss, through the server without keeping a graph."""
-        total, tokens = 0.0, 0
-        for batch in batches:
-            ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-            positions = positions_from_mask(mask)
-            with autocast(self.cfg):
-                h_head = self.head(ids, mask, positions)
-            forward = pb.Forward(
-                hidden=encode_tensor(h_head),
-                attention_mask=encode_tensor(mask.bool()),
-                position_ids=encode_tensor(positions),
-                train=False,
-            )
-            reply = self.channel.call(pb.FORWARD, forward, round=self.round, step=self.micro_steps)
-            with autocast(self.cfg):
-                logits = self.tail(self._hidden(reply.hidden, h_head, "ForwardResult.hidden"), mask, positions)
-            n = int((labels[:, 1:] != -100).sum())
-            total += float(causal_lm_loss(logits, labels)) * n
-            tokens += n
-        return total / max(tokens, 1)
+        return token_weighted_loss((self._eval_logits(batch), batch["labels"]) for batch in batches)
+
+    def _eval_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        positions = positions_from_mask(mask)
+        _, trunk_out = self._through_trunk(ids, mask, positions, train=False)
+        with autocast(self.cfg):
+            return self.tail(trunk_out, mask, positions)  # (B, T, V)

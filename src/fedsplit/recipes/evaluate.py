@@ -12,7 +12,7 @@ from fedsplit.data import Example
 from fedsplit.eval import mean_rouge_l
 from fedsplit.recipes.common import encode, eval_batches, generate_answers
 from fedsplit.split.parts import positions_from_mask
-from fedsplit.train.optim import causal_lm_loss
+from fedsplit.train.optim import token_weighted_loss
 
 
 @dataclass
@@ -25,14 +25,12 @@ class EvalResult:
 @torch.no_grad()
 def heldout_loss(model, batches: Sequence[dict]) -> float:
     """Token-weighted mean loss on supervised tokens, positions from the mask as in training."""
-    total, tokens = 0.0, 0
-    for batch in batches:
+
+    def logits(batch: dict) -> torch.Tensor:
         mask = batch["attention_mask"]
-        logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions_from_mask(mask)).logits
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(causal_lm_loss(logits, batch["labels"])) * n
-        tokens += n
-    return total / max(tokens, 1)
+        return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+
+    return token_weighted_loss((logits(batch), batch["labels"]) for batch in batches)
 
 
 def evaluate(model, tokenizer, examples: Sequence[Example], cfg: RunConfig) -> EvalResult:

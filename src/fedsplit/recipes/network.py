@@ -52,10 +52,9 @@ def _threads(count: int) -> None:
 
 def trunk_total_steps(cfg: RunConfig) -> int:
     """Optimizer steps the trunk takes in the whole run (the LR schedule's horizon)."""
-    steps = cfg.federation.rounds * cfg.federation.local_steps * len(cfg.security.clients or [None])
-    if cfg.server.mode == "client-batch":  # one trunk step per group of clients
-        steps = cfg.federation.rounds * cfg.federation.local_steps
-    return max(1, steps)
+    # client-batch: one trunk step per group of clients; otherwise one per client step.
+    per_round = 1 if cfg.server.mode == "client-batch" else max(1, len(cfg.security.clients))
+    return cfg.federation.rounds * cfg.federation.local_steps * per_round
 
 
 def make_trunk_server(cfg: RunConfig, parts: SplitParts):

@@ -48,7 +48,7 @@ import torch
 from google.protobuf.message import Message
 
 from fedsplit.protocol import ProtocolError, decode_tensor, encode_tensor, kind_name, pb
-from fedsplit.server.trunk import TrunkServer, commit_step
+from fedsplit.server.trunk import TrunkServer, check_client_sq_norm, commit_step
 from fedsplit.split.parts import Trunk
 from fedsplit.train.config import TrainConfig
 from fedsplit.train.optim import autocast
@@ -293,8 +293,9 @@ class BatchingTrunkServer:
         with self._cond:
             missing = "OPTIMIZER_STEP without accumulated gradients"
             group, member = self._member(client_id, "OPTIMIZER_STEP", _M.IDLE, missing)
-        if not (math.isfinite(sq_norm) and sq_norm >= 0):
-            exc = ProtocolError(f"OptimizerStep.client_grad_sq_norm: expected a finite value >= 0, got {sq_norm}")
+        try:
+            check_client_sq_norm(sq_norm)
+        except ProtocolError as exc:
             self._refuse(client_id, member, exc)
         with self._cond:
             self._still_live(member, "OPTIMIZER_STEP")

@@ -33,6 +33,11 @@ class _Pending:
     outputs: torch.Tensor  # (B, T, H) trunk output, still attached to the graph
 
 
+def check_client_sq_norm(value: float) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise ProtocolError(f"OptimizerStep.client_grad_sq_norm: expected a finite value >= 0, got {value}")
+
+
 def commit_step(server: TrunkServer, client_sq_norm: float, lr_scale: float = 1.0) -> pb.OptimizerResult:
     """Clip by the global norm (trunk + clients' squared norms), step the trunk, count the step.
 
@@ -123,8 +128,7 @@ class TrunkServer:
     def optimizer_step(self, client_id: str, request: pb.OptimizerStep) -> pb.OptimizerResult:
         if self._owner != client_id:
             raise ProtocolError("OPTIMIZER_STEP without accumulated gradients", code=pb.FAILED_PRECONDITION)
-        if not (math.isfinite(request.client_grad_sq_norm) and request.client_grad_sq_norm >= 0):
-            raise ProtocolError(f"OptimizerStep.client_grad_sq_norm: expected a finite value >= 0, got {request.client_grad_sq_norm}")
+        check_client_sq_norm(request.client_grad_sq_norm)
         result = commit_step(self, request.client_grad_sq_norm)
         self._release(client_id)
         return result

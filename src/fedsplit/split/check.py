@@ -96,29 +96,24 @@ def check_logits_and_grads(model: nn.Module, head_layers: int, tail_layers: int,
 def check_training(model: nn.Module, head_layers: int, tail_layers: int, steps: int, seed: int = 0) -> float:
     """Max |parameter| difference after ``steps`` LoRA steps, split (serialized channel) vs centralized."""
     from fedsplit.adapters import LoraSettings, add_part_adapters, trainable_parameters
-    from fedsplit.channel import in_process_channel
-    from fedsplit.client import SplitClient
-    from fedsplit.server import TrunkServer
     from fedsplit.train.centralized import CentralizedTrainer
     from fedsplit.train.config import TrainConfig
+    from fedsplit.train.local import local_split
 
     cfg = TrainConfig(lr=1e-3, max_grad_norm=1.0, warmup_steps=1, schedule="cosine")
     split, central = copy.deepcopy(model).float(), copy.deepcopy(model).float()
     settings = [LoraSettings(r=4)] * 3
-    parts = split_model(split, head_layers, tail_layers)
-    add_part_adapters(parts, settings, seed=seed)
+    local = local_split(split, cfg, steps, head_layers=head_layers, tail_layers=tail_layers, lora=settings, seed=seed)
     central_parts = split_model(central, head_layers, tail_layers)
     add_part_adapters(central_parts, settings, seed=seed)
     with torch.no_grad():  # start from non-zero LoRA B so gradients reach every adapter matrix
         for a, b in zip(
-            [p for part in parts for p in trainable_parameters(part)],
+            [p for part in local.parts for p in trainable_parameters(part)],
             [p for part in central_parts for p in trainable_parameters(part)],
         ):
             a.add_(0.01)
             b.add_(0.01)
-    server = TrunkServer(parts.trunk, cfg, total_steps=steps)
-    channel, _ = in_process_channel("check", lambda kind, rnd, step, msg: server.handle("check", kind, rnd, step, msg))
-    client = SplitClient(parts.head, parts.tail, channel, cfg, total_steps=steps)
+    client = local.client
     trainer = CentralizedTrainer(central, [p for part in central_parts for p in trainable_parameters(part)], cfg, steps)
     generator = torch.Generator().manual_seed(seed)
     for step in range(steps):

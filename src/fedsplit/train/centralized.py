@@ -15,7 +15,16 @@ from torch import nn
 from fedsplit.client.split_client import StepResult
 from fedsplit.split.parts import positions_from_mask
 from fedsplit.train.config import TrainConfig
-from fedsplit.train.optim import autocast, build_optimizer, causal_lm_loss, clip_coefficient, grad_sq_norm, scale_grads, set_lr
+from fedsplit.train.optim import (
+    autocast,
+    build_optimizer,
+    causal_lm_loss,
+    clip_coefficient,
+    grad_sq_norm,
+    scale_grads,
+    set_lr,
+    token_weighted_loss,
+)
 
 
 class CentralizedTrainer:
@@ -53,9 +62,4 @@ class CentralizedTrainer:
 
     @torch.no_grad()
     def eval_loss(self, batches: Iterable[dict[str, torch.Tensor]]) -> float:
-        total, tokens = 0.0, 0
-        for batch in batches:
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            total += float(causal_lm_loss(self.logits(batch), batch["labels"])) * n
-            tokens += n
-        return total / max(tokens, 1)
+        return token_weighted_loss((self.logits(batch), batch["labels"]) for batch in batches)

@@ -73,6 +73,16 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
+def token_weighted_loss(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean loss over every supervised token of several batches of ``(logits, labels)``."""
+    total, tokens = 0.0, 0
+    for logits, labels in pairs:
+        n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        total += float(causal_lm_loss(logits, labels)) * n
+        tokens += n
+    return total / max(tokens, 1)
+
+
 def autocast(cfg: TrainConfig, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
     """bf16 autocast when asked for, else nothing."""
     if cfg.precision == "bf16":
