@@ -6,6 +6,7 @@ Every field carries its help text; ``fedsplit <command> --help-config`` prints t
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Literal
@@ -78,7 +79,10 @@ class ServerConfig:
         default="sequential", metadata={"help": "how the trunk serves clients (see docs/parallel.md)"}
     )
     max_message_bytes: int = field(default=4 << 20, metadata={"help": "larger frames are sent in chunks"})
-    max_tokens: int = field(default=1 << 20, metadata={"help": "largest batch x sequence a FORWARD may carry"})
+    max_tokens: int = field(default=0, metadata={"help": "largest batch x sequence a FORWARD may carry "
+                                                 "(0: twice train.batch_size x train.max_length, the evaluation batch)"})
+    max_abs_value: float = field(default=65504.0, metadata={"help": "largest magnitude a client's hidden state or "
+                                                            "gradient value may have (fp16's range by default)"})
     round_timeout_s: float = field(default=3600.0, metadata={"help": "a round ends this long after it started"})
     step_timeout_s: float = field(default=120.0, metadata={"help": "a client owing a request this long fails"})
     join_timeout_s: float = field(default=600.0, metadata={"help": "longest wait for min_clients to join"})
@@ -91,9 +95,12 @@ class ServerConfig:
             raise ValueError(f"server.address: expected host:port, got {self.address!r}")
         if self.mode not in ("sequential", "client-batch", "hierarchical"):
             raise ValueError(f"server.mode: expected sequential, client-batch or hierarchical, got {self.mode!r}")
-        for key in ("max_message_bytes", "max_tokens"):
-            if getattr(self, key) < 1024:
-                raise ValueError(f"server.{key}: expected >= 1024, got {getattr(self, key)}")
+        if self.max_message_bytes < 4096:
+            raise ValueError(f"server.max_message_bytes: expected >= 4096, got {self.max_message_bytes}")
+        if self.max_tokens < 0:
+            raise ValueError(f"server.max_tokens: expected >= 0 (0: derived from the run), got {self.max_tokens}")
+        if not (math.isfinite(self.max_abs_value) and self.max_abs_value > 0):
+            raise ValueError(f"server.max_abs_value: expected a finite value > 0, got {self.max_abs_value}")
 
 
 @dataclass
@@ -177,6 +184,11 @@ class RunConfig:
     @property
     def lora(self) -> list[LoraSettings]:
         return [self.lora_head, self.lora_trunk, self.lora_tail]
+
+    @property
+    def max_tokens(self) -> int:
+        """Most tokens one FORWARD may carry: ``server.max_tokens``, or the evaluation batch (2 x batch x length)."""
+        return self.server.max_tokens or 2 * self.train.batch_size * self.train.max_length
 
 
 def describe(cls: type = RunConfig, prefix: str = "") -> list[str]:

@@ -21,10 +21,12 @@ from fedsplit.protocol import decode_tensor, encode_tensor, pb
 from fedsplit.split.parts import Head, Tail, positions_from_mask
 from fedsplit.train.config import TrainConfig
 from fedsplit.train.optim import (
+    NonFiniteStepError,
     autocast,
     build_optimizer,
     causal_lm_loss,
     grad_sq_norm,
+    guarded_step,
     scale_grads,
     set_lr,
     token_weighted_loss,
@@ -86,13 +88,22 @@ class SplitClient:
         return float(loss.detach())
 
     def optimizer_step(self) -> StepResult:
-        """Commit the accumulated gradients on both sides with one global clip coefficient."""
-        request = pb.OptimizerStep(client_grad_sq_norm=grad_sq_norm(self.params))
-        reply = self.channel.call(pb.OPTIMIZER_STEP, request, round=self.round, step=self.micro_steps)
-        scale_grads(self.params, reply.clip_coef)
-        lr = set_lr(self.optimizer, self.steps_taken, self.cfg, self.total_steps)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        """Commit the accumulated gradients on both sides with one global clip coefficient.
+
+        Nothing non-finite is committed: the server refuses a non-finite norm (and rolls its side
+        back), a clip coefficient outside [0, 1] is refused here, and a local step that would leave
+        a non-finite parameter or moment is undone. A refused step drops this step's gradients.
+        """
+        try:
+            request = pb.OptimizerStep(client_grad_sq_norm=grad_sq_norm(self.params))
+            reply = self.channel.call(pb.OPTIMIZER_STEP, request, round=self.round, step=self.micro_steps)
+            if not (math.isfinite(reply.clip_coef) and 0.0 <= reply.clip_coef <= 1.0):
+                raise NonFiniteStepError(f"OptimizerResult.clip_coef: expected a value in [0, 1], got {reply.clip_coef}")
+            scale_grads(self.params, reply.clip_coef)
+            lr = set_lr(self.optimizer, self.steps_taken, self.cfg, self.total_steps)
+            guarded_step(self.optimizer, self.params)
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
         self.steps_taken += 1
         return StepResult(loss=math.nan, grad_norm=reply.total_grad_norm, lr=lr)
 

@@ -63,10 +63,10 @@ def make_trunk_server(cfg: RunConfig, parts: SplitParts):
     if cfg.server.mode == "client-batch":
         from fedsplit.server.batching import BatchingTrunkServer
 
-        return BatchingTrunkServer(parts.trunk, cfg.train, trunk_total_steps(cfg), max_tokens=cfg.server.max_tokens,
-                                   max_clients=max(1, len(cfg.security.clients)))
-    return TrunkServer(parts.trunk, cfg.train, trunk_total_steps(cfg), max_tokens=cfg.server.max_tokens,
-                       lease_timeout_s=cfg.server.step_timeout_s)
+        return BatchingTrunkServer(parts.trunk, cfg.train, trunk_total_steps(cfg), max_tokens=cfg.max_tokens,
+                                   max_abs=cfg.server.max_abs_value, max_clients=max(1, len(cfg.security.clients)))
+    return TrunkServer(parts.trunk, cfg.train, trunk_total_steps(cfg), max_tokens=cfg.max_tokens,
+                       max_abs=cfg.server.max_abs_value, lease_timeout_s=cfg.server.step_timeout_s)
 
 
 # -- server --------------------------------------------------------------------------------------

@@ -47,8 +47,8 @@ from typing import Any, NamedTuple, NoReturn
 import torch
 from google.protobuf.message import Message
 
-from fedsplit.protocol import ProtocolError, decode_tensor, encode_tensor, kind_name, pb
-from fedsplit.server.trunk import TrunkServer, check_client_sq_norm, commit_step
+from fedsplit.protocol import ProtocolError, encode_tensor, kind_name, pb
+from fedsplit.server.trunk import TrunkServer, check_client_sq_norm, commit_step, decode_activation
 from fedsplit.split.parts import Trunk
 from fedsplit.train.config import TrainConfig
 from fedsplit.train.optim import autocast
@@ -228,6 +228,7 @@ class BatchingTrunkServer:
         max_clients: int = 8,
         member_timeout_s: float = 30.0,
         max_tokens: int = 1 << 20,
+        max_abs: float = 65504.0,
         scale_lr: bool = True,
     ) -> None:
         if not (window_s >= 0 and member_timeout_s > 0):
@@ -235,7 +236,7 @@ class BatchingTrunkServer:
         if not (isinstance(max_clients, int) and max_clients >= 1):
             raise ValueError(f"max_clients: expected an integer >= 1, got {max_clients!r}")
         # Composition: the sequential server's validation, parameters and optimizer, not its lease.
-        self._core = TrunkServer(trunk, cfg, total_steps, max_tokens=max_tokens)
+        self._core = TrunkServer(trunk, cfg, total_steps, max_tokens=max_tokens, max_abs=max_abs)
         self.trunk, self.cfg, self.total_steps = trunk, cfg, total_steps
         self.params, self.optimizer = self._core.params, self._core.optimizer
         self.steps_taken = 0
@@ -275,7 +276,8 @@ class BatchingTrunkServer:
             assert member.output is not None
             dtype, shape = member.output.dtype, tuple(member.output.shape)
         try:  # outside the lock: the big part
-            grad = decode_tensor(request.grad, "Backward.grad", dtypes=(dtype,), shape=shape)  # (B, T, H)
+            grad = decode_activation(request.grad, "Backward.grad", dtype=dtype, shape=shape,
+                                     max_abs=self._core.max_abs)  # (B, T, H)
         except ProtocolError as exc:
             self._refuse(client_id, member, exc)
         with self._cond:

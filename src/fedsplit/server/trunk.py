@@ -14,6 +14,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from google.protobuf.message import Message
@@ -22,7 +23,17 @@ from fedsplit.adapters import trainable_parameters
 from fedsplit.protocol import ProtocolError, decode_tensor, encode_tensor, kind_name, pb
 from fedsplit.split.parts import Trunk
 from fedsplit.train.config import TrainConfig
-from fedsplit.train.optim import autocast, build_optimizer, clip_coefficient, grad_sq_norm, scale_grads, set_lr
+from fedsplit.train.optim import (
+    NonFiniteStepError,
+    autocast,
+    build_optimizer,
+    clip_coefficient,
+    global_norm,
+    grad_sq_norm,
+    guarded_step,
+    scale_grads,
+    set_lr,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +49,51 @@ def check_client_sq_norm(value: float) -> None:
         raise ProtocolError(f"OptimizerStep.client_grad_sq_norm: expected a finite value >= 0, got {value}")
 
 
-def commit_step(server: TrunkServer, client_sq_norm: float, lr_scale: float = 1.0) -> pb.OptimizerResult:
+class TrunkHolder(Protocol):
+    """What :func:`commit_step` steps: a trunk's trainable parameters, optimizer and counters."""
+
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    cfg: TrainConfig
+    total_steps: int
+    steps_taken: int
+
+
+def commit_step(server: TrunkHolder, client_sq_norm: float, lr_scale: float = 1.0) -> pb.OptimizerResult:
     """Clip by the global norm (trunk + clients' squared norms), step the trunk, count the step.
 
     ``lr_scale`` > 1 when one step stands for several clients' steps (client-batching): the
     linear scaling rule keeps the trunk's progress per sample that of sequential training.
+    A step whose norm, gradients or result is not finite is refused and undone: the trunk's
+    parameters and moments stay as they were, its gradients are dropped, and the requester gets
+    BAD_REQUEST saying why. Nothing non-finite is ever committed (and so never checkpointed).
     """
-    total = math.sqrt(grad_sq_norm(server.params) + client_sq_norm)
-    coef = clip_coefficient(total, server.cfg.max_grad_norm)
-    scale_grads(server.params, coef)
-    lr = set_lr(server.optimizer, server.steps_taken, server.cfg, server.total_steps) * lr_scale
-    for group in server.optimizer.param_groups:
-        group["lr"] = lr
-    server.optimizer.step()
+    try:
+        total = global_norm(grad_sq_norm(server.params), client_sq_norm)
+        coef = clip_coefficient(total, server.cfg.max_grad_norm)
+        scale_grads(server.params, coef)
+        lr = set_lr(server.optimizer, server.steps_taken, server.cfg, server.total_steps) * lr_scale
+        for group in server.optimizer.param_groups:
+            group["lr"] = lr
+        guarded_step(server.optimizer, server.params)
+    except NonFiniteStepError as exc:
+        server.optimizer.zero_grad(set_to_none=True)
+        log.warning("trunk step %d refused: %s", server.steps_taken + 1, exc)
+        raise ProtocolError(f"OPTIMIZER_STEP refused, the trunk is unchanged: {exc}") from None
     server.optimizer.zero_grad(set_to_none=True)
     server.steps_taken += 1
     return pb.OptimizerResult(total_grad_norm=total, clip_coef=coef, server_step=server.steps_taken)
+
+
+def decode_activation(message: pb.Tensor, name: str, *, dtype: torch.dtype, shape: tuple[int | None, ...],
+                      max_abs: float) -> torch.Tensor:
+    """A hidden state or its gradient from a client: dtype, shape, finite, and ``|x| <= max_abs``."""
+    tensor = decode_tensor(message, name, dtypes=(dtype,), shape=shape)
+    if tensor.numel():
+        peak = float(tensor.abs().max())
+        if peak > max_abs:
+            raise ProtocolError(f"{name}: a value of magnitude {peak:.3g} exceeds the limit {max_abs:g} (server.max_abs_value)")
+    return tensor
 
 
 class TrunkServer:
@@ -66,9 +106,13 @@ class TrunkServer:
         total_steps: int,
         *,
         max_tokens: int = 1 << 20,
+        max_abs: float = 65504.0,
         lease_timeout_s: float = 120.0,
     ) -> None:
+        if not max_abs > 0:
+            raise ValueError(f"max_abs: expected > 0, got {max_abs}")
         self.trunk = trunk
+        self.max_abs = max_abs
         self.cfg = cfg
         self.total_steps = total_steps
         self.max_tokens = max_tokens
@@ -77,6 +121,7 @@ class TrunkServer:
         self.optimizer = build_optimizer(self.params, cfg)
         self.steps_taken = 0
         self.hidden_size = int(trunk.config.hidden_size)
+        self.max_positions = int(getattr(trunk.config, "max_position_embeddings", None) or 1 << 20)
         self.dtype = next(trunk.parameters()).dtype
         self._pending: dict[str, _Pending] = {}
         self._owner: str | None = None
@@ -92,8 +137,14 @@ class TrunkServer:
     # -- the step -----------------------------------------------------------------------------
     def decode_forward(self, request: pb.Forward) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Check a FORWARD request against this trunk: (hidden (B, T, H), mask (B, T), positions (B, T))."""
-        hidden = decode_tensor(request.hidden, "Forward.hidden", dtypes=(self.dtype,), shape=(None, None, self.hidden_size))
+        shape = (None, None, self.hidden_size)
+        hidden = decode_activation(request.hidden, "Forward.hidden", dtype=self.dtype, shape=shape, max_abs=self.max_abs)
         batch, seq, _ = hidden.shape
+        if seq > self.cfg.max_length:
+            raise ProtocolError(
+                f"Forward.hidden: sequence length {seq} exceeds the run's train.max_length of {self.cfg.max_length}",
+                code=pb.RESOURCE_EXHAUSTED,
+            )
         if batch * seq > self.max_tokens:
             raise ProtocolError(
                 f"Forward.hidden: {batch}x{seq} tokens exceed the server limit of {self.max_tokens}",
@@ -101,6 +152,11 @@ class TrunkServer:
             )
         mask = decode_tensor(request.attention_mask, "Forward.attention_mask", dtypes=(torch.bool,), shape=(batch, seq))
         positions = decode_tensor(request.position_ids, "Forward.position_ids", dtypes=(torch.int64,), shape=(batch, seq))
+        if positions.numel() and not (0 <= int(positions.min()) and int(positions.max()) < self.max_positions):
+            raise ProtocolError(
+                f"Forward.position_ids: expected values in [0, {self.max_positions}), "
+                f"got [{int(positions.min())}, {int(positions.max())}]"
+            )
         return hidden, mask, positions
 
     def forward(self, client_id: str, request: pb.Forward) -> pb.ForwardResult:
@@ -118,20 +174,27 @@ class TrunkServer:
         return pb.ForwardResult(hidden=encode_tensor(outputs))
 
     def backward(self, client_id: str, request: pb.Backward) -> pb.BackwardResult:
-        pending = self._pending.pop(client_id, None)
+        pending = self._pending.get(client_id)
         if pending is None:
             raise ProtocolError("BACKWARD without a training FORWARD", code=pb.FAILED_PRECONDITION)
-        grad = decode_tensor(request.grad, "Backward.grad", dtypes=(pending.outputs.dtype,), shape=tuple(pending.outputs.shape))
+        outputs = pending.outputs  # a malformed BACKWARD leaves the pending step as it was
+        grad = decode_activation(request.grad, "Backward.grad", dtype=outputs.dtype, shape=tuple(outputs.shape),
+                                 max_abs=self.max_abs)
+        del self._pending[client_id]
         pending.outputs.backward(grad)
         return pb.BackwardResult(grad=encode_tensor(pending.inputs.grad))
 
     def optimizer_step(self, client_id: str, request: pb.OptimizerStep) -> pb.OptimizerResult:
         if self._owner != client_id:
             raise ProtocolError("OPTIMIZER_STEP without accumulated gradients", code=pb.FAILED_PRECONDITION)
-        check_client_sq_norm(request.client_grad_sq_norm)
-        result = commit_step(self, request.client_grad_sq_norm)
-        self._release(client_id)
-        return result
+        try:
+            check_client_sq_norm(request.client_grad_sq_norm)
+            return commit_step(self, request.client_grad_sq_norm)
+        except ProtocolError:
+            self.optimizer.zero_grad(set_to_none=True)  # the refused step is rolled back for this client only
+            raise
+        finally:
+            self._release(client_id)
 
     def end_round(self, round: int) -> None:
         """One trunk: nothing to reconcile at round end (the hierarchical router averages here)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +45,60 @@ def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig, total_
     return lr
 
 
+class NonFiniteStepError(ValueError):
+    """An optimizer step was refused: its gradients, norm or result were not finite."""
+
+
 def grad_sq_norm(params: Iterable[torch.nn.Parameter]) -> float:
-    """Sum of squared gradient entries, accumulated in float64."""
+    """Sum of squared gradient entries, accumulated in float64 (a finite fp32 gradient cannot overflow it)."""
     return float(sum(p.grad.detach().double().pow(2).sum() for p in params if p.grad is not None))
+
+
+def global_norm(*sq_norms: float) -> float:
+    """``sqrt`` of the summed squared norms of every part; `NonFiniteStepError` unless finite.
+
+    A NaN norm would make ``min(1, max_norm / (nan + eps))`` answer 1.0 and let the step through.
+    """
+    total = math.fsum(sq_norms)
+    if not math.isfinite(total):
+        raise NonFiniteStepError(f"the global gradient norm is not finite (squared norms {', '.join(map(repr, sq_norms))})")
+    return math.sqrt(total)
+
+
+def guarded_step(optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter]) -> None:
+    """``optimizer.step()``, undone (parameters and moments restored) if it leaves anything non-finite.
+
+    The snapshot costs one copy of the trainable (LoRA) tensors and their moments: small next to a
+    forward pass. On refusal the gradients are dropped too, so the next step starts clean.
+    """
+    saved_params = [p.detach().clone() for p in params]
+    saved_state = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
+                   for p in params if p in optimizer.state}
+    optimizer.step()
+    if all_finite(params, optimizer):
+        return
+    with torch.no_grad():
+        for p, saved in zip(params, saved_params, strict=True):
+            p.copy_(saved)
+    for p in params:
+        if id(p) in saved_state:
+            optimizer.state[p] = saved_state[id(p)]
+        else:
+            optimizer.state.pop(p, None)
+    optimizer.zero_grad(set_to_none=True)
+    raise NonFiniteStepError("the optimizer step produced non-finite parameters or moments; it was undone")
+
+
+def all_finite(params: Iterable[torch.nn.Parameter], optimizer: torch.optim.Optimizer | None = None) -> bool:
+    """Whether every parameter (and every floating tensor of its optimizer state) is finite."""
+    for p in params:
+        if not bool(torch.isfinite(p.detach()).all()):
+            return False
+        state = optimizer.state.get(p, {}) if optimizer is not None else {}
+        for value in state.values():
+            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                return False
+    return True
 
 
 def clip_coefficient(total_norm: float, max_norm: float) -> float:
