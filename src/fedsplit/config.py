@@ -57,6 +57,14 @@ class FederationConfig:
     local_steps: int = field(default=8, metadata={"help": "optimizer steps per client per round"})
     min_clients: int = field(default=1, metadata={"help": "fewest client results a round may aggregate"})
     fraction: float = field(default=1.0, metadata={"help": "share of clients sampled per round"})
+    max_share: float = field(default=0.5, metadata={"help": "largest share of the FedAvg weight one client may have "
+                                                    "(at least 1 / clients)"})
+    max_examples_per_client: int = field(default=0, metadata={"help": "most examples a client's data report may "
+                                                              "claim (0: unbounded; max_share still caps)"})
+    update_bound_factor: float = field(default=10.0, metadata={"help": "refuse a client update that moved any element "
+                                                               "more than this x local_steps x lr (0: off)"})
+    max_update_norm: float = field(default=0.0, metadata={"help": "refuse a client update farther than this (L2) "
+                                                          "from the global parts (0: off)"})
 
     def __post_init__(self) -> None:
         for key in ("rounds", "local_steps", "min_clients"):
@@ -64,6 +72,11 @@ class FederationConfig:
                 raise ValueError(f"federation.{key}: expected >= 1, got {getattr(self, key)}")
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"federation.fraction: expected 0 < x <= 1, got {self.fraction}")
+        if not 0.0 < self.max_share <= 1.0:
+            raise ValueError(f"federation.max_share: expected 0 < x <= 1, got {self.max_share}")
+        for key in ("max_examples_per_client", "update_bound_factor", "max_update_norm"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"federation.{key}: expected >= 0, got {getattr(self, key)}")
 
 
 @dataclass

@@ -36,6 +36,7 @@ from fedsplit.client.split_client import SplitClient, StepResult
 from fedsplit.protocol import ProtocolError, decode_named, encode_named, pb
 from fedsplit.split.parts import Head, Tail
 from fedsplit.train.config import TrainConfig
+from fedsplit.train.optim import NonFiniteStepError
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ class ClientRunner:
         self.backoff = backoff if backoff is not None else Backoff()
         self.retry_on, self.on_step = retry_on, on_step
         self.result = RunnerResult()
+        self.num_examples = sum(int(batch["input_ids"].shape[0]) for batch in batches)  # the data report
         self.client: SplitClient | None = None  # the current round's split client
         self._channel: Channel | None = None
         self._jitter = random.Random(f"backoff:{client_id}:{cfg.seed}")
@@ -179,7 +181,8 @@ class ClientRunner:
     def _join(self) -> pb.RoundPlan:
         channel = self._ensure_channel()
         try:
-            plan = channel.call(pb.JOIN_ROUND, pb.JoinRound(last_round=self.result.final_round))
+            report = pb.JoinRound(last_round=self.result.final_round, num_examples=self.num_examples)  # data report
+            plan = channel.call(pb.JOIN_ROUND, report)
         except RemoteError as exc:
             raise RunAbortedError(f"client {self.client_id}: the server refused JOIN_ROUND: {exc}") from exc
         self._failures = 0
@@ -194,7 +197,7 @@ class ClientRunner:
             losses = [self._step(client, micro) for micro in steps]
             update = self._update(plan, steps, losses)
             self._channel_or_fail().call(pb.CLIENT_UPDATE, update, round=plan.round)
-        except RemoteError as exc:  # the server dropped this client from the round: rejoin
+        except (RemoteError, NonFiniteStepError) as exc:  # dropped from the round, or a step refused: rejoin
             log.warning("client %s: round %d lost: %s", self.client_id, plan.round, exc)
             self.result.lost_rounds += 1
             return

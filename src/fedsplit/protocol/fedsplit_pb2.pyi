@@ -141,10 +141,12 @@ class ServerHello(_message.Message):
     def __init__(self, ephemeral_key: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., timestamp: _Optional[float] = ..., signature: _Optional[bytes] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class JoinRound(_message.Message):
-    __slots__ = ("last_round",)
+    __slots__ = ("last_round", "num_examples")
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     last_round: int
-    def __init__(self, last_round: _Optional[int] = ...) -> None: ...
+    num_examples: int
+    def __init__(self, last_round: _Optional[int] = ..., num_examples: _Optional[int] = ...) -> None: ...
 
 class RoundPlan(_message.Message):
     __slots__ = ("round", "finished", "local_steps", "lr", "adapters", "settings", "first_step", "wait_s")

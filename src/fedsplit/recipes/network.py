@@ -91,12 +91,15 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
     keys = keys_dir(cfg, config_dir)
 
     strategy = FedAvg(local_steps=cfg.federation.local_steps, lr=cfg.train.lr, min_clients=cfg.federation.min_clients,
-                      fraction=cfg.federation.fraction, seed=cfg.train.seed)
+                      fraction=cfg.federation.fraction, seed=cfg.train.seed, max_share=cfg.federation.max_share)
     coordinator_cfg = CoordinatorConfig(
         num_rounds=cfg.federation.rounds, min_clients=cfg.federation.min_clients,
         round_timeout_s=cfg.server.round_timeout_s, step_timeout_s=cfg.server.step_timeout_s,
         join_timeout_s=cfg.server.join_timeout_s, join_grace_s=cfg.server.join_grace_s,
         ordered_steps=cfg.server.mode == "sequential",
+        max_examples_per_round=cfg.federation.local_steps * cfg.train.batch_size * cfg.train.grad_accum,
+        max_examples_per_client=cfg.federation.max_examples_per_client,
+        update_bound_factor=cfg.federation.update_bound_factor, max_update_norm=cfg.federation.max_update_norm,
     )
     metrics = MetricsWriter(out / "metrics.jsonl")
     hierarchy = start_hierarchy(cfg, parts, keys, config_hash, out) if cfg.server.mode == "hierarchical" else None

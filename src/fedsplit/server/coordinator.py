@@ -42,6 +42,7 @@ import contextlib
 import enum
 import functools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -78,6 +79,7 @@ from fedsplit.strategy import (
     Strategy,
     StrategyError,
 )
+from fedsplit.strategy.bounds import l2_distance, linf_distance
 
 log = logging.getLogger(__name__)
 
@@ -159,15 +161,27 @@ class CoordinatorConfig:
     poll_s: float = field(default=0.5, metadata={"help": "the wait_s told to clients that must ask again"})
     max_round_retries: int = field(default=1, metadata={"help": "reruns of a round that got too few results"})
     ordered_steps: bool = field(default=True, metadata={"help": "round-robin trunk step order: reproducible runs"})
+    max_examples_per_round: int = field(default=0, metadata={"help": "most examples an update may report "
+                                                             "(local_steps x batch x grad_accum; 0: unchecked)"})
+    max_examples_per_client: int = field(default=0, metadata={"help": "most examples a data report may claim "
+                                                              "(0: unbounded; the strategy's max_share still caps)"})
+    update_bound_factor: float = field(default=10.0, metadata={"help": "refuse updates that moved an element more "
+                                                               "than this x local_steps x lr (0: off)"})
+    max_update_norm: float = field(default=0.0, metadata={"help": "refuse updates farther than this (L2) from the "
+                                                          "global parts (0: off)"})
 
     def __post_init__(self) -> None:
-        for name, least in (("num_rounds", 1), ("min_clients", 1), ("max_round_retries", 0)):
+        for name, least in (("num_rounds", 1), ("min_clients", 1), ("max_round_retries", 0),
+                            ("max_examples_per_round", 0), ("max_examples_per_client", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"coordinator.{name}: expected an int >= {least}, got {value!r}")
         for name in ("round_timeout_s", "step_timeout_s", "join_timeout_s", "poll_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"coordinator.{name}: expected > 0, got {getattr(self, name)!r}")
+        for name in ("update_bound_factor", "max_update_norm"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"coordinator.{name}: expected a finite value >= 0, got {getattr(self, name)!r}")
         if not self.join_grace_s >= 0:
             raise ValueError(f"coordinator.join_grace_s: expected >= 0, got {self.join_grace_s!r}")
         if self.poll_s >= self.step_timeout_s:
@@ -263,6 +277,7 @@ class RoundCoordinator:
         self.history: list[dict[str, Any]] = []
         self._global = {k: v.detach().clone() for k, v in global_adapters.items()}
         self._client_steps = {cid: 0 for cid in self.clients}
+        self._data_reports: dict[str, int] = {}  # examples each client declared at its first join: its weight
         self._stage = RoundStage.WAITING_FOR_CLIENTS
         self._round: _Round | None = None
         self._sessions = {cid: _Session() for cid in self.clients}
@@ -591,6 +606,7 @@ class RoundCoordinator:
     # -- JOIN_ROUND -----------------------------------------------------------------------------
     def _join(self, client_id: str, kind: int, round: int, step: int, request: pb.JoinRound) -> pb.RoundPlan:
         with self._cond:
+            self._record_data_report(client_id, int(request.num_examples))
             if self._stage is RoundStage.DONE:
                 return pb.RoundPlan(round=self.completed_round, finished=True, adapters=encode_named(self._global))
             if self._stage is RoundStage.FAILED:
@@ -606,6 +622,18 @@ class RoundCoordinator:
             self._lobby.add(client_id)
             self._cond.notify_all()
             return pb.RoundPlan(round=self.completed_round + 1, wait_s=self.config.poll_s)
+
+    def _record_data_report(self, client_id: str, claimed: int) -> None:
+        """The weight a client may claim is fixed at its first report and bounded (lock held)."""
+        if claimed == 0 or client_id in self._data_reports:
+            if claimed and claimed != self._data_reports[client_id]:
+                log.warning("client %s: data report changed from %d to %d examples; the first stands",
+                            client_id, self._data_reports[client_id], claimed)
+            return
+        cap = self.config.max_examples_per_client
+        weight = min(claimed, cap) if cap else claimed
+        self._data_reports[client_id] = weight
+        self._log("data_report", client=client_id, num_examples=claimed, weight=weight)
 
     def _plan(self, r: _Round, client_id: str) -> pb.RoundPlan:
         return pb.RoundPlan(
@@ -745,10 +773,30 @@ class RoundCoordinator:
                 f"the trunk saw {participant.steps}",
                 code=_PRECONDITION,
             )
-        if request.num_examples < 1:
-            raise ProtocolError(f"ClientUpdate.num_examples: expected >= 1, got {request.num_examples}")
+        most = self.config.max_examples_per_round
+        if not 1 <= request.num_examples <= (most or request.num_examples):
+            raise ProtocolError(f"ClientUpdate.num_examples: expected 1..{most or 'any'}, got {request.num_examples}")
         _check_adapters(tensors, self._global, "ClientUpdate.adapters", ProtocolError)
-        return ClientUpdate(client_id, tensors, num_examples=int(request.num_examples), metrics=dict(request.metrics))
+        self._check_distance(tensors, r)
+        weight = self._data_reports.get(client_id, int(request.num_examples))
+        return ClientUpdate(client_id, tensors, num_examples=weight, metrics=dict(request.metrics))
+
+    def _check_distance(self, tensors: Mapping[str, Tensor], r: _Round) -> None:
+        """Refuse an update that moved farther than ``local_steps`` optimizer steps can move it."""
+        factor, most = self.config.update_bound_factor, self.config.max_update_norm
+        if factor:
+            bound = factor * r.local_steps * r.lr
+            moved, key = linf_distance(tensors, self._global)
+            if not moved <= bound:
+                raise ProtocolError(
+                    f"ClientUpdate.adapters[{key}]: an element moved {moved:.3g} from the global parts, more than "
+                    f"{bound:.3g} = {factor:g} x {r.local_steps} steps x lr {r.lr:g} (update_bound_factor)"
+                )
+        if most:
+            norm = l2_distance(tensors, self._global)
+            if not norm <= most:
+                raise ProtocolError(f"ClientUpdate.adapters: distance {norm:.3g} to the global parts exceeds "
+                                    f"max_update_norm {most:g}")
 
     # -- failures -------------------------------------------------------------------------------
     def _fail_participant(self, client_id: str, reason: str) -> None:

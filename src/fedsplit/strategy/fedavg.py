@@ -13,6 +13,7 @@ import numpy as np
 from torch import Tensor
 
 from fedsplit.strategy.aggregate import check_compatible, weighted_average
+from fedsplit.strategy.bounds import cap_shares
 from fedsplit.strategy.base import (
     AggregateResult,
     ClientUpdate,
@@ -42,8 +43,11 @@ class FedAvg:
     fraction: float = 1.0  # share of the available clients sampled per round, in (0, 1]
     seed: int = 0
     weight_fn: WeightFn = num_examples
+    max_share: float = 1.0  # no client's weight may exceed this share of the round's total (1: no cap)
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.max_share, float | int) and 0 < self.max_share <= 1):
+            raise ValueError(f"max_share: expected a value in (0, 1], got {self.max_share!r}")
         _check_positive_int(self.local_steps, "local_steps")
         _check_positive_int(self.min_clients, "min_clients")
         check_finite_number(self.lr, "lr", positive=True)
@@ -93,7 +97,7 @@ class FedAvg:
         if current:  # the clients must have trained the parts the server holds
             for update in ordered:
                 check_compatible(current, update.tensors, f"client {update.client_id!r}")
-        weights = [self.weight_fn(update) for update in ordered]
+        weights = cap_shares([self.weight_fn(update) for update in ordered], self.max_share)
         tensors = weighted_average([(u.tensors, w) for u, w in zip(ordered, weights)], labels=ids)
         metrics = weighted_metrics(ordered, weights)
         metrics.update(num_results=len(ordered), num_failures=len(failures))
