@@ -165,6 +165,9 @@ class CoordinatorConfig:
                                                              "(local_steps x batch x grad_accum; 0: unchecked)"})
     max_examples_per_client: int = field(default=0, metadata={"help": "most examples a data report may claim "
                                                               "(0: unbounded; the strategy's max_share still caps)"})
+    eval_per_s: float = field(default=4.0, metadata={"help": "evaluation FORWARDs a client may send per second "
+                                                     "(token bucket; served between rounds only)"})
+    eval_burst: int = field(default=64, metadata={"help": "evaluation FORWARDs a client may send at once"})
     update_bound_factor: float = field(default=10.0, metadata={"help": "refuse updates that moved an element more "
                                                                "than this x local_steps x lr (0: off)"})
     max_update_norm: float = field(default=0.0, metadata={"help": "refuse updates farther than this (L2) from the "
@@ -172,11 +175,11 @@ class CoordinatorConfig:
 
     def __post_init__(self) -> None:
         for name, least in (("num_rounds", 1), ("min_clients", 1), ("max_round_retries", 0),
-                            ("max_examples_per_round", 0), ("max_examples_per_client", 0)):
+                            ("max_examples_per_round", 0), ("max_examples_per_client", 0), ("eval_burst", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"coordinator.{name}: expected an int >= {least}, got {value!r}")
-        for name in ("round_timeout_s", "step_timeout_s", "join_timeout_s", "poll_s"):
+        for name in ("round_timeout_s", "step_timeout_s", "join_timeout_s", "poll_s", "eval_per_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"coordinator.{name}: expected > 0, got {getattr(self, name)!r}")
         for name in ("update_bound_factor", "max_update_norm"):
@@ -207,6 +210,8 @@ class _Session:
     in_flight: int = 0  # requests being served right now
     trunk_calls: int = 0  # training requests inside the TrunkServer
     last_seen: float = 0.0
+    eval_tokens: float = -1.0  # evaluation FORWARDs it may still send now (token bucket; -1: full)
+    eval_refill: float = 0.0  # when the bucket was last topped up
 
 
 @dataclass
@@ -283,6 +288,7 @@ class RoundCoordinator:
         self._sessions = {cid: _Session() for cid in self.clients}
         self._lobby: set[str] = set()
         self._trunk_calls = 0
+        self._evals = 0  # evaluation FORWARDs being served: a round starts only when none is
         self._error: BaseException | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -328,6 +334,7 @@ class RoundCoordinator:
         plan = self.strategy.configure_round(number, available)
         local_steps, lr = self._check_plan(plan, available)
         with self._cond:
+            self._cond.wait_for(lambda: self._evals == 0)  # no evaluation may see a training step
             now = time.monotonic()
             picked = sorted(plan.client_ids)
             self._round = _Round(
@@ -586,9 +593,43 @@ class RoundCoordinator:
         if serve is None:
             raise ProtocolError(f"the coordinator does not serve {kind_name(kind)}", code=pb.FAILED_PRECONDITION)
         if kind == pb.FORWARD and not request.train:  # evaluation: changes nothing, keeps nobody alive
-            return self.trunk.handle(client_id, kind, round, step, request)
+            with self._evaluating(client_id):
+                return self.trunk.handle(client_id, kind, round, step, request)
         with self._in_flight(client_id):
             return serve(client_id, kind, round, step, request)
+
+    @contextlib.contextmanager
+    def _evaluating(self, client_id: str) -> Iterator[None]:
+        """Evaluation sees the trunk only between rounds, and at a bounded rate per client.
+
+        Mid-round every trunk step changes the trunk, so an evaluation request would show a client
+        outside the round each individual update of the others (an oracle); between rounds the
+        trunk is the aggregate everyone receives anyway.
+        """
+        with self._cond:
+            if self._stage in (RoundStage.TRAINING, RoundStage.AGGREGATING):
+                raise ProtocolError(
+                    f"evaluation is served between rounds only; round {self.completed_round + 1} is "
+                    f"{self._stage.value}, ask again after it", code=pb.FAILED_PRECONDITION)
+            self._take_eval_token(self._sessions[client_id])
+            self._evals += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._evals -= 1
+                self._cond.notify_all()
+
+    def _take_eval_token(self, session: _Session) -> None:
+        cfg, now = self.config, time.monotonic()
+        if session.eval_tokens < 0:
+            session.eval_tokens, session.eval_refill = float(cfg.eval_burst), now
+        session.eval_tokens = min(cfg.eval_burst, session.eval_tokens + (now - session.eval_refill) * cfg.eval_per_s)
+        session.eval_refill = now
+        if session.eval_tokens < 1:
+            raise ProtocolError(f"evaluation rate limit: {cfg.eval_burst} requests, then {cfg.eval_per_s:g} per second",
+                                code=pb.RESOURCE_EXHAUSTED)
+        session.eval_tokens -= 1
 
     @contextlib.contextmanager
     def _in_flight(self, client_id: str) -> Iterator[None]:
