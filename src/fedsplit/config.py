@@ -102,8 +102,11 @@ class ServerConfig:
     join_grace_s: float = field(default=10.0, metadata={"help": "once min_clients joined, wait this long for the rest"})
     deadline_s: float = field(default=300.0, metadata={"help": "client: longest wait for any reply"})
     threads: int = field(default=0, metadata={"help": "torch threads of the server process (0 = torch default)"})
+    keep_checkpoints: int = field(default=3, metadata={"help": "round checkpoints kept on disk (0: all)"})
 
     def __post_init__(self) -> None:
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"server.keep_checkpoints: expected >= 0, got {self.keep_checkpoints}")
         if ":" not in self.address:
             raise ValueError(f"server.address: expected host:port, got {self.address!r}")
         if self.mode not in ("sequential", "client-batch", "hierarchical"):

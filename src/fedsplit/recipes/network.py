@@ -100,6 +100,7 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
         max_examples_per_round=cfg.federation.local_steps * cfg.train.batch_size * cfg.train.grad_accum,
         max_examples_per_client=cfg.federation.max_examples_per_client,
         update_bound_factor=cfg.federation.update_bound_factor, max_update_norm=cfg.federation.max_update_norm,
+        keep_checkpoints=cfg.server.keep_checkpoints,
     )
     metrics = MetricsWriter(out / "metrics.jsonl")
     hierarchy = start_hierarchy(cfg, parts, keys, config_hash, out) if cfg.server.mode == "hierarchical" else None

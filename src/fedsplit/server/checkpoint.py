@@ -10,7 +10,10 @@ After every completed round the coordinator writes one directory::
 No pickle and no ``torch.save`` (STYLE rule 7): tensors go into safetensors, the rest into JSON.
 The directory is written under a hidden temporary name, every file and the directory are fsynced,
 then it is renamed into place and the parent is fsynced: a crash leaves the complete checkpoint
-or none. Clients keep no state that a resume needs: they restart their round from the global
+or none (temporary directories a crash left behind are removed by the next save). ``state.json``
+carries the SHA-256 of the tensors file and of its own content, checked on load, so a truncated
+or bit-flipped checkpoint is refused with the file's name instead of loading silently. Only the
+last ``keep_last`` checkpoints are kept. A checkpoint holding a non-finite value is never written. Clients keep no state that a resume needs: they restart their round from the global
 adapters the server sends them (their optimizer is fresh every round, see
 :mod:`fedsplit.client.runner`).
 """
@@ -18,6 +21,7 @@ adapters the server sends them (their optimizer is fresh every round, see
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import random
@@ -123,24 +127,57 @@ def round_dir_name(round: int) -> str:
     return f"round-{round:06d}"
 
 
-def save_checkpoint(directory: Path | str, checkpoint: Checkpoint) -> Path:
-    """Write ``checkpoint`` atomically as ``directory/round-NNNNNN``; returns that path."""
+def save_checkpoint(directory: Path | str, checkpoint: Checkpoint, *, keep_last: int = 0) -> Path:
+    """Write ``checkpoint`` atomically as ``directory/round-NNNNNN``; returns that path.
+
+    ``keep_last`` > 0 removes all but the newest ``keep_last`` round checkpoints afterwards.
+    """
     from safetensors.torch import save
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / round_dir_name(checkpoint.round)
     tensors, state = _encode(checkpoint)
+    _check_finite(tensors, final)
+    _remove_stale_temporaries(directory)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=directory))
     try:
-        _write_synced(tmp / TENSORS_FILE, save(tensors, metadata={"format": FORMAT}))
+        blob = save(tensors, metadata={"format": FORMAT})
+        state["tensors_sha256"] = hashlib.sha256(blob).hexdigest()
+        state["state_sha256"] = _state_digest(state)
+        _write_synced(tmp / TENSORS_FILE, blob)
         _write_synced(tmp / STATE_FILE, json.dumps(state, indent=1, allow_nan=False).encode())
         _fsync_dir(tmp)
         _replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if keep_last > 0:
+        for old in sorted(_round_dirs(directory), key=lambda p: p.name)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(directory)
     return final
+
+
+def _check_finite(tensors: Mapping[str, Tensor], where: Path) -> None:
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{where}: {key} holds NaN or Inf; a poisoned state is never checkpointed")
+
+
+def _state_digest(state: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in state.items() if k != "state_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Hidden ``.round-*`` directories are half-written checkpoints of a crashed save (one writer per run)."""
+    for path in directory.iterdir():
+        if path.name.startswith(".round-") and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _round_dirs(directory: Path) -> list[Path]:
+    return [p for p in directory.iterdir() if _ROUND_DIR.fullmatch(p.name) and p.is_dir()]
 
 
 def _encode(checkpoint: Checkpoint) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -214,7 +251,7 @@ def latest_checkpoint(directory: Path | str) -> Path | None:
     directory = Path(directory)
     if not directory.is_dir():
         return None
-    found = [p for p in directory.iterdir() if _ROUND_DIR.fullmatch(p.name) and (p / STATE_FILE).is_file()]
+    found = [p for p in _round_dirs(directory) if (p / STATE_FILE).is_file()]
     return max(found, key=lambda p: p.name, default=None)
 
 
@@ -226,14 +263,26 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     for name in (STATE_FILE, TENSORS_FILE):
         if not (path / name).is_file():
             raise CheckpointError(f"{path}: no {name}; expected a checkpoint directory written by save_checkpoint")
-    state = json.loads((path / STATE_FILE).read_text())
-    if state.get("format") != FORMAT or state.get("version") != VERSION:
-        raise CheckpointError(
-            f"{path / STATE_FILE}: expected format {FORMAT!r} version {VERSION}, "
-            f"got {state.get('format')!r} version {state.get('version')!r}"
-        )
-    tensors = load((path / TENSORS_FILE).read_bytes())
-    return _decode(state, tensors, path)
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path / STATE_FILE}: not valid JSON ({exc}); the file is truncated or corrupted") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("version") != VERSION:
+        got = (state.get("format"), state.get("version")) if isinstance(state, dict) else (type(state).__name__, None)
+        raise CheckpointError(f"{path / STATE_FILE}: expected format {FORMAT!r} version {VERSION}, got {got[0]!r} version {got[1]!r}")
+    if state.get("state_sha256") != _state_digest(state):
+        raise CheckpointError(f"{path / STATE_FILE}: SHA-256 of its content does not match: the file was altered or corrupted")
+    blob = (path / TENSORS_FILE).read_bytes()
+    if hashlib.sha256(blob).hexdigest() != state.get("tensors_sha256"):
+        raise CheckpointError(f"{path / TENSORS_FILE}: SHA-256 does not match state.json: the file is truncated, "
+                              "altered or from another checkpoint")
+    try:
+        tensors = load(blob)
+        return _decode(state, tensors, path)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: malformed checkpoint ({type(exc).__name__}: {exc})") from None
 
 
 def _decode(state: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> Checkpoint:

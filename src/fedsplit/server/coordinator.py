@@ -165,6 +165,7 @@ class CoordinatorConfig:
                                                              "(local_steps x batch x grad_accum; 0: unchecked)"})
     max_examples_per_client: int = field(default=0, metadata={"help": "most examples a data report may claim "
                                                               "(0: unbounded; the strategy's max_share still caps)"})
+    keep_checkpoints: int = field(default=3, metadata={"help": "round checkpoints kept on disk (0: all)"})
     eval_per_s: float = field(default=4.0, metadata={"help": "evaluation FORWARDs a client may send per second "
                                                      "(token bucket; served between rounds only)"})
     eval_burst: int = field(default=64, metadata={"help": "evaluation FORWARDs a client may send at once"})
@@ -175,7 +176,8 @@ class CoordinatorConfig:
 
     def __post_init__(self) -> None:
         for name, least in (("num_rounds", 1), ("min_clients", 1), ("max_round_retries", 0),
-                            ("max_examples_per_round", 0), ("max_examples_per_client", 0), ("eval_burst", 1)):
+                            ("max_examples_per_round", 0), ("max_examples_per_client", 0), ("eval_burst", 1),
+                            ("keep_checkpoints", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"coordinator.{name}: expected an int >= {least}, got {value!r}")
@@ -434,7 +436,7 @@ class RoundCoordinator:
         self.history.append(record)
         self._log("round_end", **record)
         if self.checkpoint_dir is not None:
-            path = save_checkpoint(self.checkpoint_dir, self.checkpoint())
+            path = save_checkpoint(self.checkpoint_dir, self.checkpoint(), keep_last=self.config.keep_checkpoints)
             self._log("checkpoint", round=r.number, path=str(path))
 
     def _roll_back(self, failures: list[Failure]) -> None:
