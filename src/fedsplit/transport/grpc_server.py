@@ -3,10 +3,17 @@
     stream opens -> CLIENT_HELLO --SessionFactory.accept--> SERVER_HELLO      (or ERROR, stream ends)
     then, per request: chunks -> Reassembler -> ServerSession.handle -> split_frame -> chunks
 
-Each stream holds one worker thread of the server's pool for its lifetime (``max_streams`` of
-them; further clients are refused by gRPC with RESOURCE_EXHAUSTED) and one reader thread, so that
-every wait for the client has a deadline: ``handshake_timeout_s`` for the ClientHello,
-``idle_timeout_s`` for each later message. When an authenticated stream ends for any reason
+Each stream holds one worker thread of the server's pool for its lifetime and one reader thread,
+so that every wait for the client has a deadline: ``handshake_timeout_s`` for the ClientHello,
+``idle_timeout_s`` for each later message.
+
+Slots. Streams that have not yet authenticated (a stranger needs no key to open one) are bounded
+apart from admitted ones: at most ``max_pending_handshakes`` wait for their hello at once, and a
+new stream evicts the oldest waiting one, so a flood of silent streams cannot keep an honest
+client (whose hello follows its stream at once) out. An admitted client holds at most
+``max_sessions_per_client`` sessions: a newer one (a reconnect) replaces its oldest, so no client
+can use up the slots of the others. At most ``max_streams`` sessions are authenticated at once;
+the pool has room for those plus twice the pending ones, so the eviction always gets to run. When an authenticated stream ends for any reason
 (goodbye, disconnect, timeout, broken frame, server stop) ``on_disconnect(client_id)`` runs once,
 so the coordinator can drop that client's partial step.
 """
@@ -145,9 +152,11 @@ class GrpcServer:
         insecure: bool = False,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-        handshake_timeout_s: float = 10.0,
+        handshake_timeout_s: float = 5.0,
         idle_timeout_s: float = 600.0,
         max_streams: int = 16,
+        max_sessions_per_client: int = 2,
+        max_pending_handshakes: int = 16,
         on_disconnect: Callable[[str], None] | None = None,
     ) -> None:
         if (tls is None) == (not insecure):
@@ -156,8 +165,10 @@ class GrpcServer:
         for name, value in (("handshake_timeout_s", handshake_timeout_s), ("idle_timeout_s", idle_timeout_s)):
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
-        if max_streams < 1:
-            raise ValueError(f"max_streams must be at least 1, got {max_streams}")
+        for name, value in (("max_streams", max_streams), ("max_sessions_per_client", max_sessions_per_client),
+                            ("max_pending_handshakes", max_pending_handshakes)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
         self.address = address
         self.session_factory = session_factory
         self.tls = tls
@@ -166,11 +177,14 @@ class GrpcServer:
         self.handshake_timeout_s = handshake_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.max_streams = max_streams
+        self.max_sessions_per_client = max_sessions_per_client
+        self.max_pending_handshakes = max_pending_handshakes
         self.on_disconnect = on_disconnect
         self._server: grpc.Server | None = None
         self._port = 0
         self._lock = threading.Lock()
-        self._streams: dict[str, set[_Inbox]] = {}  # live authenticated streams per client id
+        self._streams: dict[str, dict[_Inbox, None]] = {}  # live authenticated streams per client id, oldest first
+        self._pending: dict[_Inbox, None] = {}  # streams waiting for their hello, oldest first
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> GrpcServer:
@@ -179,11 +193,12 @@ class GrpcServer:
         handler = grpc.method_handlers_generic_handler(
             SERVICE, {"Session": grpc.stream_stream_rpc_method_handler(self._session)}  # bytes in, bytes out
         )
+        slots = self.max_streams + 2 * self.max_pending_handshakes  # room to evict before gRPC refuses
         server = grpc.server(
-            ThreadPoolExecutor(max_workers=self.max_streams, thread_name_prefix="fedsplit-stream"),
+            ThreadPoolExecutor(max_workers=slots, thread_name_prefix="fedsplit-stream"),
             handlers=[handler],
             options=[*grpc_options(self.max_message_bytes), ("grpc.so_reuseport", 0)],
-            maximum_concurrent_rpcs=self.max_streams,
+            maximum_concurrent_rpcs=slots,
         )
         self._port = self._bind(server)
         server.start()
@@ -249,12 +264,25 @@ class GrpcServer:
     # -- one stream -----------------------------------------------------------------------------
     def _session(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         inbox = _Inbox(requests, context.peer())
+        self._admit_pending(inbox)
         try:
             session = yield from self._handshake(inbox, context)
             if session is not None:
                 yield from self._serve(session, inbox, context)
         finally:
+            with self._lock:
+                self._pending.pop(inbox, None)
             inbox.close()
+
+    def _admit_pending(self, inbox: _Inbox) -> None:
+        """Count a stream that has not authenticated; evict the oldest such stream beyond the cap."""
+        with self._lock:
+            self._pending[inbox] = None
+            evicted = list(self._pending)[: max(0, len(self._pending) - self.max_pending_handshakes)]
+            for old in evicted:
+                del self._pending[old]
+        for old in evicted:
+            old.drop(f"evicted: more than {self.max_pending_handshakes} streams were waiting for their hello")
 
     def _handshake(self, inbox: _Inbox, context: grpc.ServicerContext) -> Generator[bytes, None, ServerSession | None]:
         try:
@@ -262,6 +290,11 @@ class GrpcServer:
         except TimeoutError:
             _end(context, grpc.StatusCode.DEADLINE_EXCEEDED, f"no CLIENT_HELLO within {self.handshake_timeout_s}s")
             return None
+        except _Dropped as exc:
+            _end(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            return None
+        with self._lock:
+            self._pending.pop(inbox, None)  # it has spoken: its fate is the handshake's now
         if first is None:
             return None
         try:
@@ -274,7 +307,11 @@ class GrpcServer:
             log.exception("handshake from %s failed", context.peer())
             yield error_frame(pb.INTERNAL, f"{type(exc).__name__}: {exc}")
             return None
-        self._track(session.client_id, inbox, context)
+        if not self._track(session.client_id, inbox, context):
+            if self.on_disconnect is not None:
+                self.on_disconnect(session.client_id)  # its session was counted when it was accepted
+            yield error_frame(pb.RESOURCE_EXHAUSTED, f"the server holds {self.max_streams} sessions; try again later")
+            return None
         yield hello_frame(pb.SERVER_HELLO, server_hello.SerializeToString())
         return session
 
@@ -330,16 +367,26 @@ class GrpcServer:
                 return frame
 
     # -- disconnects ----------------------------------------------------------------------------
-    def _track(self, client_id: str, inbox: _Inbox, context: grpc.ServicerContext) -> None:
+    def _track(self, client_id: str, inbox: _Inbox, context: grpc.ServicerContext) -> bool:
+        """Count an authenticated stream; its client's oldest beyond the per-client cap is replaced."""
         with self._lock:
-            self._streams.setdefault(client_id, set()).add(inbox)
+            if sum(len(v) for v in self._streams.values()) >= self.max_streams and client_id not in self._streams:
+                return False
+            mine = self._streams.setdefault(client_id, {})
+            mine[inbox] = None
+            replaced = list(mine)[: max(0, len(mine) - self.max_sessions_per_client)]
+        for old in replaced:
+            old.drop(f"replaced by a newer session of client {client_id}")
+        if replaced:
+            log.warning("client %s: %d older session(s) replaced by a new one", client_id, len(replaced))
         if not context.add_callback(lambda: self._disconnected(client_id, inbox)):
             self._disconnected(client_id, inbox)  # the stream already ended
+        return True
 
     def _disconnected(self, client_id: str, inbox: _Inbox) -> None:
         with self._lock:
-            inboxes = self._streams.get(client_id, set())
-            inboxes.discard(inbox)
+            inboxes = self._streams.get(client_id, {})
+            inboxes.pop(inbox, None)
             if not inboxes:
                 self._streams.pop(client_id, None)
         log.info("client %s: stream ended", client_id)
