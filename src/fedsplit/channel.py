@@ -103,12 +103,16 @@ def parse_frame(data: bytes) -> pb.Frame:
         frame.ParseFromString(data)
     except DecodeError as exc:
         raise ProtocolError(f"malformed frame ({exc})") from None
+    check_version(frame)
+    return frame
+
+
+def check_version(frame: pb.Frame) -> None:
     if frame.protocol_version != PROTOCOL_VERSION:
         raise ProtocolError(
             f"protocol version {frame.protocol_version} is not supported; this side speaks version {PROTOCOL_VERSION}",
             code=pb.FAILED_PRECONDITION,
         )
-    return frame
 
 
 class Channel:
@@ -156,26 +160,43 @@ class ServerSession:
         self.stats = WireStats()
 
     def handle(self, data: bytes) -> bytes:
-        self.stats.frames_received += 1
-        self.stats.bytes_received += len(data)
-        kind, round, step = pb.ERROR, 0, 0
+        """Answer one request frame (bytes) with one reply frame (bytes)."""
         try:
             frame = parse_frame(data)
-            kind, round, step = frame.kind, frame.round, frame.step
+        except ProtocolError as exc:
+            self.stats.frames_received += 1
+            self.stats.bytes_received += len(data)
+            return self._reply_error(exc, pb.ERROR, 0, 0)
+        return self.handle_parts(frame, frame.body, size=len(data))
+
+    def handle_parts(self, frame: pb.Frame, body: bytes | memoryview, *, size: int | None = None) -> bytes:
+        """:meth:`handle` for a frame already split into header and body (a reassembled chunked frame,
+        whose writable body the sealer may decrypt in place)."""
+        self.stats.frames_received += 1
+        self.stats.bytes_received += len(body) if size is None else size
+        kind, round, step = frame.kind, frame.round, frame.step
+        try:
+            check_version(frame)
             if kind not in REPLY_TO:
                 raise ProtocolError(f"{kind_name(kind)} is not a request")
-            request = decode_payload(kind, self.sealer.open(kind, round, step, frame.seq, frame.body))
+            request = decode_payload(kind, self.sealer.open(kind, round, step, frame.seq, body))
             reply = self.handler(kind, round, step, request)
             reply_kind = REPLY_TO[kind]
             if not isinstance(reply, PAYLOADS[reply_kind]):
                 raise TypeError(f"handler answered {kind_name(kind)} with {type(reply).__name__}")
         except ProtocolError as exc:
-            log.warning("client %s: rejected %s: %s", self.client_id, kind_name(kind), exc)
-            reply, reply_kind = pb.Error(code=exc.code, message=str(exc)), pb.ERROR
+            return self._reply_error(exc, kind, round, step)
         except Exception as exc:  # the server keeps serving: one bad request is that client's error
             log.exception("client %s: %s failed", self.client_id, kind_name(kind))
             reply, reply_kind = pb.Error(code=pb.INTERNAL, message=f"{type(exc).__name__}: {exc}"), pb.ERROR
-        out = _frame(reply_kind, round, step, self.sealer.seal(reply_kind, round, step, reply.SerializeToString()))
+        return self._send(reply_kind, round, step, reply)
+
+    def _reply_error(self, exc: ProtocolError, kind: int, round: int, step: int) -> bytes:
+        log.warning("client %s: rejected %s: %s", self.client_id, kind_name(kind), exc)
+        return self._send(pb.ERROR, round, step, pb.Error(code=exc.code, message=str(exc)))
+
+    def _send(self, kind: int, round: int, step: int, reply: Message) -> bytes:
+        out = _frame(kind, round, step, self.sealer.seal(kind, round, step, reply.SerializeToString()))
         self.stats.frames_sent += 1
         self.stats.bytes_sent += len(out)
         return out

@@ -3,7 +3,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedsplit.protocol import ProtocolError, decode_named, decode_payload, decode_tensor, encode_named, encode_tensor, pb
+from fedsplit.protocol import (
+    ProtocolError,
+    decode_named,
+    decode_payload,
+    decode_tensor,
+    encode_named,
+    encode_tensor,
+    pb,
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool, torch.uint8])

@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fedsplit.models import TINY_MODELS
 from fedsplit.split import SplitError, UnsupportedArchitectureError, split_model
 from fedsplit.split.check import check_logits_and_grads
-from fedsplit.models import TINY_MODELS
 
 CUTS = [(1, 1), (2, 3), (4, 1)]
 

@@ -57,6 +57,18 @@ def trunk_total_steps(cfg: RunConfig) -> int:
     return cfg.federation.rounds * cfg.federation.local_steps * per_round
 
 
+def frame_bound(cfg: RunConfig, parts: SplitParts) -> int:
+    """The largest request frame this run can produce, in bytes: a FORWARD of ``max_tokens`` fp32
+    hidden states (with its mask and positions) or a CLIENT_UPDATE of the head/tail adapters, plus
+    headers. The server refuses anything larger at its first chunk."""
+    from fedsplit.client.runner import client_adapters
+
+    hidden = int(parts.trunk.config.hidden_size)
+    activation = cfg.max_tokens * (hidden * 4 + 1 + 8)  # fp32 hidden, bool mask, int64 positions
+    adapters = sum(t.numel() * t.element_size() + len(k) + 64 for k, t in client_adapters(parts.head, parts.tail).items())
+    return max(activation, adapters) + (64 << 10)
+
+
 def make_trunk_server(cfg: RunConfig, parts: SplitParts):
     from fedsplit.server import TrunkServer
 
@@ -123,6 +135,7 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
         keys / "server-tls.key", keys / "server-tls.crt", keys / "ca.crt" if cfg.security.mutual_tls else None)
     server = GrpcServer(cfg.server.address, SessionFactory(verifier, coordinator.handler_for, cfg.security.run_id),
                         tls=tls, insecure=cfg.security.insecure, max_message_bytes=cfg.server.max_message_bytes,
+                        max_frame_bytes=max(frame_bound(cfg, parts), cfg.server.max_message_bytes),
                         max_streams=2 * len(cfg.security.clients) + 4, on_disconnect=coordinator.on_disconnect)
     server.start()
     log.info("serving %s on %s (%s, %s)", cfg.security.run_id, cfg.server.address, cfg.server.mode,

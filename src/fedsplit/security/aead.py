@@ -24,6 +24,7 @@ import threading
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from fedsplit.security.errors import AuthenticationError, ReplayError, SessionExhaustedError
@@ -45,6 +46,7 @@ TAG_LEN = 16
 # Rekey (new handshake) long before AES-GCM's data limits; at 10 MB per frame this is ~40 PB.
 MAX_FRAMES_PER_DIRECTION = 2**32
 LABEL_FRAME = b"fedsplit/v1/frame"
+_IN_PLACE_PIECE = 1 << 20  # bytes decrypted per update_into call
 _NONCE = struct.Struct(">IQ")  # direction, seq -> 12 bytes
 _AAD_TAIL = struct.Struct(">BIQQQ")  # direction, kind, round, step, seq
 
@@ -81,6 +83,7 @@ class SecureSession:
         self._client_id = check_identifier(client_id, "client_id", ValueError)
         self._send = AESGCM(send_key)
         self._recv = AESGCM(recv_key)
+        self._recv_key = bytes(recv_key)
         self._out = Direction.outgoing(self._role)
         self._in = Direction.incoming(self._role)
         self._aad_head = encode_fields(
@@ -128,11 +131,34 @@ class SecureSession:
         self._check_fresh(seq)
         aad = self._aad(self._in, kind, round, step, seq)
         try:
-            plaintext = self._recv.decrypt(_NONCE.pack(self._in, seq), ciphertext, aad)
+            if isinstance(ciphertext, memoryview) and not ciphertext.readonly:
+                plaintext: Buffer = self._open_in_place(_NONCE.pack(self._in, seq), ciphertext, aad)
+            else:
+                plaintext = self._recv.decrypt(_NONCE.pack(self._in, seq), ciphertext, aad)
         except InvalidTag as exc:
             raise AuthenticationError(self._describe_failure(kind, round, step, seq)) from exc
         self._accept(seq)
-        return plaintext
+        return plaintext  # type: ignore[return-value]
+
+    def _open_in_place(self, nonce: bytes, view: memoryview, aad: bytes) -> memoryview:
+        """Decrypt ``view`` (ciphertext || tag) over itself; the plaintext is ``view[:-16]``.
+
+        A large frame (reassembled from chunks into one buffer) then costs no second copy, and a
+        junk one is refused at the tag having cost nothing but its buffer. The caller must not use
+        the buffer if this raises ``InvalidTag``.
+        """
+        if len(view) < TAG_LEN:
+            raise InvalidTag
+        size = len(view) - TAG_LEN
+        tag = bytes(view[size:])
+        decryptor = Cipher(algorithms.AES(self._recv_key), modes.GCM(nonce)).decryptor()
+        decryptor.authenticate_additional_data(aad)
+        for start in range(0, size, _IN_PLACE_PIECE):
+            stop = min(size, start + _IN_PLACE_PIECE)
+            # update_into wants room for a block beyond the input; the tag's 16 bytes provide it.
+            decryptor.update_into(view[start:stop], view[start : stop + 15])
+        decryptor.finalize_with_tag(tag)
+        return view[:size]
 
     # --- internals -------------------------------------------------------------------------
 

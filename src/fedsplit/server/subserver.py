@@ -23,10 +23,9 @@ The root writes the spec file (:func:`write_spec`); ``run_subserver`` is the ent
 
 from __future__ import annotations
 
-import dataclasses
-
 import argparse
 import contextlib
+import dataclasses
 import enum
 import functools
 import logging

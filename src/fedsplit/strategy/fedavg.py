@@ -13,7 +13,6 @@ import numpy as np
 from torch import Tensor
 
 from fedsplit.strategy.aggregate import check_compatible, weighted_average
-from fedsplit.strategy.bounds import cap_shares
 from fedsplit.strategy.base import (
     AggregateResult,
     ClientUpdate,
@@ -26,6 +25,7 @@ from fedsplit.strategy.base import (
     check_round,
     num_examples,
 )
+from fedsplit.strategy.bounds import cap_shares
 
 
 @dataclass(frozen=True, kw_only=True)

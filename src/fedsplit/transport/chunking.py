@@ -6,6 +6,12 @@ exceeds ``max_message_bytes`` is therefore sent as ``chunk_count`` Frames that s
 (protocol version, kind, round, step, seq) and carry consecutive slices of the (already sealed)
 body. The receiver accepts chunks strictly in order, checks that every chunk repeats the header of
 the first, and refuses a frame whose body grows beyond its hard cap, before buffering it.
+
+Memory. Every chunk but the last carries the same number of body bytes, so the first chunk tells
+the most the frame can hold (``chunk_count x piece``): a frame that could exceed the cap is refused
+at its first chunk, and the body is copied chunk by chunk into ONE buffer allocated then.
+:meth:`Reassembler.add_parts` hands that buffer on as it is (no join, no re-serialization), and the
+sealer decrypts it in place, so a frame costs about its own size once, plus a chunk.
 """
 
 from __future__ import annotations
@@ -101,7 +107,9 @@ class Reassembler:
     def _reset(self) -> None:
         self._header: tuple[int, int, int, int, int] | None = None
         self._count = 0
-        self._parts: list[bytes] = []
+        self._received = 0  # chunks so far
+        self._piece = 0  # body bytes of every chunk but the last
+        self._buffer = bytearray()
         self._size = 0
 
     @property
@@ -110,26 +118,57 @@ class Reassembler:
         return self._header is not None
 
     def add(self, message: bytes) -> bytes | None:
+        """The whole frame as bytes once its last chunk arrived, ``None`` before that."""
+        parts = self.add_parts(message)
+        if parts is None:
+            return None
+        header, body = parts
+        if not isinstance(body, memoryview):
+            return message  # it was never chunked
+        header.body = bytes(body)
+        return header.SerializeToString()
+
+    def add_parts(self, message: bytes) -> tuple[pb.Frame, bytes | memoryview] | None:
+        """The whole frame as (header without body, body) once complete, ``None`` before that.
+
+        For a chunked frame the body is a writable view of the one reassembly buffer.
+        """
         frame = _parse(message)
         if frame.chunk_count <= 1:
-            return self._whole(frame, message)
+            self._whole(frame, message)
+            return frame, frame.body
         self._check_chunk(frame)
-        self._size += len(frame.body)
-        if self._size > self.max_frame_bytes:
+        body = frame.body
+        if self._received == 0:
+            self._start(frame, len(body))
+        elif len(body) > self._piece or (frame.chunk_index + 1 < frame.chunk_count and len(body) != self._piece):
             raise ProtocolError(
-                f"chunked {kind_name(frame.kind)} frame exceeds the limit of {self.max_frame_bytes} bytes "
-                f"after chunk {frame.chunk_index + 1} of {frame.chunk_count}",
-                code=pb.RESOURCE_EXHAUSTED,
+                f"chunk {frame.chunk_index} of {kind_name(frame.kind)} carries {len(body)} bytes; every chunk but "
+                f"the last must carry {self._piece}, the last at most that"
             )
-        self._parts.append(frame.body)
+        self._buffer[self._size : self._size + len(body)] = body
+        self._size += len(body)
+        self._received += 1
         if frame.chunk_index + 1 < frame.chunk_count:
             return None
         return self._finish(frame)
 
-    def _whole(self, frame: pb.Frame, message: bytes) -> bytes:
+    def _start(self, frame: pb.Frame, piece: int) -> None:
+        """The first chunk: refuse a frame that could outgrow the cap, then allocate its buffer once."""
+        most = frame.chunk_count * piece
+        if most > self.max_frame_bytes:
+            raise ProtocolError(
+                f"chunked {kind_name(frame.kind)} frame of up to {frame.chunk_count} x {piece} bytes exceeds the "
+                f"limit of {self.max_frame_bytes} bytes",
+                code=pb.RESOURCE_EXHAUSTED,
+            )
+        self._piece = piece
+        self._buffer = bytearray(most)
+
+    def _whole(self, frame: pb.Frame, message: bytes) -> None:
         if self.pending:
             raise ProtocolError(
-                f"unchunked {kind_name(frame.kind)} frame arrived after chunk {len(self._parts)} of {self._count}"
+                f"unchunked {kind_name(frame.kind)} frame arrived after chunk {self._received} of {self._count}"
             )
         if frame.chunk_index != 0:
             raise ProtocolError(f"unchunked frame has chunk_index {frame.chunk_index}")
@@ -153,20 +192,15 @@ class Reassembler:
                 f"chunk {frame.chunk_index} (kind, round, step, seq, count = {_header(frame)[1:]}, "
                 f"{frame.chunk_count}) does not match its first chunk ({self._header[1:]}, {self._count})"
             )
-        if frame.chunk_index != len(self._parts):
+        if frame.chunk_index != self._received:
             raise ProtocolError(
-                f"chunk {frame.chunk_index} of {kind_name(frame.kind)} arrived out of order, expected {len(self._parts)}"
+                f"chunk {frame.chunk_index} of {kind_name(frame.kind)} arrived out of order, expected {self._received}"
             )
 
-    def _finish(self, frame: pb.Frame) -> bytes:
-        body = b"".join(self._parts)
+    def _finish(self, frame: pb.Frame) -> tuple[pb.Frame, memoryview]:
+        buffer, size = self._buffer, self._size
         self._reset()
-        whole = pb.Frame(
-            protocol_version=frame.protocol_version,
-            kind=frame.kind,
-            round=frame.round,
-            step=frame.step,
-            seq=frame.seq,
-            body=body,
+        header = pb.Frame(
+            protocol_version=frame.protocol_version, kind=frame.kind, round=frame.round, step=frame.step, seq=frame.seq
         )
-        return whole.SerializeToString()
+        return header, memoryview(buffer)[:size]

@@ -347,7 +347,7 @@ class GrpcServer:
             if frame is None:
                 return
             try:
-                reply = session.handle(frame)
+                reply = session.handle_parts(*frame)
             except Exception as exc:  # noqa: BLE001 - e.g. the session's sequence space is used up
                 log.exception("client %s: cannot answer", session.client_id)
                 _end(context, grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
@@ -357,12 +357,12 @@ class GrpcServer:
                 _end(context, grpc.StatusCode.UNAUTHENTICATED, "the first frame of the session failed to open")
                 return
 
-    def _next_frame(self, inbox: _Inbox, assembler: Reassembler) -> bytes | None:
+    def _next_frame(self, inbox: _Inbox, assembler: Reassembler) -> tuple[pb.Frame, bytes | memoryview] | None:
         while True:
             message = inbox.get(self.idle_timeout_s)
             if message is None:
                 return None
-            frame = assembler.add(message)
+            frame = assembler.add_parts(message)
             if frame is not None:
                 return frame
 

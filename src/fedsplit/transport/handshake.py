@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from google.protobuf.message import DecodeError
 
-from fedsplit.channel import Channel, Handler, Sealer, SealedLike, ServerSession, Transport
+from fedsplit.channel import Channel, Handler, SealedLike, Sealer, ServerSession, Transport
 from fedsplit.protocol import PROTOCOL_VERSION, ProtocolError, decode_payload, kind_name, pb
 from fedsplit.security.errors import (
     ConfigMismatchError,
