@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from fedsplit.adapters import LoraSettings
+from fedsplit.strategy.config import StrategyConfig
 from fedsplit.train.config import TrainConfig
 
 
@@ -173,6 +174,7 @@ class RunConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
 
     @property
     def lora(self) -> list[LoraSettings]:
