@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from fedsplit.adapters import LoraSettings
+from fedsplit.data.contract import ClientSource, DataContract
 from fedsplit.strategy.config import StrategyConfig
 from fedsplit.train.config import TrainConfig
 
@@ -113,6 +114,9 @@ class ClientConfig:
     id: str = field(default="client-0", metadata={"help": "this client's id (its key pair is keys_dir/<id>.key/.pub)"})
     silo: int = field(default=0, metadata={"help": "which data silo of the run's dataset is this client's own"})
     threads: int = field(default=0, metadata={"help": "torch threads of the client process (0 = torch default)"})
+    sources: list[ClientSource] = field(
+        default_factory=list, metadata={"help": "[[client.sources]]: this client's own files, mapped onto [contract]"}
+    )
 
     def __post_init__(self) -> None:
         if self.silo < 0:
@@ -175,6 +179,7 @@ class RunConfig:
     client: ClientConfig = field(default_factory=ClientConfig)
     hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    contract: DataContract = field(default_factory=DataContract)
 
     @property
     def lora(self) -> list[LoraSettings]:

@@ -39,7 +39,7 @@ def test_second_step_uses_the_moments() -> None:
 
 def test_fedopt_strategy_steps_from_current_and_checkpoints_its_state() -> None:
     strategy = FedOpt(plan=FedAvg(local_steps=1, lr=0.1), kind="yogi", **KW)
-    updates = [ClientUpdate("a", {"k": torch.tensor([1.0])}, 1, {}), ClientUpdate("b", {"k": torch.tensor([3.0])}, 1, {})]
+    updates = [ClientUpdate(cid, {"k": torch.tensor([value])}, 1, {}) for cid, value in [("a", 1.0), ("b", 3.0)]]
 
     out = strategy.aggregate(1, updates, [], {"k": torch.tensor([0.0])})
     saved = strategy.state_dict()
