@@ -42,8 +42,18 @@ class DataConfig:
     eval_fraction: float = field(default=0.1, metadata={"help": "stdlib-docs: held-out share of each family"})
     max_train_examples: int = field(default=0, metadata={"help": "cap on training examples (0 = all)"})
     max_eval_examples: int = field(default=64, metadata={"help": "cap on evaluation examples (0 = all)"})
+    partition: Literal["default", "iid", "dirichlet", "quantity"] = field(
+        default="default",
+        metadata={"help": "simulation silos: default (stdlib-docs by family, files round-robin), iid, "
+                          "dirichlet (label skew), quantity (size skew)"},
+    )
+    partition_alpha: float = field(default=0.5, metadata={"help": "Dirichlet alpha of dirichlet/quantity partitions"})
 
     def __post_init__(self) -> None:
+        if self.partition not in ("default", "iid", "dirichlet", "quantity"):
+            raise ValueError(f"data.partition: expected default, iid, dirichlet or quantity, got {self.partition!r}")
+        if not self.partition_alpha > 0:
+            raise ValueError(f"data.partition_alpha: expected > 0, got {self.partition_alpha}")
         if self.num_clients < 1:
             raise ValueError(f"data.num_clients: expected >= 1, got {self.num_clients}")
         if self.dataset == "files" and not (self.task and self.train_path and self.eval_path):
