@@ -18,6 +18,7 @@ from fedsplit.data import (
     ContractMismatchError,
     DataContract,
     DataError,
+    DataReport,
     check_same_contract,
     check_source,
     contract_diff,
@@ -81,6 +82,19 @@ def test_report_has_counts_only(three_files: list[ClientSource], tiny_tokenizer)
     assert SECRET not in text and "loved" not in text and "a.jsonl" not in text
     assert data.encoded is not None and len(data.encoded) == 8
     assert data.report.fraction_truncated == 0.0
+
+
+def test_report_round_trips_and_bad_reports_are_refused(three_files: list[ClientSource]) -> None:
+    report = load_client_data(CONTRACT, three_files).report
+    wire = json.loads(json.dumps(report.to_dict()))
+
+    assert DataReport.from_dict(wire) == report
+    with pytest.raises(ContractError, match="num_examples: expected an int >= 0"):
+        DataReport.from_dict({**wire, "num_examples": -1})
+    with pytest.raises(ContractError, match="expected fields"):
+        DataReport.from_dict({**wire, "first_rows": ["x"]})
+    with pytest.raises(ContractError, match="label_histogram"):
+        DataReport.from_dict({**wire, "label_histogram": {"positive": "many"}})
 
 
 def test_truncation_is_counted(three_files: list[ClientSource], tiny_tokenizer) -> None:

@@ -170,6 +170,35 @@ class DataReport:
         """Plain JSON-ready numbers and names (for the lobby log, metrics and the wire)."""
         return {**dataclasses.asdict(self), "fraction_truncated": self.fraction_truncated}
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DataReport:
+        """A report received from a client, checked: counts are ints >= 0, names are strings."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        fields = {key: value for key, value in data.items() if key != "fraction_truncated"}
+        if set(fields) != known:
+            raise ContractError(f"data report: expected fields {sorted(known)}, got {sorted(fields)}")
+        for name in ("num_examples", "num_truncated", "num_rejected"):
+            _check_count(fields[name], name)
+        for name in ("label_histogram", "rejected"):
+            if not isinstance(fields[name], Mapping):
+                got = type(fields[name]).__name__
+                raise ContractError(f"data report: {name}: expected a table of counts, got {got}")
+            for key, count in fields[name].items():
+                if not isinstance(key, str):
+                    raise ContractError(f"data report: {name}: expected string keys, got {key!r}")
+                _check_count(count, f"{name}[{key!r}]")
+        if not isinstance(fields["contract_hash"], str):
+            raise ContractError("data report: contract_hash: expected a hex string")
+        if fields["num_truncated"] > fields["num_examples"]:
+            raise ContractError("data report: expected num_truncated <= num_examples")
+        tables = {name: dict(fields[name]) for name in ("label_histogram", "rejected")}
+        return cls(**{**fields, **tables})
+
+
+def _check_count(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ContractError(f"data report: {name}: expected an int >= 0, got {value!r}")
+
 
 @dataclass
 class ClientData:
