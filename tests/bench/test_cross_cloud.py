@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,12 +14,13 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "cross_cloud.py"
 
 
 @pytest.mark.slow
-def test_quick_mode_reports_the_poisoning_and_non_iid_numbers(capsys) -> None:
+def test_quick_mode_reports_the_poisoning_and_non_iid_numbers(capsys, monkeypatch) -> None:
     if shared_data_dir() is None or not (shared_data_dir() / "emotion" / "train.jsonl").is_file():
         pytest.skip("shared data (emotion) not found: set FEDSPLIT_SHARED to the folder holding data/")
     spec = importlib.util.spec_from_file_location("cross_cloud", BENCH)
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "cross_cloud", bench)  # dataclasses look their module up
     spec.loader.exec_module(bench)
 
     result = bench.main(["--quick"])
