@@ -35,7 +35,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedsplit.adapters import LoraSettings, adapter_state_dict, add_part_adapters, load_adapter_state_dict
+from fedsplit.adapters import (
+    LoraSettings,
+    adapter_parameters,
+    adapter_state_dict,
+    add_part_adapters,
+    load_adapter_state_dict,
+)
 from fedsplit.channel import in_process_channel
 from fedsplit.client import SplitClient
 from fedsplit.data import ClientSource, DataContract, load_client_data, shared_data_dir
@@ -154,12 +160,9 @@ def load_client_tensors(parts: SplitParts, tensors: Mapping[str, Tensor]) -> Non
 
 
 def named_client_parameters(parts: SplitParts) -> dict[str, torch.nn.Parameter]:
-    """The head/tail LoRA parameters under the update's keys (same order as adapter_state_dict)."""
-    named = {}
-    for prefix, part in (("head/", parts.head), ("tail/", parts.tail)):
-        params = [p for name, p in part.named_parameters() if "lora_" in name]
-        named.update({prefix + key: p for key, p in zip(adapter_state_dict(part), params, strict=True)})
-    return named
+    """The head/tail LoRA parameters under the update's keys (``head/...``, ``tail/...``)."""
+    return {**{f"head/{k}": p for k, p in adapter_parameters(parts.head).items()},
+            **{f"tail/{k}": p for k, p in adapter_parameters(parts.tail).items()}}  # fmt: skip
 
 
 def run_federation(
