@@ -27,6 +27,7 @@ import json
 import math
 import sys
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "poisoning_gap_pct": gaps,
         "final_loss": {key: _finite(run["final_loss"]) for key, run in {**runs, **non_iid}.items()},  # None: diverged
         "train_loss_per_round": {key: run["train_loss"] for key, run in {**runs, **non_iid}.items()},
-        "label_skew": [sorted({task.labels[i] for i in silo}) for silo in skewed],
+        "label_skew": [dict(sorted(Counter(task.labels[i] for i in silo).items())) for silo in skewed],
         "settings": {**s.__dict__, "threads": args.threads, "attacks": list(ATTACKS), "partition_alpha": 0.3},
         "seconds": round(time.perf_counter() - start, 1),
     }
