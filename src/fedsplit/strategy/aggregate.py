@@ -42,12 +42,12 @@ def weighted_average(
     if not updates:
         raise AggregationError("expected at least one update, got none")
     names = _labels(len(updates), labels)
-    weights = [_check_weight(weight, name) for (_, weight), name in zip(updates, names)]
+    weights = [_check_weight(weight, name) for (_, weight), name in zip(updates, names, strict=False)]
     total = math.fsum(weights)
     if total <= 0:
         raise AggregationError(f"expected the weights to sum to > 0, got {total} ({weights})")
     reference = updates[0][0]
-    for (tensors, _), name in zip(updates, names):
+    for (tensors, _), name in zip(updates, names, strict=False):
         check_compatible(reference, tensors, name)
         check_finite(tensors, name)
     states = [tensors for tensors, _ in updates]
@@ -108,7 +108,7 @@ def _mean(
 ) -> Tensor:
     first = states[0][key]
     acc = torch.zeros(first.shape, dtype=torch.float64)
-    for tensors, weight in zip(states, weights):
+    for tensors, weight in zip(states, weights, strict=False):
         if weight > 0:  # a zero weight drops the update; skip the work
             acc.add_(tensors[key].detach().to(device="cpu", dtype=torch.float64), alpha=weight)
     return (acc / total).to(device=first.device, dtype=first.dtype)

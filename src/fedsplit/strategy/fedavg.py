@@ -97,7 +97,7 @@ class FedAvg:
         weights = [self.weight_fn(update) for update in ordered]
         if self.max_share < 1:
             weights = cap_shares(weights, self.max_share)
-        tensors = weighted_average([(u.tensors, w) for u, w in zip(ordered, weights)], labels=ids)
+        tensors = weighted_average([(u.tensors, w) for u, w in zip(ordered, weights, strict=False)], labels=ids)
         metrics = weighted_metrics(ordered, weights)
         metrics.update(num_results=len(ordered), num_failures=len(failures))
         total = sum(update.num_examples for update in ordered)
@@ -132,7 +132,7 @@ def weighted_metrics(updates: Sequence[ClientUpdate], weights: Sequence[float]) 
     """
     sums: dict[str, float] = {}
     totals: dict[str, float] = {}
-    for update, weight in zip(updates, weights):
+    for update, weight in zip(updates, weights, strict=False):
         if weight == 0:  # dropped from the aggregate: its metrics (maybe NaN) must not count
             continue
         for name, value in update.metrics.items():
