@@ -243,6 +243,12 @@ def _finite(value: float) -> float | None:
     return round(value, 4) if math.isfinite(value) else None
 
 
+def worst(gaps: Sequence[float | None]) -> float | None:
+    """The largest gap, or None if any run diverged (its loss was not finite)."""
+    finite = [g for g in gaps if g is not None]
+    return max(finite) if len(finite) == len(gaps) else None
+
+
 def gap(loss: float, reference: float) -> float | None:
     return round(100 * (loss - reference) / reference, 2) if math.isfinite(loss) else None
 
@@ -298,9 +304,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     result = {
         "bench": "cross_cloud",
-        "robust_loss_gap_pct": max((g for g in robust_gaps if g is not None), default=None)
-        if None not in robust_gaps else None,
-        "fedavg_poisoned_loss_gap_pct": None if None in fedavg_gaps else max(fedavg_gaps),  # None: diverged
+        "robust_loss_gap_pct": worst(robust_gaps),  # None: a run diverged
+        "fedavg_poisoned_loss_gap_pct": worst(fedavg_gaps),
         "clean_fedavg_loss": round(reference, 4),
         "poisoning_gap_pct": gaps,
         "final_loss": {key: _finite(run["final_loss"]) for key, run in {**runs, **non_iid}.items()},  # None: diverged
