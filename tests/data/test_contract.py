@@ -25,7 +25,7 @@ from fedsplit.data import (
     contract_hash,
     load_client_data,
 )
-from fedsplit.data.contract import contract_from_dict, contract_to_dict
+from fedsplit.data.contract import contract_from_dict, contract_to_dict, tokenizer_fingerprint
 
 Write = Callable[[str, "str | bytes"], Path]
 
@@ -95,6 +95,15 @@ def test_report_round_trips_and_bad_reports_are_refused(three_files: list[Client
         DataReport.from_dict({**wire, "first_rows": ["x"]})
     with pytest.raises(ContractError, match="label_histogram"):
         DataReport.from_dict({**wire, "label_histogram": {"positive": "many"}})
+
+
+def test_tokenizer_hash_is_checked(three_files: list[ClientSource], tiny_tokenizer) -> None:
+    pinned = DataContract(**{**contract_to_dict(CONTRACT), "tokenizer_hash": tokenizer_fingerprint(tiny_tokenizer)})
+    wrong = DataContract(**{**contract_to_dict(CONTRACT), "tokenizer_hash": "0" * 64})
+
+    assert load_client_data(pinned, three_files, tiny_tokenizer).report.num_examples == 8
+    with pytest.raises(ContractError, match="tokenizer: its vocabulary hash"):
+        load_client_data(wrong, three_files, tiny_tokenizer)
 
 
 def test_truncation_is_counted(three_files: list[ClientSource], tiny_tokenizer) -> None:

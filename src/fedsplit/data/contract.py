@@ -278,6 +278,12 @@ def load_client_data(
         raise ContractError("expected at least one data source for this client, got none")
     for source in sources:
         check_source(contract, source)
+    fingerprint = tokenizer_fingerprint(tokenizer) if tokenizer is not None and contract.tokenizer_hash else ""
+    if fingerprint and fingerprint != contract.tokenizer_hash:
+        raise ContractError(
+            f"tokenizer: its vocabulary hash {fingerprint[:12]}... differs from the contract's "
+            f"tokenizer_hash {contract.tokenizer_hash[:12]}... ({contract.tokenizer or 'unnamed'})"
+        )
     examples: list[Example] = []
     labels: list[str | None] = []
     rejected: Counter[str] = Counter()
