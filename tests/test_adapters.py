@@ -11,6 +11,7 @@ from peft import PeftModel
 from fedsplit.adapters import (
     AdapterError,
     LoraSettings,
+    adapter_parameters,
     adapter_state_dict,
     add_part_adapters,
     load_adapter,
@@ -147,3 +148,17 @@ def test_unknown_target_module_is_a_clear_error(tiny_llama):
 def test_bad_lora_settings_are_refused(kwargs):
     with pytest.raises(ValueError, match="lora"):
         LoraSettings(**kwargs)
+
+
+def test_adapter_parameters_are_the_live_lora_weights_under_the_state_dict_keys(tiny_llama):
+    model, _ = tiny_llama
+    parts = split_model(model, 1, 1)
+    add_part_adapters(parts, SETTINGS)
+
+    params = adapter_parameters(parts.tail)
+    with torch.no_grad():
+        next(iter(params.values())).add_(1.0)
+
+    assert list(params) == list(adapter_state_dict(parts.tail))
+    assert all(p.requires_grad for p in params.values())
+    assert all(torch.equal(params[k], v) for k, v in adapter_state_dict(parts.tail).items())  # live, not copies

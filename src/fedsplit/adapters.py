@@ -128,6 +128,11 @@ def adapter_state_dict(part: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def adapter_parameters(part: nn.Module) -> dict[str, nn.Parameter]:
+    """The part's LoRA parameters themselves under PEFT's key names (the keys of ``adapter_state_dict``)."""
+    return {_to_peft_key(name): param for name, param in part.named_parameters() if "lora_" in name}
+
+
 def load_adapter_state_dict(part: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
     """Copy ``tensors`` (PEFT key names) into the part's LoRA weights; keys and shapes must match exactly."""
     params = {_to_peft_key(name): p for name, p in part.named_parameters() if "lora_" in name}

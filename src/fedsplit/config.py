@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from fedsplit.adapters import LoraSettings
+from fedsplit.data.contract import ClientSource, DataContract
+from fedsplit.strategy.config import StrategyConfig
 from fedsplit.train.config import TrainConfig
 
 
@@ -41,8 +43,18 @@ class DataConfig:
     eval_fraction: float = field(default=0.1, metadata={"help": "stdlib-docs: held-out share of each family"})
     max_train_examples: int = field(default=0, metadata={"help": "cap on training examples (0 = all)"})
     max_eval_examples: int = field(default=64, metadata={"help": "cap on evaluation examples (0 = all)"})
+    partition: Literal["default", "iid", "dirichlet", "quantity"] = field(
+        default="default",
+        metadata={"help": "simulation silos: default (stdlib-docs by family, files round-robin), iid, "
+                          "dirichlet (label skew), quantity (size skew)"},
+    )
+    partition_alpha: float = field(default=0.5, metadata={"help": "Dirichlet alpha of dirichlet/quantity partitions"})
 
     def __post_init__(self) -> None:
+        if self.partition not in ("default", "iid", "dirichlet", "quantity"):
+            raise ValueError(f"data.partition: expected default, iid, dirichlet or quantity, got {self.partition!r}")
+        if not self.partition_alpha > 0:
+            raise ValueError(f"data.partition_alpha: expected > 0, got {self.partition_alpha}")
         if self.num_clients < 1:
             raise ValueError(f"data.num_clients: expected >= 1, got {self.num_clients}")
         if self.dataset == "files" and not (self.task and self.train_path and self.eval_path):
@@ -57,10 +69,8 @@ class FederationConfig:
     local_steps: int = field(default=8, metadata={"help": "optimizer steps per client per round"})
     min_clients: int = field(default=1, metadata={"help": "fewest client results a round may aggregate"})
     fraction: float = field(default=1.0, metadata={"help": "share of clients sampled per round"})
-    max_share: float = field(default=0.5, metadata={"help": "largest share of the FedAvg weight one client may have "
-                                                    "(at least 1 / clients)"})
     max_examples_per_client: int = field(default=0, metadata={"help": "most examples a client's data report may "
-                                                              "claim (0: unbounded; max_share still caps)"})
+                                                              "claim (0: unbounded; strategy.max_share still caps)"})
     update_bound_factor: float = field(default=10.0, metadata={"help": "refuse a client update that moved any element "
                                                                "more than this x local_steps x lr (0: off)"})
     max_update_norm: float = field(default=0.0, metadata={"help": "refuse a client update farther than this (L2) "
@@ -72,8 +82,6 @@ class FederationConfig:
                 raise ValueError(f"federation.{key}: expected >= 1, got {getattr(self, key)}")
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"federation.fraction: expected 0 < x <= 1, got {self.fraction}")
-        if not 0.0 < self.max_share <= 1.0:
-            raise ValueError(f"federation.max_share: expected 0 < x <= 1, got {self.max_share}")
         for key in ("max_examples_per_client", "update_bound_factor", "max_update_norm"):
             if not getattr(self, key) >= 0:
                 raise ValueError(f"federation.{key}: expected >= 0, got {getattr(self, key)}")
@@ -135,6 +143,9 @@ class ClientConfig:
     id: str = field(default="client-0", metadata={"help": "this client's id (its key pair is keys_dir/<id>.key/.pub)"})
     silo: int = field(default=0, metadata={"help": "which data silo of the run's dataset is this client's own"})
     threads: int = field(default=0, metadata={"help": "torch threads of the client process (0 = torch default)"})
+    sources: list[ClientSource] = field(
+        default_factory=list, metadata={"help": "[[client.sources]]: this client's own files, mapped onto [contract]"}
+    )
 
     def __post_init__(self) -> None:
         if self.silo < 0:
@@ -196,6 +207,8 @@ class RunConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    contract: DataContract = field(default_factory=DataContract)
 
     @property
     def lora(self) -> list[LoraSettings]:

@@ -63,6 +63,19 @@ def test_parquet_records_carry_their_row_number(tmp_path: Path) -> None:
     assert _lines_and_fields(path) == [(1, {"text": "a", "label": 0}), (2, {"text": "b", "label": 1})]
 
 
+def test_tsv_records_are_tab_separated_strings_with_their_line(write: Write) -> None:
+    path = write("a.tsv", "text\tlabel\nhello, world\t1\n\nbye\t0\n")
+
+    assert _lines_and_fields(path) == [(2, {"text": "hello, world", "label": "1"}), (4, {"text": "bye", "label": "0"})]
+
+
+def test_tsv_row_with_the_wrong_number_of_fields_names_the_line(write: Write) -> None:
+    path = write("a.tsv", "text\tlabel\nonly-one-field\n")
+
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: expected 2 fields")):
+        list(read_records(path))
+
+
 def test_explicit_format_overrides_the_suffix(write: Write) -> None:
     path = write("data.txt", '{"x": 1}\n')
 
@@ -72,7 +85,7 @@ def test_explicit_format_overrides_the_suffix(write: Write) -> None:
 @pytest.mark.parametrize(
     ("name", "expected"),
     [("a.jsonl", "jsonl"), ("a.NDJSON", "jsonl"), ("a.json", "json"), ("a.csv", "csv"), ("a.parquet", "parquet"),
-     ("hf://dair-ai/emotion:train", "hf")],
+     ("a.tsv", "tsv"), ("hf://dair-ai/emotion:train", "hf")],
 )  # fmt: skip
 def test_format_is_detected_from_the_suffix(name: str, expected: str) -> None:
     assert detect_format(name) == expected

@@ -2,7 +2,8 @@
 
 In FL-GLM (arXiv 2406.14898) every client fine-tunes on its own private data and keeps its labels.
 This package turns a client's data, whatever its schema, into canonical chat :class:`Example` objects
-(:mod:`~fedsplit.data.readers`, :mod:`~fedsplit.data.harmonize`, :mod:`~fedsplit.data.tasks`),
+(:mod:`~fedsplit.data.readers`, :mod:`~fedsplit.data.harmonize`, :mod:`~fedsplit.data.tasks`), or onto the
+run's data contract (:mod:`~fedsplit.data.contract`), splits a pool for simulation (:mod:`~fedsplit.data.partition`),
 tokenizes them with a loss on the response only and pads batches (:mod:`~fedsplit.data.tokenize`),
 and ships non-IID demo silos built from the Python standard library's docs
 (:mod:`~fedsplit.data.stdlib_docs`). Nothing is read or imported heavily at import time.
@@ -10,6 +11,19 @@ and ships non-IID demo silos built from the Python standard library's docs
 
 from __future__ import annotations
 
+from fedsplit.data.contract import (
+    ClientData,
+    ClientSource,
+    ContractError,
+    ContractMismatchError,
+    DataContract,
+    DataReport,
+    check_same_contract,
+    check_source,
+    contract_diff,
+    contract_hash,
+    load_client_data,
+)
 from fedsplit.data.errors import DataError, DataUnavailableError
 from fedsplit.data.harmonize import SourceConfig, load_examples
 from fedsplit.data.readers import Record, detect_format, read_records
@@ -20,6 +34,17 @@ from fedsplit.data.tasks import TASKS, FieldMapping
 from fedsplit.data.tokenize import IGNORE_INDEX, EncodedExample, collate, encode_example, encode_examples
 
 __all__ = [
+    "ClientData",
+    "ClientSource",
+    "ContractError",
+    "ContractMismatchError",
+    "DataContract",
+    "DataReport",
+    "check_same_contract",
+    "check_source",
+    "contract_diff",
+    "contract_hash",
+    "load_client_data",
     "FAMILIES",
     "IGNORE_INDEX",
     "ROLES",

@@ -26,7 +26,7 @@ class SourceConfig:
     """One data source and how to read it: a known ``task`` or an explicit field mapping."""
 
     path: str = field(metadata={"help": "file path, or hf://[owner/]name[/config]:split"})
-    format: str | None = field(default=None, metadata={"help": "jsonl, json, csv, parquet or hf; None: by suffix"})
+    format: str | None = field(default=None, metadata={"help": "jsonl, json, csv, tsv, parquet or hf; None: by suffix"})
     task: str | None = field(default=None, metadata={"help": f"a known task: {', '.join(TASKS)}"})
     prompt_template: str | tuple[str, ...] | None = field(
         default=None, metadata={"help": "'{field}' template(s); several: first with all fields present wins"}

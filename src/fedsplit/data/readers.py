@@ -10,6 +10,7 @@ Formats (chosen by ``format=`` or the file suffix, see :data:`SUFFIX_FORMATS`):
 - ``jsonl``: one JSON object per line; blank lines are skipped. Provenance: line number.
 - ``json``: a JSON array of objects. Provenance: the line where the element starts.
 - ``csv``: a header row, then one record per row (all values are strings). Provenance: line number.
+- ``tsv``: as ``csv``, tab-separated.
 - ``parquet``: read with pyarrow in batches. Provenance: row number (1-based).
 - ``hf``: ``hf://name:split``, ``hf://owner/name:split`` or ``hf://owner/name/config:split``; needs the
   optional ``datasets`` package and access to the Hugging Face hub. Provenance: row number.
@@ -36,6 +37,8 @@ SUFFIX_FORMATS: dict[str, str] = {
     ".ndjson": "jsonl",
     ".json": "json",
     ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
     ".parquet": "parquet",
     ".pq": "parquet",
 }
@@ -174,8 +177,8 @@ def _element_lines(text: str) -> Iterator[int]:
         _, pos = decoder.raw_decode(text, pos)
 
 
-def _read_csv(path: str) -> Iterator[Record]:
-    rows = csv.reader(io.StringIO(_decode(Path(path).read_bytes(), path), newline=""))
+def _read_csv(path: str, delimiter: str = ",") -> Iterator[Record]:
+    rows = csv.reader(io.StringIO(_decode(Path(path).read_bytes(), path), newline=""), delimiter=delimiter)
     try:
         header = next(rows, None)
         if header is None:
@@ -189,10 +192,15 @@ def _read_csv(path: str) -> Iterator[Record]:
             if len(row) != len(header):
                 message = f"expected {len(header)} fields as in the header, got {len(row)}"
                 raise DataError(message, path=path, line=line)
-            yield Record(dict(zip(header, row)), path, line, index)
+            yield Record(dict(zip(header, row, strict=True)), path, line, index)
             index += 1
     except csv.Error as exc:
-        raise DataError(f"malformed CSV: {exc}", path=path, line=rows.line_num) from None
+        kind = "TSV" if delimiter == "\t" else "CSV"
+        raise DataError(f"malformed {kind}: {exc}", path=path, line=rows.line_num) from None
+
+
+def _read_tsv(path: str) -> Iterator[Record]:
+    return _read_csv(path, delimiter="\t")
 
 
 def _checked_header(header: list[str], path: str) -> list[str]:
@@ -258,6 +266,7 @@ READERS: dict[str, Callable[[str], Iterator[Record]]] = {
     "jsonl": _read_jsonl,
     "json": _read_json,
     "csv": _read_csv,
+    "tsv": _read_tsv,
     "parquet": _read_parquet,
     "hf": _read_hf,
 }

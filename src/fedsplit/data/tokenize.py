@@ -106,12 +106,20 @@ def encode_example(example: Example, tokenizer: PreTrainedTokenizerBase, max_len
     assistant header stays). If the response alone does not fit, it keeps the last prompt token (the
     first response token needs something to be predicted from) and the start of the response.
     """
+    return encode_and_truncate(example, tokenizer, max_length)[0]
+
+
+def encode_and_truncate(
+    example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> tuple[EncodedExample, bool]:
+    """:func:`encode_example`, and whether the example had to be truncated to fit ``max_length``."""
     if type(max_length) is not int or max_length < 2:
         raise ValueError(f"max_length: expected an int >= 2 (one context + one supervised token), got {max_length!r}")
     prompt, response = split_prompt_response(example, tokenizer)
+    truncated = len(prompt) + len(response) > max_length
     response = response[: max_length - 1]
     prompt = prompt[max(0, len(prompt) + len(response) - max_length) :]
-    return EncodedExample(prompt + response, [IGNORE_INDEX] * len(prompt) + response)
+    return EncodedExample(prompt + response, [IGNORE_INDEX] * len(prompt) + response), truncated
 
 
 def encode_examples(

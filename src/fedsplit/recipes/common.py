@@ -27,20 +27,38 @@ class FederatedData:
 
 
 def load_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
-    """Built-in stdlib-docs silos (non-IID by module family) or a task file split round-robin."""
+    """Built-in stdlib-docs silos (non-IID by module family) or a task file split round-robin;
+    ``cfg.partition`` re-splits the pool instead (iid, Dirichlet label skew, quantity skew)."""
     if cfg.dataset == "stdlib-docs":
-        split = stdlib_docs_silos(cfg.num_clients, cfg.eval_fraction, seed)
+        families = 3 if cfg.partition != "default" else cfg.num_clients  # 3 silos: one per family
+        split = stdlib_docs_silos(families, cfg.eval_fraction, seed)
         silos, held_out = [list(s) for s in split.silos], list(split.eval)
+        if cfg.partition != "default":
+            pool = [example for silo in silos for example in silo]
+            labels = [family for family, silo in enumerate(silos) for _ in silo]  # label = module family
+            silos = _repartition(pool, labels, cfg, seed)
     else:
         train = load_examples(SourceConfig(path=cfg.train_path, task=cfg.task))
         held_out = load_examples(SourceConfig(path=cfg.eval_path, task=cfg.task))
         random.Random(seed).shuffle(train)
         if cfg.max_train_examples:
             train = train[: cfg.max_train_examples]
-        silos = [train[i :: cfg.num_clients] for i in range(cfg.num_clients)]
+        if cfg.partition == "default":
+            silos = [train[i :: cfg.num_clients] for i in range(cfg.num_clients)]
+        else:  # label = the verbalized answer (the label of a classification task)
+            silos = _repartition(train, [example.response for example in train], cfg, seed)
     if cfg.max_eval_examples:
         held_out = held_out[: cfg.max_eval_examples]
     return FederatedData(silos, held_out)
+
+
+def _repartition(
+    pool: Sequence[Example], labels: Sequence[str | int], cfg: DataConfig, seed: int
+) -> list[list[Example]]:
+    from fedsplit.data.partition import partition
+
+    shards = partition(cfg.partition, cfg.num_clients, seed, labels=labels, alpha=cfg.partition_alpha)
+    return [[pool[i] for i in shard] for shard in shards]
 
 
 class BatchStream:

@@ -90,7 +90,7 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
     from fedsplit.security.tls import load_server_tls
     from fedsplit.server.checkpoint import latest_checkpoint, load_checkpoint
     from fedsplit.server.coordinator import CoordinatorConfig, RoundCoordinator
-    from fedsplit.strategy import FedAvg
+    from fedsplit.strategy.build import build_strategy
     from fedsplit.transport.grpc_server import GrpcServer
     from fedsplit.transport.handshake import SessionFactory
 
@@ -102,8 +102,9 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
     config_hash = run_config_hash(cfg, tokenizer)
     keys = keys_dir(cfg, config_dir)
 
-    strategy = FedAvg(local_steps=cfg.federation.local_steps, lr=cfg.train.lr, min_clients=cfg.federation.min_clients,
-                      fraction=cfg.federation.fraction, seed=cfg.train.seed, max_share=cfg.federation.max_share)
+    strategy = build_strategy(cfg.strategy, local_steps=cfg.federation.local_steps, lr=cfg.train.lr,
+                              min_clients=cfg.federation.min_clients, fraction=cfg.federation.fraction,
+                              seed=cfg.train.seed)
     coordinator_cfg = CoordinatorConfig(
         num_rounds=cfg.federation.rounds, min_clients=cfg.federation.min_clients,
         round_timeout_s=cfg.server.round_timeout_s, step_timeout_s=cfg.server.step_timeout_s,

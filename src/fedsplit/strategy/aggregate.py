@@ -42,12 +42,12 @@ def weighted_average(
     if not updates:
         raise AggregationError("expected at least one update, got none")
     names = _labels(len(updates), labels)
-    weights = [_check_weight(weight, name) for (_, weight), name in zip(updates, names)]
+    weights = [_check_weight(weight, name) for (_, weight), name in zip(updates, names, strict=False)]
     total = math.fsum(weights)
     if total <= 0:
         raise AggregationError(f"expected the weights to sum to > 0, got {total} ({weights})")
     reference = updates[0][0]
-    for (tensors, _), name in zip(updates, names):
+    for (tensors, _), name in zip(updates, names, strict=False):
         check_compatible(reference, tensors, name)
         check_finite(tensors, name)
     states = [tensors for tensors, _ in updates]
@@ -108,7 +108,69 @@ def _mean(
 ) -> Tensor:
     first = states[0][key]
     acc = torch.zeros(first.shape, dtype=torch.float64)
-    for tensors, weight in zip(states, weights):
+    for tensors, weight in zip(states, weights, strict=False):
         if weight > 0:  # a zero weight drops the update; skip the work
             acc.add_(tensors[key].detach().to(device="cpu", dtype=torch.float64), alpha=weight)
     return (acc / total).to(device=first.device, dtype=first.dtype)
+
+
+def cap_shares(weights: Sequence[float], max_share: float) -> list[float]:
+    """Normalized shares ``w_k / sum(w)`` with no share above ``max_share``: iterative capping.
+
+    Shares above the cap are set to the cap and the mass they lose is spread over the others in
+    proportion to their weights, repeatedly, until no share exceeds the cap (water-filling: the
+    result is the closest capped distribution that keeps the uncapped clients' ratios). Zero
+    weights stay zero. With ``k`` positive weights and ``k * max_share < 1`` no capped
+    distribution exists; the most even one, ``1/k`` each, is returned. The shares sum to 1.
+    """
+    check_finite_number_in(max_share, "max_share")
+    if not 0 < max_share <= 1:
+        raise AggregationError(f"max_share: expected a value in (0, 1], got {max_share}")
+    values = [_check_weight(weight, f"weight {index}") for index, weight in enumerate(weights)]
+    total = math.fsum(values)
+    if total <= 0:
+        raise AggregationError(f"expected the weights to sum to > 0, got {total} ({values})")
+    positive = [index for index, value in enumerate(values) if value > 0]
+    if len(positive) * max_share < 1:  # infeasible: the most even distribution
+        return [1 / len(positive) if value > 0 else 0.0 for value in values]
+    capped: set[int] = set()
+    shares = [value / total for value in values]
+    while True:
+        free = [index for index in positive if index not in capped]
+        mass = 1 - max_share * len(capped)  # what the uncapped clients share
+        free_total = math.fsum(values[index] for index in free)
+        for index in free:
+            shares[index] = mass * values[index] / free_total
+        over = [index for index in free if shares[index] > max_share * (1 + 1e-12)]
+        if not over:
+            for index in capped:
+                shares[index] = max_share
+            return shares
+        capped.update(over)
+
+
+def check_finite_number_in(value: float, name: str) -> None:
+    """Raise ``AggregationError`` unless ``value`` is a finite real number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise AggregationError(f"{name}: expected a finite number, got {value!r}")
+
+
+def check_states(states: Sequence[Mapping[str, Tensor]], labels: Sequence[str] | None = None) -> list[str]:
+    """Check that every state has the first one's keys, shapes, dtypes and only finite values."""
+    if not states:
+        raise AggregationError("expected at least one update, got none")
+    names = _labels(len(states), labels)
+    for tensors, name in zip(states, names, strict=True):
+        check_compatible(states[0], tensors, name)
+        check_finite(tensors, name)
+    return names
+
+
+def stacked(states: Sequence[Mapping[str, Tensor]], key: str) -> Tensor:
+    """The ``key`` tensors of all states stacked on a new first axis, in float64 on the CPU: (n, ...)."""
+    return torch.stack([state[key].detach().to(device="cpu", dtype=torch.float64) for state in states])
+
+
+def like(value: Tensor, reference: Tensor) -> Tensor:
+    """``value`` cast back to ``reference``'s dtype and device."""
+    return value.to(device=reference.device, dtype=reference.dtype)

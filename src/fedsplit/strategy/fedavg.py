@@ -8,11 +8,12 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from torch import Tensor
 
-from fedsplit.strategy.aggregate import check_compatible, weighted_average
+from fedsplit.strategy.aggregate import cap_shares, check_compatible, weighted_average
 from fedsplit.strategy.base import (
     AggregateResult,
     ClientUpdate,
@@ -25,7 +26,6 @@ from fedsplit.strategy.base import (
     check_round,
     num_examples,
 )
-from fedsplit.strategy.bounds import cap_shares
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,8 +34,12 @@ class FedAvg:
 
     Sampling depends only on ``seed``, ``round`` and the set of available ids (not their order),
     so a rerun picks the same clients. Updates are sorted by client id before averaging, so the
-    aggregate is bit-identical whatever order the results arrived in.
+    aggregate is bit-identical whatever order the results arrived in. ``max_share`` < 1 caps any
+    client's share of the average (:func:`~fedsplit.strategy.aggregate.cap_shares`).
     """
+
+    name: ClassVar[str] = "fedavg"
+    linear: ClassVar[bool] = True  # a weighted sum: runs under secure / homomorphic aggregation
 
     local_steps: int  # optimizer steps each client runs per round
     lr: float  # client learning rate
@@ -43,11 +47,9 @@ class FedAvg:
     fraction: float = 1.0  # share of the available clients sampled per round, in (0, 1]
     seed: int = 0
     weight_fn: WeightFn = num_examples
-    max_share: float = 1.0  # no client's weight may exceed this share of the round's total (1: no cap)
+    max_share: float = 1.0  # largest share of the average any one client may hold, in (0, 1]
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.max_share, float | int) and 0 < self.max_share <= 1):
-            raise ValueError(f"max_share: expected a value in (0, 1], got {self.max_share!r}")
         _check_positive_int(self.local_steps, "local_steps")
         _check_positive_int(self.min_clients, "min_clients")
         check_finite_number(self.lr, "lr", positive=True)
@@ -56,6 +58,9 @@ class FedAvg:
             raise ValueError(f"fraction: expected a value in (0, 1], got {self.fraction}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed: expected an int >= 0, got {self.seed!r}")
+        check_finite_number(self.max_share, "max_share", positive=True)
+        if self.max_share > 1:
+            raise ValueError(f"max_share: expected a value in (0, 1], got {self.max_share}")
         if not callable(self.weight_fn):
             raise TypeError(f"weight_fn: expected a callable, got {type(self.weight_fn).__name__}")
 
@@ -87,22 +92,37 @@ class FedAvg:
         failures: Sequence[Failure],
         current: Mapping[str, Tensor],
     ) -> AggregateResult:
-        check_round(round)
-        ordered = sorted(results, key=lambda update: update.client_id)
+        ordered = ordered_results(round, results, failures, current, self.min_clients)
         ids = [update.client_id for update in ordered]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"round {round}: expected one result per client, got {ids}")
-        if len(ordered) < self.min_clients:
-            raise NotEnoughResultsError(round, self.min_clients, ids, failures)
-        if current:  # the clients must have trained the parts the server holds
-            for update in ordered:
-                check_compatible(current, update.tensors, f"client {update.client_id!r}")
-        weights = cap_shares([self.weight_fn(update) for update in ordered], self.max_share)
-        tensors = weighted_average([(u.tensors, w) for u, w in zip(ordered, weights)], labels=ids)
+        weights = [self.weight_fn(update) for update in ordered]
+        if self.max_share < 1:
+            weights = cap_shares(weights, self.max_share)
+        tensors = weighted_average([(u.tensors, w) for u, w in zip(ordered, weights, strict=False)], labels=ids)
         metrics = weighted_metrics(ordered, weights)
         metrics.update(num_results=len(ordered), num_failures=len(failures))
         total = sum(update.num_examples for update in ordered)
         return AggregateResult(tensors=tensors, metrics=metrics, num_examples=total, clients=ids)
+
+
+def ordered_results(
+    round: int,
+    results: Sequence[ClientUpdate],
+    failures: Sequence[Failure],
+    current: Mapping[str, Tensor],
+    min_clients: int,
+) -> list[ClientUpdate]:
+    """``results`` sorted by client id, checked: one per client, enough of them, ``current``'s keys."""
+    check_round(round)
+    ordered = sorted(results, key=lambda update: update.client_id)
+    ids = [update.client_id for update in ordered]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"round {round}: expected one result per client, got {ids}")
+    if len(ordered) < min_clients:
+        raise NotEnoughResultsError(round, min_clients, ids, failures)
+    if current:  # the clients must have trained the parts the server holds
+        for update in ordered:
+            check_compatible(current, update.tensors, f"client {update.client_id!r}")
+    return ordered
 
 
 def weighted_metrics(updates: Sequence[ClientUpdate], weights: Sequence[float]) -> dict[str, float]:
@@ -112,7 +132,7 @@ def weighted_metrics(updates: Sequence[ClientUpdate], weights: Sequence[float]) 
     """
     sums: dict[str, float] = {}
     totals: dict[str, float] = {}
-    for update, weight in zip(updates, weights):
+    for update, weight in zip(updates, weights, strict=False):
         if weight == 0:  # dropped from the aggregate: its metrics (maybe NaN) must not count
             continue
         for name, value in update.metrics.items():
