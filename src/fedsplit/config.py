@@ -167,28 +167,31 @@ class AggregationConfig:
         default="plain", metadata={"help": "plain FedAvg, secure aggregation, CKKS encryption, or hybrid per tensor"}
     )
     ring_bits: int = field(default=48, metadata={"help": "secagg: masked vectors live in Z_2^ring_bits (16..64)"})
-    clip: float = field(default=4.0, metadata={"help": "secagg: adapter values clipped to [-clip, clip] before quantization"})
-    max_weight: int = field(default=4096, metadata={"help": "secagg: largest per-client weight (num_examples per round)"})
-    threshold: int = field(default=0, metadata={"help": "secagg: Shamir threshold t (0 = majority of each sharing group)"})
+    clip: float = field(default=4.0, metadata={"help": "secagg: values clipped to [-clip, clip] before quantization"})
+    max_weight: int = field(default=4096, metadata={"help": "secagg: largest client weight (num_examples per round)"})
+    threshold: int = field(default=0, metadata={"help": "secagg: Shamir threshold t (0 = majority of a sharing group)"})
     neighbours: int = field(default=0, metadata={"help": "secagg: k neighbours per client, even (0 = all clients)"})
     ckks_poly_degree: int = field(default=8192, metadata={"help": "ckks: ring dimension (slots = degree / 2)"})
     ckks_scale_bits: int = field(default=40, metadata={"help": "ckks: encoding scale 2^bits (precision)"})
     ckks_workers: int = field(default=1, metadata={"help": "ckks: threads encrypting blocks in parallel"})
     hybrid_encrypt: list[str] = field(
-        default_factory=list, metadata={"help": "hybrid: fnmatch patterns of encrypted tensors (empty = head/* + last tail block)"}
+        default_factory=list,
+        metadata={"help": "hybrid: fnmatch patterns of encrypted tensors (empty = head/* + last tail block)"},
     )
-    hybrid_encrypted_mode: Literal["secagg", "ckks"] = field(default="secagg", metadata={"help": "hybrid: how encrypted tensors are aggregated"})
+    hybrid_encrypted_mode: Literal["secagg", "ckks"] = field(
+        default="secagg", metadata={"help": "hybrid: how encrypted tensors are aggregated"}
+    )
     hybrid_top_fraction: float = field(
         default=0.0, metadata={"help": "hybrid: > 0 encrypts this share of parameters ranked by last global update RMS"}
     )
     dp_noise: Literal["none", "central", "distributed"] = field(
-        default="none", metadata={"help": "DP-FedAvg noise: none, central (server, plain mode only) or distributed (clients)"}
+        default="none", metadata={"help": "DP-FedAvg noise: none, central (server; plain only), distributed (clients)"}
     )
     dp_clip: float = field(default=1.0, metadata={"help": "DP: L2 norm bound C of each client's update"})
     dp_noise_multiplier: float = field(default=1.0, metadata={"help": "DP: noise std / C on the sum"})
     dp_delta: float = field(default=1e-5, metadata={"help": "DP: delta of the reported (epsilon, delta)"})
-    dp_epsilon_budget: float = field(default=0.0, metadata={"help": "DP: stop or warn above this epsilon (0 = no budget)"})
-    dp_on_budget: Literal["stop", "warn"] = field(default="stop", metadata={"help": "DP: what exceeding the budget does"})
+    dp_epsilon_budget: float = field(default=0.0, metadata={"help": "DP: stop or warn above this epsilon (0 = none)"})
+    dp_on_budget: Literal["stop", "warn"] = field(default="stop", metadata={"help": "DP: on exceeding the budget"})
 
     def __post_init__(self) -> None:
         choices = {"mode": ("plain", "secagg", "ckks", "hybrid"), "hybrid_encrypted_mode": ("secagg", "ckks"),
@@ -206,7 +209,9 @@ class AggregationConfig:
         if self.neighbours < 0 or self.neighbours % 2:
             raise ValueError(f"aggregation.neighbours: expected an even int >= 0, got {self.neighbours!r}")
         if self.ckks_poly_degree not in (4096, 8192, 16384, 32768):
-            raise ValueError(f"aggregation.ckks_poly_degree: expected 4096, 8192, 16384 or 32768, got {self.ckks_poly_degree!r}")
+            raise ValueError(
+                f"aggregation.ckks_poly_degree: expected 4096, 8192, 16384 or 32768, got {self.ckks_poly_degree!r}"
+            )
         if not 20 <= self.ckks_scale_bits <= 58 or self.ckks_workers < 1:
             raise ValueError(
                 f"aggregation: expected ckks_scale_bits in 20..58 and ckks_workers >= 1, got "
@@ -219,9 +224,11 @@ class AggregationConfig:
                 f"aggregation.dp_noise: central noise needs the server to see updates (mode = plain), got mode = "
                 f"{self.mode!r}; use dp_noise = 'distributed'"
             )
-        if not (self.dp_clip > 0 and self.dp_noise_multiplier >= 0 and 0 < self.dp_delta < 1 and self.dp_epsilon_budget >= 0):
+        dp_ok = self.dp_clip > 0 and self.dp_noise_multiplier >= 0 and 0 < self.dp_delta < 1
+        if not (dp_ok and self.dp_epsilon_budget >= 0):
             raise ValueError(
-                f"aggregation: expected dp_clip > 0, dp_noise_multiplier >= 0, 0 < dp_delta < 1, dp_epsilon_budget >= 0, "
+                f"aggregation: expected dp_clip > 0, dp_noise_multiplier >= 0, 0 < dp_delta < 1, "
+                f"dp_epsilon_budget >= 0, "
                 f"got {self.dp_clip!r}, {self.dp_noise_multiplier!r}, {self.dp_delta!r}, {self.dp_epsilon_budget!r}"
             )
 

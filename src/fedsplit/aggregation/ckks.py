@@ -161,7 +161,8 @@ class CkksKeyHolder:
                                                 save_relin_keys=False)
 
     def advertise(self) -> SignedKeys:
-        return sign_keys(self._identity, self.run_id, self.client_id, PURPOSE, self.round, (self._ephemeral.public_raw,))
+        keys = (self._ephemeral.public_raw,)
+        return sign_keys(self._identity, self.run_id, self.client_id, PURPOSE, self.round, keys)
 
     def seal_for(self, adverts: Sequence[SignedKeys]) -> tuple[list[SealedKey], dict[str, str]]:
         """A sealed secret context per verified peer advert; adverts that fail are returned by client id."""
@@ -205,7 +206,8 @@ class CkksClient:
 
     def advertise(self) -> SignedKeys:
         """Key set-up, step 1: a fresh X25519 key for the key holder, signed with this client's identity."""
-        return sign_keys(self._identity, self.run_id, self.client_id, PURPOSE, self.round, (self._ephemeral.public_raw,))
+        keys = (self._ephemeral.public_raw,)
+        return sign_keys(self._identity, self.run_id, self.client_id, PURPOSE, self.round, keys)
 
     def receive_key(self, holder_advert: SignedKeys, message: SealedKey) -> None:
         """Key set-up, step 2: verify the holder's signed key, open the sealed secret context."""

@@ -72,7 +72,7 @@ class TensorLayout:
             missing, extra = sorted(set(self.names) - set(tensors)), sorted(set(tensors) - set(self.names))
             raise ValueError(f"expected the layout's tensors, got missing={missing} extra={extra}")
         parts = []
-        for name, shape in zip(self.names, self.shapes):
+        for name, shape in zip(self.names, self.shapes, strict=True):
             tensor = tensors[name]
             if tuple(tensor.shape) != shape:
                 raise ValueError(f"{name!r}: expected shape {shape}, got {tuple(tensor.shape)}")
@@ -85,7 +85,7 @@ class TensorLayout:
             raise ValueError(f"expected a vector of {self.numel} values, got shape {vector.shape}")
         out: dict[str, Tensor] = {}
         offset = 0
-        for name, shape, dtype, size in zip(self.names, self.shapes, self.dtypes, self.sizes):
+        for name, shape, dtype, size in zip(self.names, self.shapes, self.dtypes, self.sizes, strict=True):
             chunk = torch.from_numpy(np.array(vector[offset : offset + size], dtype=np.float64))
             out[name] = chunk.reshape(shape).to(dtype)
             offset += size

@@ -75,7 +75,9 @@ def privatize_update(
     """Client side of distributed DP: clip the update to ``C``, add ``N(0, z^2 C^2 / n_expected)`` per element."""
     check_finite_number(noise_multiplier, "noise_multiplier")
     if noise_multiplier < 0 or expected_clients < 1:
-        raise ValueError(f"expected noise_multiplier >= 0 and expected_clients >= 1, got {noise_multiplier}, {expected_clients}")
+        raise ValueError(
+            f"expected noise_multiplier >= 0 and expected_clients >= 1, got {noise_multiplier}, {expected_clients}"
+        )
     clipped, _ = clip_update(tensors, current, clip)
     std = noise_multiplier * clip / math.sqrt(expected_clients)
     return {k: (t.to(torch.float64) + _noise(t, std, generator)).to(t.dtype) for k, t in clipped.items()}
@@ -170,7 +172,8 @@ class DPFedAvg:
 
     def configure_round(self, round: int, available: Sequence[str]) -> RoundPlan:
         if self.on_budget == "stop" and self.accountant.epsilon() > self.epsilon_budget:
-            raise PrivacyBudgetExceededError(round, self.accountant.epsilon(), self.epsilon_budget, self.accountant.delta)
+            spent = self.accountant.epsilon()
+            raise PrivacyBudgetExceededError(round, spent, self.epsilon_budget, self.accountant.delta)
         plan = self.inner.configure_round(round, available)
         self._rate[round] = len(plan.client_ids) / max(1, len(available))
         settings = dict(plan.settings, dp_clip=self.clip, dp_noise=self.noise)
@@ -195,7 +198,8 @@ class DPFedAvg:
         tensors = result.tensors
         if self.noise == "central":
             std = self.noise_multiplier * self.clip / n
-            tensors = {k: (t.to(torch.float64) + _noise(t, std, self._generator)).to(t.dtype) for k, t in tensors.items()}
+            noisy = {k: t.to(torch.float64) + _noise(t, std, self._generator) for k, t in tensors.items()}
+            tensors = {k: noisy[k].to(t.dtype) for k, t in tensors.items()}
         else:
             multiplier = self.noise_multiplier * math.sqrt(min(n, self.expected_clients) / self.expected_clients)
             std = multiplier * self.clip / n

@@ -92,7 +92,8 @@ def sensitivity_policy(
         raise ValueError("sensitivity and sizes: expected the same tensor names")
     budget = fraction * sum(sizes.values())
     ranked = sorted(sensitivity, key=lambda n: (-sensitivity[n], n))
-    chosen, used = [], 0
+    chosen: list[str] = []
+    used = 0
     for name in ranked:
         if chosen and used + sizes[name] > budget + 1e-9 * budget:
             continue  # smaller, less sensitive tensors may still fit

@@ -104,7 +104,8 @@ def verify_keys(
 
 
 def _advert_bytes(run_id: str, client_id: str, purpose: str, round: int, keys: tuple[bytes, ...]) -> bytes:
-    return encode_fields(b"fedsplit/aggregation/keys/v1", text(run_id), text(client_id), text(purpose), u64(round), *keys)
+    label = b"fedsplit/aggregation/keys/v1"
+    return encode_fields(label, text(run_id), text(client_id), text(purpose), u64(round), *keys)
 
 
 def pairwise_key(
@@ -116,7 +117,8 @@ def pairwise_key(
     except ValueError as exc:  # all-zero shared secret: a low-order point, never from an honest peer
         raise MalformedMessageError(f"key agreement with {ids} failed: {exc}") from exc
     low, high = sorted(ids)
-    info = encode_fields(b"fedsplit/aggregation/pairwise/v1", text(run_id), text(purpose), u64(round), text(low), text(high))
+    label = b"fedsplit/aggregation/pairwise/v1"
+    info = encode_fields(label, text(run_id), text(purpose), u64(round), text(low), text(high))
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
 
 

@@ -268,7 +268,8 @@ def _ckks(
         if not faults.uploads(cid):
             continue
         weight = float(update.num_examples)
-        vector = np.append(layout.flatten({n: update.tensors[n] for n in layout.names}) * weight, weight)  # (numel + 1,): [w x ..., w]
+        values = layout.flatten({n: update.tensors[n] for n in layout.names})
+        vector = np.append(values * weight, weight)  # (numel + 1,): [w x ..., w]
         upload = clock.run(cid, session.clients[cid].encrypt, vector, round)
         if cid in faults.tamper:
             first = upload.blocks[0]

@@ -156,7 +156,8 @@ class UnmaskResponse:
 
     @property
     def nbytes(self) -> int:
-        return len(self.client_id) + sum(len(k) + len(v) + 8 for d in (self.self_shares, self.key_shares) for k, v in d.items())
+        shares = [*self.self_shares.items(), *self.key_shares.items()]
+        return len(self.client_id) + sum(len(k) + len(v) + 8 for k, v in shares)
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,8 @@ def _graph_seed(run_id: str, round: int) -> bytes:
 
 
 def _commitment(run_id: str, round: int, client_id: str, seed: bytes) -> bytes:
-    return hashlib.sha256(encode_fields(b"fedsplit/secagg/commit/v1", text(run_id), u64(round), text(client_id), seed)).digest()
+    fields = encode_fields(b"fedsplit/secagg/commit/v1", text(run_id), u64(round), text(client_id), seed)
+    return hashlib.sha256(fields).digest()
 
 
 def _share_ad(run_id: str, round: int, sender: str, recipient: str) -> bytes:
@@ -255,7 +257,8 @@ class SecAggClient:
         if self._adverts.get(self.client_id) is None or self._adverts[self.client_id].keys[0] != self._enc.public_raw:
             raise MalformedMessageError(f"client {self.client_id!r}: its own advert is missing or altered")
         ids = sorted(self._adverts)
-        self._neighbours = neighbourhoods(ids, self.params.neighbours, _graph_seed(self.run_id, self.round))[self.client_id]
+        graph = neighbourhoods(ids, self.params.neighbours, _graph_seed(self.run_id, self.round))
+        self._neighbours = graph[self.client_id]
         holders = sorted(self._neighbours | {self.client_id})
         self.params.check_group(len(holders))
         self._points = _share_points(ids)
@@ -264,7 +267,7 @@ class SecAggClient:
         seed_shares = shamir.split(self._self_seed, xs, self.params.threshold)
         key_shares = shamir.split(mask_secret, xs, self.params.threshold)
         out = []
-        for holder, seed_share, key_share in zip(holders, seed_shares, key_shares):
+        for holder, seed_share, key_share in zip(holders, seed_shares, key_shares, strict=True):
             if holder == self.client_id:
                 self._held[holder] = (seed_share, key_share)
                 continue
@@ -310,7 +313,7 @@ class SecAggClient:
                 if message.sender in self._neighbours and message.sender not in self._held:
                     rejected.add(message.sender)
         accepted = sorted(set(self._held) - {self.client_id})
-        quantizer_mask = np.uint64((1 << self.params.ring_bits) - 1) if self.params.ring_bits < 64 else np.uint64(2**64 - 1)
+        quantizer_mask = _ring_mask(self.params.ring_bits)
         masked = np.asarray(encoded, dtype=np.uint64) + expand_mask(self._self_seed, encoded.size, "self")
         for peer in accepted:
             pad = expand_mask(self._pair_seed(peer), encoded.size, "pair")
@@ -512,7 +515,8 @@ class SecAggServer:
             raise RoundAbortedError(
                 f"secagg round {self.round}: {len(survivors)} survivors ({', '.join(survivors) or 'none'}), "
                 f"fewer than the threshold t = {self.params.threshold}; dropped or excluded: "
-                f"{', '.join(dropped) or 'none'} ({self.excluded or 'no exclusions'}); round aborted, nothing aggregated"
+                f"{', '.join(dropped) or 'none'} ({self.excluded or 'no exclusions'}); "
+                f"round aborted, nothing aggregated"
             )
         self._request = UnmaskRequest(survivors=tuple(survivors), dropped=tuple(dropped))
         self.stage = Stage.UNMASK
@@ -545,7 +549,7 @@ class SecAggServer:
                 )
                 pad = expand_mask(seed, self.vector_len, "pair")
                 total = total - pad if u < d else total + pad  # undo u's +-PRG(s_ud)
-        modulus = np.uint64((1 << self.params.ring_bits) - 1) if self.params.ring_bits < 64 else np.uint64(2**64 - 1)
+        modulus = _ring_mask(self.params.ring_bits)
         self.stage = Stage.DONE
         return SecAggSum(ring_sum=total & modulus, clients=survivors, excluded=dict(self.excluded), dropped=dropped)
 
@@ -592,6 +596,10 @@ class SecAggServer:
             f"secagg round {self.round}: no subset of the {len(shares)} shares of the {what} of {owner!r} "
             f"matches its signed commitment; round aborted, nothing aggregated"
         )
+
+
+def _ring_mask(bits: int) -> np.uint64:
+    return np.uint64((1 << bits) - 1) if bits < 64 else np.uint64(2**64 - 1)
 
 
 def _x25519_private(raw: bytes) -> x25519.X25519PrivateKey:
