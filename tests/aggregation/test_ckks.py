@@ -98,3 +98,14 @@ def test_vector_length_mismatch_on_decrypt(session) -> None:
     total = server.finish()
     with pytest.raises(MalformedMessageError, match="values"):
         client.decrypt(total, 11)
+
+
+def test_upload_under_another_key_is_excluded(session) -> None:
+    identities, keys = session
+    other = setup_ckks(sorted(identities), identities, CkksParams(), run_id="run")  # a second, foreign key set
+    peers = {c: k.public_key() for c, k in identities.items()}
+    server = CkksServer(keys.public_context, sorted(peers), peers, keys.params, 10, run_id="run", round=1)
+    server.receive(other.clients["client-0"].encrypt(np.ones(10), 1))
+    server.receive(keys.clients["client-1"].encrypt(np.ones(10), 1))
+    assert "another CKKS key" in server.excluded["client-0"]
+    assert server.finish().clients == ["client-1"]
