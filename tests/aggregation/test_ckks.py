@@ -62,13 +62,17 @@ def test_tampered_repeated_or_wrong_size_upload_is_excluded(session) -> None:
 def test_server_holds_no_secret_key_and_refuses_one(session) -> None:
     identities, keys = session
     peers = {c: k.public_key() for c, k in identities.items()}
-    server = CkksServer(keys.public_context, sorted(peers), peers, keys.params, 10, run_id="run", round=1)
+    server = CkksServer(keys.public_context, keys.key_id, sorted(peers), peers, keys.params, 10, run_id="run", round=1)
     assert server.context.is_private() is False
     import tenseal as ts
 
+    with pytest.raises(ValueError, match="encryption"):  # keyless: it cannot forge a ciphertext either
+        ts.ckks_vector(server.context, [1.0])
+
     secret = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=8192, coeff_mod_bit_sizes=[60, 40, 60])
     with pytest.raises(ValueError, match="without the secret key"):
-        CkksServer(secret.serialize(save_secret_key=True), sorted(peers), peers, keys.params, 10, run_id="run", round=1)
+        CkksServer(secret.serialize(save_secret_key=True), keys.key_id, sorted(peers), peers, keys.params, 10,
+                   run_id="run", round=1)
 
 
 def test_the_sealed_key_only_opens_for_its_recipient() -> None:
@@ -84,8 +88,8 @@ def test_the_sealed_key_only_opens_for_its_recipient() -> None:
     with pytest.raises(MalformedMessageError):  # c (or the relaying server) cannot open b's copy
         c.receive_key(holder.advertise(), SealedKey(for_b.holder, "c", for_b.sealed))
     b.receive_key(holder.advertise(), for_b)
-    assert b.public_context == holder.public_context
-    assert keys.public_context != holder.public_context  # a fresh key per set-up
+    assert b.key_id == holder.key_id
+    assert keys.key_id != holder.key_id  # a fresh key per set-up
 
 
 def test_vector_length_mismatch_on_decrypt(session) -> None:
@@ -93,7 +97,7 @@ def test_vector_length_mismatch_on_decrypt(session) -> None:
     client = keys.clients["client-0"]
     upload = client.encrypt(np.ones(10), 1)
     peers = {c: k.public_key() for c, k in identities.items()}
-    server = CkksServer(keys.public_context, ["client-0"], peers, keys.params, 10, run_id="run", round=1)
+    server = CkksServer(keys.public_context, keys.key_id, ["client-0"], peers, keys.params, 10, run_id="run", round=1)
     server.receive(upload)
     total = server.finish()
     with pytest.raises(MalformedMessageError, match="values"):
@@ -104,7 +108,7 @@ def test_upload_under_another_key_is_excluded(session) -> None:
     identities, keys = session
     other = setup_ckks(sorted(identities), identities, CkksParams(), run_id="run")  # a second, foreign key set
     peers = {c: k.public_key() for c, k in identities.items()}
-    server = CkksServer(keys.public_context, sorted(peers), peers, keys.params, 10, run_id="run", round=1)
+    server = CkksServer(keys.public_context, keys.key_id, sorted(peers), peers, keys.params, 10, run_id="run", round=1)
     server.receive(other.clients["client-0"].encrypt(np.ones(10), 1))
     server.receive(keys.clients["client-1"].encrypt(np.ones(10), 1))
     assert "another CKKS key" in server.excluded["client-0"]

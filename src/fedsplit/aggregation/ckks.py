@@ -2,13 +2,15 @@
 
 Clients encrypt their pre-weighted updates ``[w x ..., w]`` (packed ``poly_degree / 2`` values per
 ciphertext, any length: the vector is cut into blocks, encrypted block-wise in parallel); the server
-only adds ciphertexts under the *public* context and returns the encrypted sum; the clients
-decrypt it and divide by the summed weight. Message flow::
+only adds ciphertexts under a *keyless* context (parameters only: it can neither decrypt nor
+encrypt) and returns the encrypted sum; the clients decrypt it and divide by the summed weight.
+Encryption is symmetric (secret-key) CKKS: every client holds the secret key anyway, and it is
+twice as fast as public-key encryption. Message flow::
 
     key holder h          server (public context only)            client c
       <--------------------SignedKeys(X25519 pk_c), signed by c's identity--------
       --SealedKey(AES-GCM_{HKDF(X25519(h, c))}(secret context))--> relay -------->  open, load
-      --public context (no secret key)--> keep
+      --keyless context (no secret or public key)--> keep
                           <--CkksUpload(blocks, context id, Ed25519 signature)--  every client
       verify signature + context id, exclude bad uploads, add the rest
                           --CkksSum(blocks)-->                                    decrypt, / sum w
@@ -48,7 +50,7 @@ __all__ = [
     "CkksKeyHolder",
     "CkksClient",
     "CkksServer",
-    "context_id",
+    "key_id",
 ]
 
 PURPOSE = "ckks"
@@ -105,13 +107,13 @@ class SealedKey:
 class CkksUpload:
     client_id: str
     round: int
-    context: bytes  # context_id of the public context the blocks were encrypted under
+    key: bytes  # key_id of the secret key the blocks were encrypted under
     blocks: tuple[bytes, ...]  # serialized CKKS vectors, ``slots`` values each (the last may be shorter)
     signature: bytes  # Ed25519 over run, round, client, context and every block's SHA-256
 
     @property
     def nbytes(self) -> int:
-        return len(self.client_id) + len(self.context) + len(self.signature) + sum(len(b) + 4 for b in self.blocks) + 16
+        return len(self.client_id) + len(self.key) + len(self.signature) + sum(len(b) + 4 for b in self.blocks) + 16
 
 
 @dataclass(frozen=True)
@@ -127,17 +129,18 @@ class CkksSum:
         return sum(len(b) + 4 for b in self.blocks)
 
 
-def context_id(public_context: bytes) -> bytes:
-    return hashlib.sha256(b"fedsplit/ckks/context/v1" + public_context).digest()
+def key_id(secret_context: bytes) -> bytes:
+    """SHA-256 of the serialized secret context: names the key (uploads under another key are refused)."""
+    return hashlib.sha256(b"fedsplit/ckks/key/v1" + secret_context).digest()
 
 
 def _key_ad(run_id: str, round: int, holder: str, recipient: str) -> bytes:
     return encode_fields(b"fedsplit/ckks/sealed-key/v1", text(run_id), u64(round), text(holder), text(recipient))
 
 
-def _upload_bytes(run_id: str, round: int, client_id: str, ctx_id: bytes, blocks: Sequence[bytes]) -> bytes:
+def _upload_bytes(run_id: str, round: int, client_id: str, key: bytes, blocks: Sequence[bytes]) -> bytes:
     digests = [hashlib.sha256(block).digest() for block in blocks]
-    return encode_fields(b"fedsplit/ckks/upload/v1", text(run_id), u64(round), text(client_id), ctx_id, *digests)
+    return encode_fields(b"fedsplit/ckks/upload/v1", text(run_id), u64(round), text(client_id), key, *digests)
 
 
 class CkksKeyHolder:
@@ -152,13 +155,16 @@ class CkksKeyHolder:
         self.client_id, self.params, self.run_id, self.round = client_id, params, run_id, round
         self._identity, self._peers = identity, dict(peers)
         self._ephemeral = KeyPair.generate()
+        # Symmetric (secret-key) encryption: every client holds the secret key anyway, it encrypts twice as
+        # fast as public-key encryption, and the server, holding no encryption key at all, cannot forge uploads.
         context = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=params.poly_degree,
-                             coeff_mod_bit_sizes=list(params.coeff_bits))
+                             coeff_mod_bit_sizes=list(params.coeff_bits),
+                             encryption_type=ts.ENCRYPTION_TYPE.SYMMETRIC)
         context.global_scale = 2.0**params.scale_bits
-        self._secret = context.serialize(save_public_key=True, save_secret_key=True, save_galois_keys=False,
+        self._secret = context.serialize(save_public_key=False, save_secret_key=True, save_galois_keys=False,
                                          save_relin_keys=False)
-        self.public_context = context.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=False,
-                                                save_relin_keys=False)
+        self.public_context = _public_bytes(context)  # for the server
+        self.key_id = key_id(self._secret)  # for the server: names the key without revealing it
 
     def advertise(self) -> SignedKeys:
         keys = (self._ephemeral.public_raw,)
@@ -202,6 +208,7 @@ class CkksClient:
         self._identity, self._peers = identity, dict(peers)
         self._ephemeral = KeyPair.generate()
         self._context: Any = None
+        self._secret: bytes = b""
         self._public: bytes = b""
 
     def advertise(self) -> SignedKeys:
@@ -227,8 +234,8 @@ class CkksClient:
         if not context.is_private():
             raise MalformedMessageError(f"client {self.client_id!r}: the sealed context holds no secret key")
         self._context = context
-        self._public = context.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=False,
-                                         save_relin_keys=False)
+        self._secret = secret
+        self._public = _public_bytes(context)
 
     def _require_key(self) -> None:
         if self._context is None:
@@ -240,16 +247,18 @@ class CkksClient:
         slots = self.params.slots
         chunks = [vector[i : i + slots].tolist() for i in range(0, vector.size, slots)]  # (<= slots,) each
         if executor is not None:
-            blocks = list(executor.map(_encrypt_public, [self._public] * len(chunks), chunks)) \
-                if isinstance(executor, ProcessPoolExecutor) else list(executor.map(self._encrypt_one, chunks))
+            if isinstance(executor, ProcessPoolExecutor):  # local worker processes of this client
+                blocks = list(executor.map(_encrypt_in_worker, [self._secret] * len(chunks), chunks))
+            else:
+                blocks = list(executor.map(self._encrypt_one, chunks))
         elif self.params.workers > 1 and len(chunks) > 1:
             with ThreadPoolExecutor(self.params.workers) as pool:
                 blocks = list(pool.map(self._encrypt_one, chunks))
         else:
             blocks = [self._encrypt_one(chunk) for chunk in chunks]
-        ctx_id = context_id(self._public)
-        signature = self._identity.sign(_upload_bytes(self.run_id, round, self.client_id, ctx_id, blocks))
-        return CkksUpload(client_id=self.client_id, round=round, context=ctx_id, blocks=tuple(blocks),
+        key = key_id(self._secret)
+        signature = self._identity.sign(_upload_bytes(self.run_id, round, self.client_id, key, blocks))
+        return CkksUpload(client_id=self.client_id, round=round, key=key, blocks=tuple(blocks),
                           signature=signature)
 
     def _encrypt_one(self, chunk: list[float]) -> bytes:
@@ -276,14 +285,25 @@ class CkksClient:
         self._require_key()
         return self._public
 
+    @property
+    def key_id(self) -> bytes:
+        self._require_key()
+        return key_id(self._secret)
 
-def _encrypt_public(public: bytes, chunk: list[float]) -> bytes:
-    """Process-pool worker: encrypt with the public key only (the secret key never leaves the client process)."""
+
+def _public_bytes(context: Any) -> bytes:
+    """The context without any key: enough to load and add ciphertexts, not to encrypt or decrypt."""
+    return context.serialize(save_public_key=False, save_secret_key=False, save_galois_keys=False,
+                             save_relin_keys=False)
+
+
+def _encrypt_in_worker(secret: bytes, chunk: list[float]) -> bytes:
+    """Process-pool worker of a client (its own machine: the secret context goes to its child processes)."""
     import tenseal as ts
 
     cache = _WORKER_CONTEXT
-    if cache.get("bytes") != public:
-        cache["bytes"], cache["context"] = public, ts.context_from(public)
+    if cache.get("bytes") != secret:
+        cache["bytes"], cache["context"] = secret, ts.context_from(secret)
     return ts.ckks_vector(cache["context"], chunk).serialize()
 
 
@@ -291,11 +311,15 @@ _WORKER_CONTEXT: dict[str, Any] = {}
 
 
 class CkksServer:
-    """The server's side: verifies uploads, adds ciphertexts under the public context (no secret key)."""
+    """The server's side: verifies uploads, adds ciphertexts under the keyless context (no secret key).
+
+    ``public_context`` and ``key`` (the `key_id`) are what the key holder announces for the run.
+    """
 
     def __init__(
-        self, public_context: bytes, client_ids: Sequence[str], identities: Mapping[str, ed25519.Ed25519PublicKey],
-        params: CkksParams, length: int, *, run_id: str, round: int, min_clients: int = 1,
+        self, public_context: bytes, key: bytes, client_ids: Sequence[str],
+        identities: Mapping[str, ed25519.Ed25519PublicKey], params: CkksParams, length: int, *, run_id: str,
+        round: int, min_clients: int = 1,
     ) -> None:
         import tenseal as ts
 
@@ -303,12 +327,13 @@ class CkksServer:
         if context.is_private():
             raise ValueError("public_context: expected a context without the secret key, got a private one")
         self.context = context
-        self.context_id = context_id(public_context)
+        self.key_id = key
         self.client_ids = sorted(client_ids)
         self.params, self.length, self.run_id, self.round, self.min_clients = params, length, run_id, round, min_clients
         self._identities = dict(identities)
         self._uploads: dict[str, CkksUpload] = {}
         self._vectors: dict[str, list[Any]] = {}
+        self._finished = False
         self.excluded: dict[str, str] = {}
 
     def receive(self, upload: CkksUpload) -> None:
@@ -349,11 +374,11 @@ class CkksServer:
     def _check(self, upload: CkksUpload) -> str:
         if upload.round != self.round:
             return f"upload for round {upload.round}, expected {self.round}"
-        if upload.context != self.context_id:
-            return "encrypted under another CKKS key (context id differs)"
+        if upload.key != self.key_id:
+            return "encrypted under another CKKS key (key id differs)"
         if len(upload.blocks) != self.params.num_blocks(self.length):
             return f"{len(upload.blocks)} ciphertext blocks, expected {self.params.num_blocks(self.length)}"
-        signed = _upload_bytes(self.run_id, upload.round, upload.client_id, upload.context, upload.blocks)
+        signed = _upload_bytes(self.run_id, upload.round, upload.client_id, upload.key, upload.blocks)
         try:
             self._identities[upload.client_id].verify(upload.signature, signed)
         except InvalidSignature:
@@ -361,7 +386,10 @@ class CkksServer:
         return ""
 
     def finish(self) -> CkksSum:
-        """Add the verified uploads block by block; abort below ``min_clients``."""
+        """Add the verified uploads block by block (once); abort below ``min_clients``."""
+        if self._finished:
+            raise ProtocolStageError(f"ckks round {self.round}: the sum was already computed")
+        self._finished = True
         ids = sorted(self._uploads)
         if len(ids) < self.min_clients:
             raise RoundAbortedError(
@@ -370,7 +398,7 @@ class CkksServer:
             )
         blocks = []
         for index in range(self.params.num_blocks(self.length)):
-            total = self._vectors[ids[0]][index].copy()
+            total = self._vectors[ids[0]][index]  # loaded by this server from bytes: free to add into
             for cid in ids[1:]:
                 total += self._vectors[cid][index]  # ciphertext + ciphertext: no key needed
             blocks.append(total.serialize())

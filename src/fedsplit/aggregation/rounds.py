@@ -72,6 +72,7 @@ class CkksSession:
     params: CkksParams
     clients: dict[str, CkksClient]
     public_context: bytes
+    key_id: bytes
     setup_bytes: dict[str, int]
     setup_seconds: float
 
@@ -96,7 +97,7 @@ def setup_ckks(
     sizes = {cid: 32 + 64 + len(cid) for cid in ids}
     sizes[ids[0]] += sum(len(m.sealed) for m in sealed) + len(holder.public_context)
     clients = {ids[0]: holder.client(), **others}
-    return CkksSession(params, clients, holder.public_context, sizes, time.process_time() - start)
+    return CkksSession(params, clients, holder.public_context, holder.key_id, sizes, time.process_time() - start)
 
 
 def run_round(
@@ -262,7 +263,8 @@ def _ckks(
     peers = {cid: identities[cid].public_key() for cid in ids}
     clock, sent = _Clock(), dict.fromkeys(ids, 0)
     length = layout.numel + 1
-    server = CkksServer(session.public_context, ids, peers, session.params, length, run_id=run_id, round=round)
+    server = CkksServer(session.public_context, session.key_id, ids, peers, session.params, length,
+                        run_id=run_id, round=round)
     for update in sorted(updates, key=lambda u: u.client_id):
         cid = update.client_id
         if not faults.uploads(cid):
@@ -273,10 +275,10 @@ def _ckks(
         upload = clock.run(cid, session.clients[cid].encrypt, vector, round)
         if cid in faults.tamper:
             first = upload.blocks[0]
-            upload = CkksUpload(cid, round, upload.context, (first[:-9] + bytes([first[-9] ^ 1]) + first[-8:],)
+            upload = CkksUpload(cid, round, upload.key, (first[:-9] + bytes([first[-9] ^ 1]) + first[-8:],)
                                 + upload.blocks[1:], upload.signature)
         if cid in faults.wrong_size:
-            upload = CkksUpload(cid, round, upload.context, upload.blocks[:-1], upload.signature)
+            upload = CkksUpload(cid, round, upload.key, upload.blocks[:-1], upload.signature)
         for _ in range(2 if cid in faults.duplicate else 1):
             sent[cid] += upload.nbytes
             clock.run("server", server.receive, upload)
@@ -290,11 +292,8 @@ def _ckks(
     bound = 1e-6 * max(1.0, float(np.abs(mean).max()))
     return RoundReport(
         mode="ckks", tensors=layout.unflatten(mean), clients=total.clients, excluded=total.excluded,
-        num_examples=int(round_half(summed[-1])), upload_bytes=sent,
+        num_examples=int(np.rint(summed[-1])), upload_bytes=sent,
         client_seconds={c: clock.seconds.get(c, 0.0) for c in ids}, server_seconds=clock.seconds.get("server", 0.0),
         error_bound=bound,
     )
 
-
-def round_half(value: float) -> float:
-    return float(np.rint(value))
