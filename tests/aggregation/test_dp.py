@@ -93,3 +93,16 @@ def test_accountant_matches_known_values_and_requires_uniform_weights() -> None:
     assert accountant.epsilon() == pytest.approx(19.05, rel=0.05)
     with pytest.raises(ValueError, match="uniform_weight"):
         DPFedAvg(FedAvg(local_steps=1, lr=0.1), clip=1.0, noise_multiplier=1.0, delta=1e-5)
+
+
+def test_distributed_noise_goes_through_secure_aggregation() -> None:
+    from fedsplit.aggregation.rounds import run_round
+    from fedsplit.aggregation.secagg import SecAggParams
+
+    gen = torch.Generator().manual_seed(1)
+    noisy = [ClientUpdate(u.client_id, privatize_update(u.tensors, CURRENT, clip=1.0, noise_multiplier=1.0,
+                                                        expected_clients=4, generator=gen), 1, {})
+             for u in (_update(f"c{i}", 0.5) for i in range(4))]
+    report = run_round("secagg", noisy, secagg=SecAggParams(threshold=3))
+    plain = run_round("plain", noisy)
+    assert max(float((report.tensors[k] - plain.tensors[k]).abs().max()) for k in CURRENT) <= report.error_bound + 1e-6
