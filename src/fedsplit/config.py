@@ -212,9 +212,9 @@ class AggregationConfig:
             raise ValueError(
                 f"aggregation.ckks_poly_degree: expected 4096, 8192, 16384 or 32768, got {self.ckks_poly_degree!r}"
             )
-        if not 20 <= self.ckks_scale_bits <= 58 or self.ckks_workers < 1:
+        if not 20 <= self.ckks_scale_bits <= 50 or self.ckks_workers < 1:
             raise ValueError(
-                f"aggregation: expected ckks_scale_bits in 20..58 and ckks_workers >= 1, got "
+                f"aggregation: expected ckks_scale_bits in 20..50 and ckks_workers >= 1, got "
                 f"{self.ckks_scale_bits!r}, {self.ckks_workers!r}"
             )
         if not 0.0 <= self.hybrid_top_fraction <= 1.0:

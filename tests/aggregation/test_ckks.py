@@ -113,3 +113,12 @@ def test_upload_under_another_key_is_excluded(session) -> None:
     server.receive(keys.clients["client-1"].encrypt(np.ones(10), 1))
     assert "another CKKS key" in server.excluded["client-0"]
     assert server.finish().clients == ["client-1"]
+
+
+def test_values_that_could_overflow_the_sum_are_refused(session) -> None:
+    _, keys = session
+    client = keys.clients["client-0"]
+    with pytest.raises(ValueError, match="max_clients"):
+        client.encrypt(np.array([0.0, keys.params.max_abs * 1.01]), 1)
+    with pytest.raises(ValueError, match="max_clients"):
+        client.encrypt(np.array([np.nan]), 1)

@@ -65,12 +65,15 @@ class CkksParams:
     scale_bits: int = 40  # encoding scale 2^scale_bits: precision of the decrypted sum
     workers: int = 1  # threads encrypting blocks in parallel (1 = serial; see bench/private_aggregation.py)
     executor: Literal["thread", "process"] = "thread"
+    max_clients: int = 256  # the sum of this many uploads must fit: |value| < 2^(59 - scale_bits) / max_clients
 
     def __post_init__(self) -> None:
         if self.poly_degree not in _MAX_COEFF_BITS:
             raise ValueError(f"poly_degree: expected one of {sorted(_MAX_COEFF_BITS)}, got {self.poly_degree!r}")
-        if not 20 <= self.scale_bits <= 58:
-            raise ValueError(f"scale_bits: expected 20..58, got {self.scale_bits!r}")
+        if not 20 <= self.scale_bits <= 50:
+            raise ValueError(f"scale_bits: expected 20..50, got {self.scale_bits!r}")
+        if self.max_clients < 1:
+            raise ValueError(f"max_clients: expected >= 1, got {self.max_clients!r}")
         if sum(self.coeff_bits) > _MAX_COEFF_BITS[self.poly_degree]:
             raise ValueError(
                 f"scale_bits: {self.coeff_bits} sums to {sum(self.coeff_bits)} bits, over the 128-bit-security "
@@ -87,8 +90,14 @@ class CkksParams:
 
     @property
     def coeff_bits(self) -> tuple[int, ...]:
-        # Additions need no rescaling: one data prime at the scale between two 60-bit special primes.
-        return (60, self.scale_bits, 60)
+        # Additions need no rescaling: one 60-bit data prime (values up to 2^(59 - scale_bits)) and the
+        # 60-bit special prime. Ciphertexts are half the size of (60, scale, 60) at the same precision.
+        return (60, 60)
+
+    @property
+    def max_abs(self) -> float:
+        """Largest |value| one client may encrypt so that the sum of ``max_clients`` uploads cannot wrap."""
+        return 2.0 ** (59 - self.scale_bits) / self.max_clients
 
     def num_blocks(self, length: int) -> int:
         return max(1, math.ceil(length / self.slots))
@@ -244,6 +253,12 @@ class CkksClient:
     def encrypt(self, vector: np.ndarray, round: int, executor: Executor | None = None) -> CkksUpload:
         """Encrypt ``vector`` (pre-weighted values and the weight last) block-wise and sign the upload."""
         self._require_key()
+        largest = float(np.abs(vector).max()) if vector.size else 0.0
+        if not largest < self.params.max_abs:  # also catches NaN
+            raise ValueError(
+                f"client {self.client_id!r}: |value| up to {largest:g}, expected < {self.params.max_abs:g} "
+                f"(2^(59 - scale_bits) / max_clients): lower scale_bits or max_clients, or the weights"
+            )
         slots = self.params.slots
         chunks = [vector[i : i + slots].tolist() for i in range(0, vector.size, slots)]  # (<= slots,) each
         if executor is not None:
