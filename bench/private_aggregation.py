@@ -21,6 +21,7 @@ import os
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,7 +64,13 @@ def random_updates(shapes: dict[str, tuple[int, ...]], clients: int, seed: int) 
 
 def fedavg64(updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
     total = sum(u.num_examples for u in updates)
-    return {k: sum(u.tensors[k].double() * u.num_examples for u in updates) / total for k in updates[0].tensors}
+    out = {}
+    for k in updates[0].tensors:
+        acc = torch.zeros(updates[0].tensors[k].shape, dtype=torch.float64)
+        for u in updates:
+            acc += u.tensors[k].double() * u.num_examples
+        out[k] = acc / total
+    return out
 
 
 def summarize(report: RoundReport, exact: dict[str, torch.Tensor], wall: float) -> dict[str, float]:
@@ -147,7 +154,7 @@ def main() -> None:
                      "ckks_setup_s": round(time.perf_counter() - start, 3),
                      "ckks_setup_bytes_key_holder": max(session.setup_bytes.values())}
         names = list(shapes)
-        runs = {
+        runs: dict[str, dict[str, Any]] = {
             "plain": {"mode": "plain"},
             "secagg": {"mode": "secagg", "secagg": secagg},
             "ckks": {"mode": "ckks", "ckks": session},

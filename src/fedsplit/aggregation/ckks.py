@@ -7,7 +7,7 @@ encrypt) and returns the encrypted sum; the clients decrypt it and divide by the
 Encryption is symmetric (secret-key) CKKS: every client holds the secret key anyway, and it is
 twice as fast as public-key encryption. Message flow::
 
-    key holder h          server (public context only)            client c
+    key holder h          server (keyless context only)           client c
       <--------------------SignedKeys(X25519 pk_c), signed by c's identity--------
       --SealedKey(AES-GCM_{HKDF(X25519(h, c))}(secret context))--> relay -------->  open, load
       --keyless context (no secret or public key)--> keep

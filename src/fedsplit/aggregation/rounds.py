@@ -67,7 +67,7 @@ class RoundReport:
 
 @dataclass
 class CkksSession:
-    """The run's CKKS keys: every client's side (with the shared secret key) and the server's public context."""
+    """The run's CKKS keys: every client's side (shared secret key) and the server's keyless context + key id."""
 
     params: CkksParams
     clients: dict[str, CkksClient]
