@@ -194,6 +194,102 @@ class HierarchyConfig:
 
 
 @dataclass
+class AggregationConfig:
+    """How the clients' head/tail adapters are merged each round (threat models: docs/aggregation.md)."""
+
+    mode: Literal["plain", "secagg", "ckks", "hybrid"] = field(
+        default="plain", metadata={"help": "plain FedAvg, secure aggregation, CKKS encryption, or hybrid per tensor"}
+    )
+    ring_bits: int = field(default=48, metadata={"help": "secagg: masked vectors live in Z_2^ring_bits (16..64)"})
+    clip: float = field(default=4.0, metadata={"help": "secagg: values clipped to [-clip, clip] before quantization"})
+    max_weight: int = field(default=4096, metadata={"help": "secagg: largest client weight (num_examples per round)"})
+    threshold: int = field(default=0, metadata={"help": "secagg: Shamir threshold t (0 = majority of a sharing group)"})
+    neighbours: int = field(default=0, metadata={"help": "secagg: k neighbours per client, even (0 = all clients)"})
+    ckks_poly_degree: int = field(default=8192, metadata={"help": "ckks: ring dimension (slots = degree / 2)"})
+    ckks_scale_bits: int = field(default=40, metadata={"help": "ckks: encoding scale 2^bits (precision)"})
+    ckks_workers: int = field(default=1, metadata={"help": "ckks: threads encrypting blocks in parallel"})
+    hybrid_encrypt: list[str] = field(
+        default_factory=list,
+        metadata={"help": "hybrid: fnmatch patterns of encrypted tensors (empty = head/* + last tail block)"},
+    )
+    hybrid_encrypted_mode: Literal["secagg", "ckks"] = field(
+        default="secagg", metadata={"help": "hybrid: how encrypted tensors are aggregated"}
+    )
+    hybrid_top_fraction: float = field(
+        default=0.0, metadata={"help": "hybrid: > 0 encrypts this share of parameters ranked by last global update RMS"}
+    )
+    dp_noise: Literal["none", "central", "distributed"] = field(
+        default="none", metadata={"help": "DP-FedAvg noise: none, central (server; plain only), distributed (clients)"}
+    )
+    dp_clip: float = field(default=1.0, metadata={"help": "DP: L2 norm bound C of each client's update"})
+    dp_noise_multiplier: float = field(default=1.0, metadata={"help": "DP: noise std / C on the sum"})
+    dp_delta: float = field(default=1e-5, metadata={"help": "DP: delta of the reported (epsilon, delta)"})
+    dp_epsilon_budget: float = field(default=0.0, metadata={"help": "DP: stop or warn above this epsilon (0 = none)"})
+    dp_on_budget: Literal["stop", "warn"] = field(default="stop", metadata={"help": "DP: on exceeding the budget"})
+
+    def __post_init__(self) -> None:
+        choices = {"mode": ("plain", "secagg", "ckks", "hybrid"), "hybrid_encrypted_mode": ("secagg", "ckks"),
+                   "dp_noise": ("none", "central", "distributed"), "dp_on_budget": ("stop", "warn")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"aggregation.{key}: expected one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        if not 16 <= self.ring_bits <= 64:
+            raise ValueError(f"aggregation.ring_bits: expected 16..64, got {self.ring_bits!r}")
+        if not self.clip > 0 or self.max_weight < 1 or self.threshold < 0:
+            raise ValueError(
+                f"aggregation: expected clip > 0, max_weight >= 1, threshold >= 0, got {self.clip!r}, "
+                f"{self.max_weight!r}, {self.threshold!r}"
+            )
+        if self.neighbours < 0 or self.neighbours % 2:
+            raise ValueError(f"aggregation.neighbours: expected an even int >= 0, got {self.neighbours!r}")
+        if self.ckks_poly_degree not in (4096, 8192, 16384, 32768):
+            raise ValueError(
+                f"aggregation.ckks_poly_degree: expected 4096, 8192, 16384 or 32768, got {self.ckks_poly_degree!r}"
+            )
+        if not 20 <= self.ckks_scale_bits <= 50 or self.ckks_workers < 1:
+            raise ValueError(
+                f"aggregation: expected ckks_scale_bits in 20..50 and ckks_workers >= 1, got "
+                f"{self.ckks_scale_bits!r}, {self.ckks_workers!r}"
+            )
+        if not 0.0 <= self.hybrid_top_fraction <= 1.0:
+            raise ValueError(f"aggregation.hybrid_top_fraction: expected 0..1, got {self.hybrid_top_fraction!r}")
+        if self.dp_noise == "central" and self.mode != "plain":
+            raise ValueError(
+                f"aggregation.dp_noise: central noise needs the server to see updates (mode = plain), got mode = "
+                f"{self.mode!r}; use dp_noise = 'distributed'"
+            )
+        dp_ok = self.dp_clip > 0 and self.dp_noise_multiplier >= 0 and 0 < self.dp_delta < 1
+        if not (dp_ok and self.dp_epsilon_budget >= 0):
+            raise ValueError(
+                f"aggregation: expected dp_clip > 0, dp_noise_multiplier >= 0, 0 < dp_delta < 1, "
+                f"dp_epsilon_budget >= 0, "
+                f"got {self.dp_clip!r}, {self.dp_noise_multiplier!r}, {self.dp_delta!r}, {self.dp_epsilon_budget!r}"
+            )
+
+    def secagg_params(self, num_clients: int):  # -> fedsplit.aggregation.secagg.SecAggParams
+        """The secure-aggregation parameters for a round of ``num_clients`` (threshold 0: majority of each group)."""
+        from fedsplit.aggregation.secagg import SecAggParams
+
+        group = (num_clients if self.neighbours == 0 else min(num_clients, self.neighbours + 1))
+        threshold = self.threshold or group // 2 + 1
+        return SecAggParams(threshold=threshold, neighbours=self.neighbours, ring_bits=self.ring_bits, clip=self.clip,
+                            max_weight=self.max_weight)
+
+    def ckks_params(self):  # -> fedsplit.aggregation.ckks.CkksParams
+        from fedsplit.aggregation.ckks import CkksParams
+
+        return CkksParams(poly_degree=self.ckks_poly_degree, scale_bits=self.ckks_scale_bits, workers=self.ckks_workers)
+
+    def hybrid_policy(self, names: list[str]):  # -> fedsplit.aggregation.hybrid.HybridPolicy
+        """The per-tensor policy from ``hybrid_encrypt`` (empty: head/* and the tail's last block encrypted)."""
+        from fedsplit.aggregation.hybrid import HybridPolicy, default_policy
+
+        if not self.hybrid_encrypt:
+            return default_policy(names, self.hybrid_encrypted_mode)
+        return HybridPolicy(rules=tuple((p, self.hybrid_encrypted_mode) for p in self.hybrid_encrypt))
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -209,6 +305,7 @@ class RunConfig:
     hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     contract: DataContract = field(default_factory=DataContract)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
 
     @property
     def lora(self) -> list[LoraSettings]:
