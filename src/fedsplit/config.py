@@ -11,8 +11,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
-from fedsplit.adapters import LoraSettings
-from fedsplit.train.config import TrainConfig
+from fedsplit.train.config import LoraSettings, TrainConfig
 
 
 @dataclass
