@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from fedsplit.split.parts import SplitPart
+from fedsplit.train.config import LoraSettings
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -28,27 +28,6 @@ _ADAPTER = "default"
 
 class AdapterError(ValueError):
     """An adapter does not fit the part it is loaded into."""
-
-
-@dataclass
-class LoraSettings:
-    """LoRA hyper-parameters for one part (head, trunk or tail)."""
-
-    r: int = field(default=8, metadata={"help": "LoRA rank"})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    target_modules: tuple[str, ...] = field(
-        default=(), metadata={"help": "module name suffixes to adapt; empty = the architecture's default"}
-    )
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"lora r: expected an integer >= 1, got {self.r!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"lora alpha: expected > 0, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora dropout: expected 0 <= dropout < 1, got {self.dropout!r}")
-        self.target_modules = tuple(self.target_modules)
 
 
 def _targets(part: SplitPart, settings: LoraSettings) -> list[str]:

@@ -11,10 +11,9 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
-from fedsplit.adapters import LoraSettings
 from fedsplit.data.contract import ClientSource, DataContract
 from fedsplit.strategy.config import StrategyConfig
-from fedsplit.train.config import TrainConfig
+from fedsplit.train.config import LoraSettings, TrainConfig
 
 
 @dataclass

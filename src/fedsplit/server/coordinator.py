@@ -423,8 +423,8 @@ class RoundCoordinator:
                 self._client_steps[update.client_id] += r.local_steps
             self.completed_round = r.number
             last = r.number == self.config.num_rounds
-            self._round = None
             self._move(RoundStage.DONE if last else RoundStage.WAITING_FOR_CLIENTS)
+            self._round = None
         record = {
             "round": r.number,
             "attempt": r.attempt,
@@ -444,8 +444,8 @@ class RoundCoordinator:
         r = self._current()
         restore_trunk(self.trunk, r.start_trunk)
         with self._cond:
-            self._round = None
             self._move(RoundStage.WAITING_FOR_CLIENTS)
+            self._round = None
         self._log(
             "round_failed",
             round=r.number,
@@ -876,7 +876,8 @@ class RoundCoordinator:
     def _move(self, to: RoundStage) -> None:
         if to not in _ROUND_NEXT[self._stage]:
             raise StageTransitionError(f"round: {self._stage.name} -> {to.name} is not a valid transition")
-        log.info("round %d: %s -> %s", self.completed_round + 1, self._stage.name, to.name)
+        number = self._round.number if self._round is not None else self.completed_round  # the round it concerns
+        log.info("round %d: %s -> %s", number, self._stage.name, to.name)
         self._stage = to
         self._cond.notify_all()
 

@@ -16,6 +16,8 @@ compression: the 4-D mask never travels).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, NamedTuple
 
 import torch
@@ -50,16 +52,18 @@ def _build_masks(
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
     builders = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
+    no_cache = {_cache_argument(create_causal_mask): None}  # renamed past_key_values -> cache in transformers 5.2x
     return {
         kind: builders[kind](
-            config=config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            past_key_values=None,
-            position_ids=position_ids,
+            config=config, inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids, **no_cache
         )
         for kind in kinds
     }
+
+
+@functools.cache
+def _cache_argument(builder: Any) -> str:
+    return "cache" if "cache" in inspect.signature(builder).parameters else "past_key_values"
 
 
 class SplitPart(nn.Module):
