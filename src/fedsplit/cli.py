@@ -122,7 +122,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_subserver(args: argparse.Namespace) -> int:
-    from fedsplit.server.subserver import read_spec, run_subserver
+    from fedsplit.recipes.hierarchy import read_spec
+    from fedsplit.recipes.subserver import run_subserver
 
     return run_subserver(read_spec(args.root_config), args.rank)
 

@@ -144,9 +144,9 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
 
 def start_hierarchy(cfg: RunConfig, parts: SplitParts, keys: Path, config_hash: bytes, out: Path):
     """Server-hierarchical mode: K sub-server processes, each a trunk replica, behind a relaying router."""
+    from fedsplit.recipes import hierarchy
+    from fedsplit.recipes.hierarchy import RunIdentity, SecurityFiles, SubServerSpec
     from fedsplit.security.identity import load_private_key
-    from fedsplit.server import hierarchical
-    from fedsplit.server.subserver import RunIdentity, SecurityFiles, SubServerSpec
 
     tls = {} if cfg.security.insecure else dict(
         tls_key=keys / "server-tls.key", tls_cert=keys / "server-tls.crt", ca_cert=keys / "ca.crt")
@@ -156,7 +156,7 @@ def start_hierarchy(cfg: RunConfig, parts: SplitParts, keys: Path, config_hash: 
                                insecure=cfg.security.insecure, **tls),
         model=cfg.model, train=cfg.train, lora_trunk=cfg.lora_trunk, hierarchy=cfg.hierarchy,
     )
-    return hierarchical.start_hierarchy(spec, parts.trunk, load_private_key(keys / "root.key"), out)
+    return hierarchy.start_hierarchy(spec, parts.trunk, load_private_key(keys / "root.key"), out)
 
 
 def _install_stop_handlers(coordinator) -> threading.Event:

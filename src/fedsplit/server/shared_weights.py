@@ -1,6 +1,6 @@
 """One copy of the frozen trunk per machine: base weights memory-mapped read-only from safetensors.
 
-In server-hierarchical training (FL-GLM, arXiv 2406.14898, Sec. 3.3; :mod:`fedsplit.server.hierarchical`)
+In server-hierarchical training (FL-GLM, arXiv 2406.14898, Sec. 3.3; :mod:`fedsplit.server.hierarchy`)
 K sub-server processes on one machine each hold a replica of the trunk. Only the LoRA adapter and
 its optimizer state differ between replicas; the base blocks are frozen. So the base tensors are
 not loaded into private memory: each is a view of the model's safetensors file, mapped with
