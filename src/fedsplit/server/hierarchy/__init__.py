@@ -33,11 +33,11 @@ with the root's own identity key. Each message is opened on the root (the client
 again (the sub-server's keys).
 
 Averaging. Ranks 0 (the root, weight 0) and 1..K form a process group (``init_method=tcp://``, gloo
-on CPU, nccl with one GPU per rank). The root syncs when any sub-server has taken ``sync_every``
-optimizer steps since the last sync (the router's worker thread), at round end
-(``ReplicaRouter.end_round``), when asked (``ReplicaRouter.sync``) and when the root's ``trunk`` /
-``optimizer`` are read. A sync closes the gate to new steps, lets the started ones finish, and every
-rank all-reduces its trunk LoRA weights and AdamW moments:
+on CPU, nccl with one GPU per rank). The root syncs at explicit points only: when any sub-server
+has taken ``sync_every`` optimizer steps since the last sync (the router's worker thread), at round
+end (``ReplicaRouter.end_round``, which the coordinator calls before it aggregates and checkpoints)
+and when asked (``ReplicaRouter.sync``). A sync closes the gate to new steps, lets the started ones
+finish, and every rank all-reduces its trunk LoRA weights and AdamW moments:
 
     x <- sum_k (n_k / N) x_k        n_k = steps replica k took since the last sync, N = sum_k n_k
 

@@ -79,10 +79,12 @@ class ReplicaRouter:
     """The root's trunk: TrunkServer's surface (``handle``, ``abort``, ``end_round``, ``trunk``,
     ``optimizer``, ``params``, ``steps_taken``) over K remote replicas. See the module docstring.
 
-    The root's own ``trunk`` / ``optimizer`` hold the state of the last sync. Reading them is a sync
-    point: if the replicas took steps since, they are averaged first (this is how the round-end sync
-    happens with a coordinator that does not call :meth:`end_round`). Changing them from outside
-    (``restore_trunk``) is detected at the next step, which then pushes the root's state first.
+    The root's own ``trunk`` / ``optimizer`` / ``params`` hold the state of the last sync; reading
+    them does no work. The replicas are averaged into them at explicit points only: :meth:`sync`,
+    :meth:`end_round` (the coordinator calls it after a round's updates are in, before it aggregates
+    and checkpoints) and the worker's ``sync_every`` syncs. Changing them from outside
+    (``restore_trunk``, which sets ``steps_taken`` last) makes the root's state authoritative: the
+    next sync, or the next step, pushes it to the replicas first.
     """
 
     def __init__(
@@ -120,6 +122,7 @@ class ReplicaRouter:
         self._relayed = 0  # optimizer steps relayed since then
         self._synced: tuple[torch.Tensor, int] | None = None  # (root state, steps) at the last sync
         self._exposed = True  # trunk/optimizer were handed out since the last check
+        self._overridden = False  # the root's state was restored over steps the replicas took: push it
         self._channels: dict[str, tuple[int, Channel]] = {}
         self._mid_step: dict[str, int] = {}  # client -> replica holding its started step
         self._lost: dict[str, str] = {}  # client -> why its started step is gone
@@ -180,19 +183,21 @@ class ReplicaRouter:
             channel.close()
 
     # -- the TrunkServer surface ----------------------------------------------------------------
+    # The three readers below hand out the root's state as of the last sync (no sync here: see the
+    # class docstring). They only note that it may be changed through them (compared at the next step).
     @property
     def trunk(self) -> Trunk:
-        self._settle()
+        self._exposed = True
         return self._trunk
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
-        self._settle()
+        self._exposed = True
         return self._optimizer
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
-        self._settle()
+        self._exposed = True
         return self._params
 
     @property
@@ -202,6 +207,7 @@ class ReplicaRouter:
     @steps_taken.setter
     def steps_taken(self, value: int) -> None:  # restore_trunk: the root's state is authoritative again
         with self._cond:
+            self._overridden = self._overridden or self._relayed > 0  # the replicas' unsynced steps are dropped
             self._base_steps, self._relayed, self._exposed = int(value), 0, True
 
     def handle(self, client_id: str, kind: int, round: int, step: int, request: Message) -> Message:
@@ -228,7 +234,7 @@ class ReplicaRouter:
         return had
 
     def end_round(self, round: int) -> SyncReport | None:
-        """Average the replicas if they took steps since the last sync (the round-end sync)."""
+        """The round-end sync point: average the replicas if they took steps since the last sync."""
         return self.sync() if self._relayed or self._reform else None
 
     # -- the gate: who may relay now ------------------------------------------------------------
@@ -533,26 +539,17 @@ class ReplicaRouter:
             replica.steps_since = 0
         self._base_steps, self._relayed = outcome.steps_taken, 0
         self._synced = (self._state.flatten(), self._base_steps)
-        self._exposed = False
+        self._exposed = self._overridden = False
 
     def _root_changed(self) -> bool:
-        """Whether the root's state differs from what the replicas got at the last sync."""
-        if self._synced is None:
+        """Whether the root's state differs from what the replicas got at the last sync (lock held)."""
+        if self._synced is None or self._overridden:
             return True
         if not self._exposed:
             return False
         flat, steps = self._synced
         self._exposed = False
         return steps != self._base_steps or not torch.equal(flat, self._state.flatten())
-
-    def _settle(self) -> None:
-        """Before the root's state is handed out: bring it up to date with the replicas."""
-        with self._cond:
-            behind = self._relayed > 0 and self._live() and not self._closed
-        if behind:
-            self.sync()  # a failed sync is logged and reported; the root keeps the last good state
-        with self._cond:
-            self._exposed = True
 
     def _work(self) -> None:
         """Run the syncs the gate asked for; notice local sub-server processes that exited."""
