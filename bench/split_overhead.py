@@ -17,10 +17,10 @@ import torch
 
 from fedsplit.adapters import LoraSettings, add_part_adapters, trainable_parameters
 from fedsplit.models import load_model
+from fedsplit.recipes.local import local_split
 from fedsplit.split import split_model
 from fedsplit.train.centralized import CentralizedTrainer
 from fedsplit.train.config import TrainConfig
-from fedsplit.train.local import local_split
 
 
 def main() -> None:

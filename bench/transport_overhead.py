@@ -24,12 +24,12 @@ import torch
 from fedsplit.client import SplitClient
 from fedsplit.models import load_model
 from fedsplit.protocol import PROTOCOL_VERSION
+from fedsplit.recipes.local import local_split
 from fedsplit.security.handshake import HandshakeVerifier, hash_run_config
 from fedsplit.security.identity import load_private_key, load_public_key, run_keygen
 from fedsplit.security.tls import load_channel_tls, load_server_tls
 from fedsplit.server import TrunkServer
 from fedsplit.train.config import TrainConfig
-from fedsplit.train.local import local_split
 from fedsplit.transport.grpc_client import connect_grpc
 from fedsplit.transport.grpc_server import GrpcServer
 from fedsplit.transport.handshake import ClientCredentials, SessionFactory

@@ -32,8 +32,8 @@ def cmd_check_split(args: argparse.Namespace) -> int:
     import torch
 
     from fedsplit.models import load_model
+    from fedsplit.recipes.check_split import check_split
     from fedsplit.split import num_blocks
-    from fedsplit.split.check import check_split
 
     torch.manual_seed(args.seed)
     worst_ok = True
