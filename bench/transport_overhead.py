@@ -24,9 +24,10 @@ import torch
 from fedsplit.client import SplitClient
 from fedsplit.models import load_model
 from fedsplit.protocol import PROTOCOL_VERSION
+from fedsplit.recipes.keygen import run_keygen
 from fedsplit.recipes.local import local_split
 from fedsplit.security.handshake import HandshakeVerifier, hash_run_config
-from fedsplit.security.identity import load_private_key, load_public_key, run_keygen
+from fedsplit.security.identity import load_private_key, load_public_key
 from fedsplit.security.tls import load_channel_tls, load_server_tls
 from fedsplit.server import TrunkServer
 from fedsplit.train.config import TrainConfig

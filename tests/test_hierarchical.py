@@ -29,8 +29,9 @@ from fedsplit.client.runner import Backoff, ClientRunner, client_adapters
 from fedsplit.config import HierarchyConfig, ModelConfig
 from fedsplit.protocol import pb
 from fedsplit.recipes.hierarchy import Hierarchy, RunIdentity, SecurityFiles, SubServerSpec, start_hierarchy
+from fedsplit.recipes.keygen import run_keygen
 from fedsplit.security.handshake import HandshakeVerifier, hash_run_config
-from fedsplit.security.identity import generate_identity, load_private_key, run_keygen
+from fedsplit.security.identity import generate_identity, load_private_key
 from fedsplit.security.signing import seal_control
 from fedsplit.security.tls import load_channel_tls, load_server_tls
 from fedsplit.server.checkpoint import capture_trunk, restore_trunk

@@ -76,7 +76,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from fedsplit.security.identity import run_keygen
+    from fedsplit.recipes.keygen import run_keygen
     from fedsplit.security.pki import run_issue_client_cert
 
     written = run_keygen(args.out, args.name, with_ca=args.ca)

@@ -146,7 +146,7 @@ def test_server_killed_and_resumed_ends_with_the_same_adapters(tmp_path):
 def test_unadmitted_client_is_refused_while_the_others_train(tmp_path):
     cfg = _config(rounds=1, local_steps=2)
     procs, tomls = _start(tmp_path, cfg)
-    from fedsplit.security.identity import run_keygen
+    from fedsplit.recipes.keygen import run_keygen
 
     stranger = tmp_path / "stranger"
     run_keygen(stranger, "client-1")  # a key the server never admitted, under an admitted id

@@ -17,8 +17,9 @@ from google.protobuf.message import Message
 
 from fedsplit.channel import Channel
 from fedsplit.protocol import ProtocolError, decode_payload, decode_tensor, encode_tensor, pb
+from fedsplit.recipes.keygen import run_keygen
 from fedsplit.security.handshake import HandshakeVerifier, hash_run_config
-from fedsplit.security.identity import generate_identity, load_private_key, run_keygen
+from fedsplit.security.identity import generate_identity, load_private_key
 from fedsplit.security.pki import run_issue_client_cert
 from fedsplit.security.tls import ChannelTLS, ServerTLS, load_channel_tls, load_server_tls
 from fedsplit.transport.grpc_client import connect_grpc

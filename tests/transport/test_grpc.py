@@ -14,8 +14,9 @@ from google.protobuf.message import Message
 
 from fedsplit.channel import Channel, RemoteError, ServerSession
 from fedsplit.protocol import pb
+from fedsplit.recipes.keygen import run_keygen
 from fedsplit.security.errors import InsecureTransportWarning
-from fedsplit.security.identity import generate_identity, run_keygen
+from fedsplit.security.identity import generate_identity
 from fedsplit.transport.errors import HandshakeRefusedError, TransportError
 from fedsplit.transport.grpc_client import GrpcTransport, connect_grpc
 from fedsplit.transport.grpc_common import METHOD

@@ -246,7 +246,7 @@ def free_port() -> int:
 
 def write_federation(cfg: RunConfig, out: Path) -> tuple[Path, list[Path]]:
     """Keys (CA, server, one identity per client) and one TOML per process, under ``out``."""
-    from fedsplit.security.identity import run_keygen
+    from fedsplit.recipes.keygen import run_keygen
     from fedsplit.security.pki import run_issue_client_cert
 
     out.mkdir(parents=True, exist_ok=True)
