@@ -16,7 +16,7 @@ from torch import nn
 
 from fedsplit.adapters import LoraSettings, add_part_adapters, trainable_parameters
 from fedsplit.recipes.local import local_split
-from fedsplit.split.check import check_batch, check_logits_and_grads, max_diff
+from fedsplit.split.check import check_batch, check_logits_and_grads, max_diff, vocab_size
 from fedsplit.split.parts import split_model
 from fedsplit.train.centralized import CentralizedTrainer
 from fedsplit.train.config import TrainConfig
@@ -59,7 +59,7 @@ def check_training(model: nn.Module, head_layers: int, tail_layers: int, steps: 
     trainer = CentralizedTrainer(central, [p for part in central_parts for p in trainable_parameters(part)], cfg, steps)
     generator = torch.Generator().manual_seed(seed)
     for step in range(steps):
-        batch = check_batch(model.config.vocab_size, "right" if step % 2 == 0 else "left", generator)
+        batch = check_batch(vocab_size(model), "right" if step % 2 == 0 else "left", generator)
         client.train_step([batch])
         trainer.train_step([batch])
     return max_diff(split, central, "param")

@@ -161,7 +161,8 @@ def start_hierarchy(spec: SubServerSpec, trunk: Trunk, root_identity: ed25519.Ed
     ranks = range(1, h.subservers + 1)
     processes = launch_local(path, ranks, log_dir=Path(directory)) if launch else {}
     credentials = RelayCredentials(root_identity, server_key, spec.run.run_id, bytes.fromhex(spec.run.config_hash),
-                                   tls=None if sec.insecure else load_channel_tls(sec.ca_cert), insecure=sec.insecure)
+                                   tls=None if sec.insecure or sec.ca_cert is None else load_channel_tls(sec.ca_cert),
+                                   insecure=sec.insecure)
     router = ReplicaRouter(trunk, spec.train, spec.run.total_steps, control=control, credentials=credentials,
                            clients=spec.run.clients, config=spec.hierarchy,
                            alive={rank: local.alive for rank, local in processes.items()})

@@ -8,11 +8,17 @@ through a real client and trunk server) and by the test suite (STYLE rule 1).
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
 
 from fedsplit.split.parts import SplitParts, positions_from_mask, split_model
+
+
+def vocab_size(model: nn.Module) -> int:
+    config: Any = model.config  # a transformers PretrainedConfig
+    return int(config.vocab_size)
 
 
 def check_batch(vocab: int, padding_side: str, generator: torch.Generator, batch: int = 3, seq: int = 24) -> dict:
@@ -68,7 +74,7 @@ def check_logits_and_grads(model: nn.Module, head_layers: int, tail_layers: int,
     for side in ("right", "left"):
         reference.zero_grad(set_to_none=True)
         split.zero_grad(set_to_none=True)
-        batch = check_batch(model.config.vocab_size, side, generator)
+        batch = check_batch(vocab_size(model), side, generator)
         mask = batch["attention_mask"]
         positions = positions_from_mask(mask)
         ref_logits = reference(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions).logits

@@ -19,7 +19,9 @@ One module per concern:
 * :mod:`.collectives` - the trainable state (LoRA weights and AdamW moments) as one vector, the
   averaging all-reduce and the gather over it, process-group generations, backend choice.
 * :mod:`.router` - the root's trunk, :class:`~fedsplit.server.hierarchy.router.ReplicaRouter`:
-  relay, rerouting after a failure, the gate that drains steps before a sync.
+  relay, rerouting after a failure, the gate that drains steps before a sync; with
+  :mod:`.relay` (the root's sessions to the sub-servers) and :mod:`.assignment` (which sub-server
+  serves which client).
 * :mod:`.replica` - the sub-server side: one replica serving the root's relayed steps with a
   :class:`~fedsplit.server.trunk.TrunkServer` and following the control messages.
 

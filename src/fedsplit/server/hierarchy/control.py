@@ -20,7 +20,7 @@ import datetime
 import enum
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,6 +159,17 @@ class RootControl:
         present = _await_keys(self.store, list(keys), timeout_s)
         found = [Announcement(**self._read(f"announce/{keys[k]}")) for k in present]
         return {a.rank: a for a in found}
+
+    def await_announcements(self, ranks: Sequence[int], timeout_s: float,
+                            exited: Callable[[int], bool]) -> dict[int, Announcement]:
+        """The announcements within ``timeout_s``; stops early once every missing rank has ``exited``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            found = self.announcements(ranks, max(0.0, min(1.0, remaining)))
+            missing = [r for r in ranks if r not in found]
+            if not missing or remaining <= 0 or all(exited(r) for r in missing):
+                return found
 
     def post(self, op: ControlOp, generation: int, **fields: Any) -> ControlMessage:
         self._seq += 1

@@ -47,7 +47,7 @@ from fedsplit.server.hierarchy.collectives import (
     leave_group,
     reduce_state,
 )
-from fedsplit.server.hierarchy.control import Announcement, ControlMessage, ControlOp, ControlResult, RootControl
+from fedsplit.server.hierarchy.control import ControlMessage, ControlOp, ControlResult, RootControl
 from fedsplit.server.hierarchy.relay import (
     RelayCredentials,
     RelayStats,
@@ -135,22 +135,11 @@ class ReplicaRouter:
         self._worker: threading.Thread | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def _await_announcements(self, ranks: list[int]) -> dict[int, Announcement]:
-        """Announcements within the start-up timeout; stops early once every missing local process has died."""
-        deadline = time.monotonic() + self.config.startup_timeout_s
-        found: dict[int, Announcement] = {}
-        while True:
-            remaining = deadline - time.monotonic()
-            found = self.control.announcements(ranks, max(0.0, min(1.0, remaining)))
-            missing = [r for r in ranks if r not in found]
-            dead = [r for r in missing if r in self._alive and not self._alive[r]()]
-            if not missing or remaining <= 0 or (missing and len(dead) == len(missing)):
-                return found
-
     def start(self) -> ReplicaRouter:
         """Wait for the sub-servers, assign the clients, form generation 1, push the root's state."""
         ranks = list(range(1, self.config.subservers + 1))
-        found = self._await_announcements(ranks)
+        found = self.control.await_announcements(ranks, self.config.startup_timeout_s,
+                                                 exited=lambda r: r in self._alive and not self._alive[r]())
         for rank in ranks:
             if rank in found:
                 self._assignment.add(Replica(rank, found[rank].address, found[rank].pid))
@@ -183,8 +172,7 @@ class ReplicaRouter:
             channel.close()
 
     # -- the TrunkServer surface ----------------------------------------------------------------
-    # The three readers below hand out the root's state as of the last sync (no sync here: see the
-    # class docstring). They only note that it may be changed through them (compared at the next step).
+    # The root's state as of the last sync; noted as handed out (the next step compares it, see _root_changed).
     @property
     def trunk(self) -> Trunk:
         self._exposed = True
