@@ -58,8 +58,8 @@ def main() -> None:
 
     split_s, mono_s = statistics.median(times["split"]), statistics.median(times["monolithic"])
     raw = 4 * args.batch * args.seq * base.config.hidden_size * 4  # hidden + grads at both cuts, fp32
-    print(f"split steps {['%.3f' % t for t in times['split']]}")
-    print(f"mono  steps {['%.3f' % t for t in times['monolithic']]}")
+    print(f"split steps {[f'{t:.3f}' for t in times['split']]}")
+    print(f"mono  steps {[f'{t:.3f}' for t in times['monolithic']]}")
     print(json.dumps({
         "bench": "split_overhead", "ratio": round(split_s / mono_s, 4), "split_s": round(split_s, 4),
         "monolithic_s": round(mono_s, 4), "model": args.model, "batch": args.batch, "seq": args.seq,

@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="directory for the key files")
     p.add_argument("--name", default="server", help="key pair name: server, or a client id")
     p.add_argument("--ca", action="store_true", help="also a CA (ca.key/ca.crt) and a server TLS certificate")
-    p.add_argument("--client-cert", action="store_true", help="also a mutual-TLS certificate for client NAME from the CA in --out")
+    p.add_argument("--client-cert", action="store_true",
+                   help="also a mutual-TLS certificate for client NAME from the CA in --out")
     p.set_defaults(func=cmd_keygen)
 
     for name, func, text in (("server", cmd_server, "run the server: trunk, rounds, aggregation"),

@@ -155,7 +155,8 @@ def test_unadmitted_client_is_refused_while_the_others_train(tmp_path):
     bad_toml.write_text(text)
     for name in ("ca.crt", "server.pub"):
         (stranger / name).write_bytes((tmp_path / "keys" / name).read_bytes())
-    intruder = _spawn(["client", "--config", str(bad_toml), "--out", str(tmp_path / "intruder")], tmp_path / "logs" / "intruder.log")
+    intruder = _spawn(["client", "--config", str(bad_toml), "--out", str(tmp_path / "intruder")],
+                      tmp_path / "logs" / "intruder.log")
     try:
         assert intruder.wait(timeout=120) != 0
         _finish(procs)

@@ -145,7 +145,8 @@ def dial(keys: Keys) -> Iterator[Callable[..., Channel]]:
     """``dial(server, client_id, **connect_grpc kwargs)``: a TLS channel by default, closed at teardown."""
     channels: list[Channel] = []
 
-    def open_channel(server: GrpcServer, client_id: str, *, credentials: ClientCredentials | None = None, **kwargs: object) -> Channel:
+    def open_channel(server: GrpcServer, client_id: str, *, credentials: ClientCredentials | None = None,
+                     **kwargs: object) -> Channel:
         if not kwargs.get("insecure"):
             kwargs.setdefault("tls", keys.channel_tls())
         kwargs.setdefault("connect_timeout_s", 5.0)

@@ -101,7 +101,8 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
     metrics = MetricsWriter(out / "metrics.jsonl")
     hierarchy = start_hierarchy(cfg, parts, keys, config_hash, out) if cfg.server.mode == "hierarchical" else None
     coordinator = RoundCoordinator(
-        hierarchy.router if hierarchy else make_trunk_server(cfg, parts), strategy, client_adapters(parts.head, parts.tail), cfg.security.clients,
+        hierarchy.router if hierarchy else make_trunk_server(cfg, parts), strategy,
+        client_adapters(parts.head, parts.tail), cfg.security.clients,
         coordinator_cfg, metrics=metrics, checkpoint_dir=out / "checkpoints",
         run_id=cfg.security.run_id, config_hash=config_hash.hex(),
     )
@@ -114,7 +115,8 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
 
     admitted = {cid: load_public_key(keys / f"{cid}.pub") for cid in cfg.security.clients}
     verifier = HandshakeVerifier(load_private_key(keys / f"{cfg.security.server_name}.key"), admitted,
-                                 set(cfg.security.revoked), int(PROTOCOL_VERSION), config_hash, run_id=cfg.security.run_id)
+                                 set(cfg.security.revoked), int(PROTOCOL_VERSION), config_hash,
+                                 run_id=cfg.security.run_id)
     tls = None if cfg.security.insecure else load_server_tls(
         keys / "server-tls.key", keys / "server-tls.crt", keys / "ca.crt" if cfg.security.mutual_tls else None)
     server = GrpcServer(cfg.server.address, SessionFactory(verifier, coordinator.handler_for, cfg.security.run_id),
@@ -209,7 +211,8 @@ def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
     keys = keys_dir(cfg, config_dir)
     cid = cfg.client.id
     credentials = ClientCredentials(
-        identity=load_private_key(keys / f"{cid}.key"), server_key=load_public_key(keys / f"{cfg.security.server_name}.pub"),
+        identity=load_private_key(keys / f"{cid}.key"),
+        server_key=load_public_key(keys / f"{cfg.security.server_name}.pub"),
         client_id=cid, run_id=cfg.security.run_id, config_hash=run_config_hash(cfg, tokenizer),
     )
     tls = None
@@ -278,7 +281,8 @@ def _spawn(args: list[str], log_path: Path) -> subprocess.Popen:
     handle = open(log_path, "w")  # noqa: SIM115 - closed by the process's end
     # Several processes share the cores: idle OpenMP workers must sleep, not spin.
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    return subprocess.Popen([sys.executable, "-m", "fedsplit.cli", *args], stdout=handle, stderr=subprocess.STDOUT, env=env)
+    return subprocess.Popen([sys.executable, "-m", "fedsplit.cli", *args], stdout=handle, stderr=subprocess.STDOUT,
+                            env=env)
 
 
 def simulate(cfg: RunConfig, out: Path, *, timeout_s: float = 3600.0) -> Path:
@@ -301,7 +305,8 @@ def simulate(cfg: RunConfig, out: Path, *, timeout_s: float = 3600.0) -> Path:
     with tqdm(total=cfg.federation.rounds, desc="federated rounds", unit="round") as bar:
         while procs["server"].poll() is None and time.monotonic() < deadline:
             time.sleep(1.0)
-            done = len(read_metrics(server_out / "metrics.jsonl", "round_end")) if (server_out / "metrics.jsonl").exists() else 0
+            metrics = server_out / "metrics.jsonl"
+            done = len(read_metrics(metrics, "round_end")) if metrics.exists() else 0
             bar.update(done - bar.n)
             crashed = [name for name, p in procs.items() if p.poll() not in (None, 0)]
             if crashed:

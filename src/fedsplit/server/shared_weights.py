@@ -74,7 +74,8 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
         return {name: model_dir / file for name, file in weight_map.items()}
     single = model_dir / SINGLE_FILE
     if not single.is_file():
-        raise SharedWeightsError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}; only safetensors weights can be shared")
+        raise SharedWeightsError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}; "
+                                 "only safetensors weights can be shared")
     with safe_open(str(single), framework="pt") as f:
         return {name: single for name in f.keys()}
 
