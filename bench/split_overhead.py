@@ -17,10 +17,10 @@ import torch
 
 from fedsplit.adapters import LoraSettings, add_part_adapters, trainable_parameters
 from fedsplit.models import load_model
+from fedsplit.recipes.local import local_split
 from fedsplit.split import split_model
 from fedsplit.train.centralized import CentralizedTrainer
 from fedsplit.train.config import TrainConfig
-from fedsplit.train.local import local_split
 
 
 def main() -> None:
@@ -58,8 +58,8 @@ def main() -> None:
 
     split_s, mono_s = statistics.median(times["split"]), statistics.median(times["monolithic"])
     raw = 4 * args.batch * args.seq * base.config.hidden_size * 4  # hidden + grads at both cuts, fp32
-    print(f"split steps {['%.3f' % t for t in times['split']]}")
-    print(f"mono  steps {['%.3f' % t for t in times['monolithic']]}")
+    print(f"split steps {[f'{t:.3f}' for t in times['split']]}")
+    print(f"mono  steps {[f'{t:.3f}' for t in times['monolithic']]}")
     print(json.dumps({
         "bench": "split_overhead", "ratio": round(split_s / mono_s, 4), "split_s": round(split_s, 4),
         "monolithic_s": round(mono_s, 4), "model": args.model, "batch": args.batch, "seq": args.seq,

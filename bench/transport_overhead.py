@@ -24,12 +24,13 @@ import torch
 from fedsplit.client import SplitClient
 from fedsplit.models import load_model
 from fedsplit.protocol import PROTOCOL_VERSION
+from fedsplit.recipes.keygen import run_keygen
+from fedsplit.recipes.local import local_split
 from fedsplit.security.handshake import HandshakeVerifier, hash_run_config
-from fedsplit.security.identity import load_private_key, load_public_key, run_keygen
+from fedsplit.security.identity import load_private_key, load_public_key
 from fedsplit.security.tls import load_channel_tls, load_server_tls
 from fedsplit.server import TrunkServer
 from fedsplit.train.config import TrainConfig
-from fedsplit.train.local import local_split
 from fedsplit.transport.grpc_client import connect_grpc
 from fedsplit.transport.grpc_server import GrpcServer
 from fedsplit.transport.handshake import ClientCredentials, SessionFactory
@@ -38,11 +39,14 @@ from fedsplit.transport.handshake import ClientCredentials, SessionFactory
 def _grpc_channel(server: TrunkServer, keys: Path, config_hash: bytes):
     run_keygen(keys, "server", with_ca=True)
     run_keygen(keys, "client-0")
-    verifier = HandshakeVerifier(load_private_key(keys / "server.key"), {"client-0": load_public_key(keys / "client-0.pub")},
+    verifier = HandshakeVerifier(load_private_key(keys / "server.key"),
+                                 {"client-0": load_public_key(keys / "client-0.pub")},
                                  set(), int(PROTOCOL_VERSION), config_hash, run_id="bench")
     factory = SessionFactory(verifier, lambda cid: functools.partial(server.handle, cid), "bench")
-    grpc_server = GrpcServer("127.0.0.1:0", factory, tls=load_server_tls(keys / "server-tls.key", keys / "server-tls.crt")).start()
-    credentials = ClientCredentials(identity=load_private_key(keys / "client-0.key"), server_key=load_public_key(keys / "server.pub"),
+    tls = load_server_tls(keys / "server-tls.key", keys / "server-tls.crt")
+    grpc_server = GrpcServer("127.0.0.1:0", factory, tls=tls).start()
+    credentials = ClientCredentials(identity=load_private_key(keys / "client-0.key"),
+                                    server_key=load_public_key(keys / "server.pub"),
                                     client_id="client-0", run_id="bench", config_hash=config_hash)
     channel = connect_grpc(f"127.0.0.1:{grpc_server.port}", credentials, tls=load_channel_tls(keys / "ca.crt"))
     return grpc_server, channel
@@ -91,8 +95,8 @@ def main() -> None:
     hidden = base.config.hidden_size
     raw = 4 * args.batch * args.seq * hidden * 4 + args.batch * 8  # 4 hidden tensors (fp32) + lengths
     local_s, grpc_s = statistics.median(times["in_process"]), statistics.median(times["grpc_tls"])
-    print(f"in-process {['%.3f' % t for t in times['in_process']]}")
-    print(f"grpc+tls   {['%.3f' % t for t in times['grpc_tls']]}")
+    print(f"in-process {[f'{t:.3f}' for t in times['in_process']]}")
+    print(f"grpc+tls   {[f'{t:.3f}' for t in times['grpc_tls']]}")
     print(json.dumps({
         "bench": "transport_overhead", "ratio": round(grpc_s / local_s, 4), "grpc_tls_s": round(grpc_s, 4),
         "in_process_s": round(local_s, 4), "wire_bytes_per_step": int(wire_per_step), "raw_tensor_bytes_per_step": raw,

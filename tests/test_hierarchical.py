@@ -1,6 +1,6 @@
 """Server-hierarchical mode: a root relaying to K=2 sub-server processes over real gRPC sockets.
 
-The sub-servers are real processes (``python -m fedsplit.server.subserver``) on 127.0.0.1, loading
+The sub-servers are real processes (``fedsplit subserver``) on 127.0.0.1, loading
 tiny-llama from a safetensors directory; the root relays over TLS + sealed sessions; averaging is a
 gloo all-reduce. Sub-server start-up is the slow part (importing peft), so the two tests that do not
 break the hierarchy share one.
@@ -26,26 +26,18 @@ from fedsplit.adapters import LoraSettings, adapter_state_dict, add_part_adapter
 from fedsplit.channel import in_process_channel
 from fedsplit.client import SplitClient
 from fedsplit.client.runner import Backoff, ClientRunner, client_adapters
-from fedsplit.config import ModelConfig
+from fedsplit.config import HierarchyConfig, ModelConfig
 from fedsplit.protocol import pb
+from fedsplit.recipes.hierarchy import Hierarchy, RunIdentity, SecurityFiles, SubServerSpec, start_hierarchy
+from fedsplit.recipes.keygen import run_keygen
 from fedsplit.security.handshake import HandshakeVerifier, hash_run_config
-from fedsplit.security.identity import generate_identity, load_private_key, run_keygen
+from fedsplit.security.identity import generate_identity, load_private_key
+from fedsplit.security.signing import seal_control
 from fedsplit.security.tls import load_channel_tls, load_server_tls
 from fedsplit.server.checkpoint import capture_trunk, restore_trunk
 from fedsplit.server.coordinator import CoordinatorConfig, RoundCoordinator, RunResult
-from fedsplit.server.hierarchical import (
-    ControlError,
-    ControlOp,
-    Hierarchy,
-    HierarchyConfig,
-    RootControl,
-    SubControl,
-    SyncMode,
-    TrainableState,
-    seal_control,
-    start_hierarchy,
-)
-from fedsplit.server.subserver import RunIdentity, SecurityFiles, SubServerSpec
+from fedsplit.server.hierarchy.collectives import SyncMode, TrainableState
+from fedsplit.server.hierarchy.control import ControlError, ControlOp, RootControl, SubControl
 from fedsplit.split import SplitParts, split_model
 from fedsplit.strategy import FedAvg
 from fedsplit.train.config import TrainConfig
@@ -111,7 +103,8 @@ def make_spec(keys: Keys, tiny_dir: Path, total_steps: int, sync_every: int) -> 
     d = keys.directory
     return SubServerSpec(
         run=RunIdentity(RUN_ID, CONFIG_HASH.hex(), list(CLIENTS), total_steps),
-        security=SecurityFiles(d / "server.key", d / "root.pub", d / "server-tls.key", d / "server-tls.crt", d / "ca.crt"),
+        security=SecurityFiles(d / "server.key", d / "root.pub", d / "server-tls.key", d / "server-tls.crt",
+                               d / "ca.crt"),
         model=ModelConfig(str(tiny_dir), 1, 1),
         train=CFG,
         lora_trunk=LORA[1],
@@ -194,7 +187,8 @@ def take_steps(hierarchy: Hierarchy, client_id: str, steps: int, seed: int) -> N
     """``steps`` split steps of one client straight through the router (as the coordinator relays them)."""
     parts = build_parts()
     router = hierarchy.router
-    channel, _ = in_process_channel(client_id, lambda kind, rnd, step, req: router.handle(client_id, kind, rnd, step, req))
+    channel, _ = in_process_channel(client_id,
+                                    lambda kind, rnd, step, req: router.handle(client_id, kind, rnd, step, req))
     client = SplitClient(parts.head, parts.tail, channel, CFG, total_steps=64)
     client.round = 1
     for batch in token_batches(steps, 2, seed=seed):
@@ -235,7 +229,7 @@ def test_sync_leaves_every_replica_with_the_step_weighted_average_of_what_they_h
     assert after[1].steps_taken == before[0].steps_taken + 3 == router.steps_taken
     root_adapters = adapter_state_dict(router.trunk)  # what checkpoints and exports read
     assert all(torch.equal(root_adapters[k], after[1].adapters[k]) for k in root_adapters)
-    for key, param in zip(root_adapters, router.params):
+    for key, param in zip(root_adapters, router.params, strict=True):
         moments = router.optimizer.state[param]
         assert torch.equal(moments["exp_avg"], after[1].exp_avg[key])
         assert torch.equal(moments["exp_avg_sq"], after[1].exp_avg_sq[key])
@@ -331,7 +325,8 @@ def test_control_messages_are_signed_bound_to_the_root_and_read_in_order():
     sent = root.post(ControlOp.SYNC, 1, mode="average")
     assert sub.next(1.0) == sent and sub.next(0.1) is None
     # a message signed with another key is refused
-    forged = seal_control(generate_identity(), b"root\x00", {**sent.body(), "seq": 2, "run": RUN_ID, "nonce": root.nonce})
+    forged = seal_control(generate_identity(), b"root\x00",
+                          {**sent.body(), "seq": 2, "run": RUN_ID, "nonce": root.nonce})
     forger.set(f"fedsplit/{RUN_ID}/ctl/2", forged)
     with pytest.raises(ControlError, match="bad signature"):
         sub.next(1.0)

@@ -32,8 +32,8 @@ def cmd_check_split(args: argparse.Namespace) -> int:
     import torch
 
     from fedsplit.models import load_model
+    from fedsplit.recipes.check_split import check_split
     from fedsplit.split import num_blocks
-    from fedsplit.split.check import check_split
 
     torch.manual_seed(args.seed)
     worst_ok = True
@@ -76,7 +76,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from fedsplit.security.identity import run_keygen
+    from fedsplit.recipes.keygen import run_keygen
     from fedsplit.security.pki import run_issue_client_cert
 
     written = run_keygen(args.out, args.name, with_ca=args.ca)
@@ -122,7 +122,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_subserver(args: argparse.Namespace) -> int:
-    from fedsplit.server.subserver import read_spec, run_subserver
+    from fedsplit.recipes.hierarchy import read_spec
+    from fedsplit.recipes.subserver import run_subserver
 
     return run_subserver(read_spec(args.root_config), args.rank)
 
@@ -161,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="directory for the key files")
     p.add_argument("--name", default="server", help="key pair name: server, or a client id")
     p.add_argument("--ca", action="store_true", help="also a CA (ca.key/ca.crt) and a server TLS certificate")
-    p.add_argument("--client-cert", action="store_true", help="also a mutual-TLS certificate for client NAME from the CA in --out")
+    p.add_argument("--client-cert", action="store_true",
+                   help="also a mutual-TLS certificate for client NAME from the CA in --out")
     p.set_defaults(func=cmd_keygen)
 
     for name, func, text in (("server", cmd_server, "run the server: trunk, rounds, aggregation"),

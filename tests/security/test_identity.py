@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from fedsplit.recipes.keygen import run_keygen
 from fedsplit.security.errors import InsecureKeyFileError, KeyFileError
 from fedsplit.security.identity import (
     fingerprint,
@@ -18,7 +19,6 @@ from fedsplit.security.identity import (
     load_private_key,
     load_public_key,
     public_key_raw,
-    run_keygen,
     save_identity,
     short_fingerprint,
 )

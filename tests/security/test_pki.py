@@ -11,8 +11,8 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
+from fedsplit.recipes.keygen import run_keygen
 from fedsplit.security.errors import CertificateError, KeyFileError
-from fedsplit.security.identity import run_keygen
 from fedsplit.security.pki import build_ca, client_uri, issue_server_cert, run_issue_client_cert
 
 

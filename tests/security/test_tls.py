@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from fedsplit.recipes.keygen import run_keygen
 from fedsplit.security.errors import (
     CertificateError,
     InsecureKeyFileError,
     InsecureTransportWarning,
 )
-from fedsplit.security.identity import run_keygen, write_public_file, write_secret_file
+from fedsplit.security.identity import write_public_file, write_secret_file
 from fedsplit.security.pki import (
     build_ca,
     cert_pem,

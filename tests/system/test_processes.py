@@ -146,7 +146,7 @@ def test_server_killed_and_resumed_ends_with_the_same_adapters(tmp_path):
 def test_unadmitted_client_is_refused_while_the_others_train(tmp_path):
     cfg = _config(rounds=1, local_steps=2)
     procs, tomls = _start(tmp_path, cfg)
-    from fedsplit.security.identity import run_keygen
+    from fedsplit.recipes.keygen import run_keygen
 
     stranger = tmp_path / "stranger"
     run_keygen(stranger, "client-1")  # a key the server never admitted, under an admitted id
@@ -155,7 +155,8 @@ def test_unadmitted_client_is_refused_while_the_others_train(tmp_path):
     bad_toml.write_text(text)
     for name in ("ca.crt", "server.pub"):
         (stranger / name).write_bytes((tmp_path / "keys" / name).read_bytes())
-    intruder = _spawn(["client", "--config", str(bad_toml), "--out", str(tmp_path / "intruder")], tmp_path / "logs" / "intruder.log")
+    intruder = _spawn(["client", "--config", str(bad_toml), "--out", str(tmp_path / "intruder")],
+                      tmp_path / "logs" / "intruder.log")
     try:
         assert intruder.wait(timeout=120) != 0
         _finish(procs)

@@ -17,8 +17,9 @@ from google.protobuf.message import Message
 
 from fedsplit.channel import Channel
 from fedsplit.protocol import ProtocolError, decode_payload, decode_tensor, encode_tensor, pb
+from fedsplit.recipes.keygen import run_keygen
 from fedsplit.security.handshake import HandshakeVerifier, hash_run_config
-from fedsplit.security.identity import generate_identity, load_private_key, run_keygen
+from fedsplit.security.identity import generate_identity, load_private_key
 from fedsplit.security.pki import run_issue_client_cert
 from fedsplit.security.tls import ChannelTLS, ServerTLS, load_channel_tls, load_server_tls
 from fedsplit.transport.grpc_client import connect_grpc
@@ -144,7 +145,8 @@ def dial(keys: Keys) -> Iterator[Callable[..., Channel]]:
     """``dial(server, client_id, **connect_grpc kwargs)``: a TLS channel by default, closed at teardown."""
     channels: list[Channel] = []
 
-    def open_channel(server: GrpcServer, client_id: str, *, credentials: ClientCredentials | None = None, **kwargs: object) -> Channel:
+    def open_channel(server: GrpcServer, client_id: str, *, credentials: ClientCredentials | None = None,
+                     **kwargs: object) -> Channel:
         if not kwargs.get("insecure"):
             kwargs.setdefault("tls", keys.channel_tls())
         kwargs.setdefault("connect_timeout_s", 5.0)

@@ -14,8 +14,9 @@ from google.protobuf.message import Message
 
 from fedsplit.channel import Channel, RemoteError, ServerSession
 from fedsplit.protocol import pb
+from fedsplit.recipes.keygen import run_keygen
 from fedsplit.security.errors import InsecureTransportWarning
-from fedsplit.security.identity import generate_identity, run_keygen
+from fedsplit.security.identity import generate_identity
 from fedsplit.transport.errors import HandshakeRefusedError, TransportError
 from fedsplit.transport.grpc_client import GrpcTransport, connect_grpc
 from fedsplit.transport.grpc_common import METHOD
@@ -379,7 +380,8 @@ def test_client_wait_has_a_deadline_naming_the_address(keys: Keys, start_server:
         time.sleep(1.5)
         return toy_handler(client_id, kind, round, step, request)
 
-    server = start_server(session_factory=SessionFactory(keys.verifier(), lambda cid: functools.partial(slow, cid), RUN_ID))
+    factory = SessionFactory(keys.verifier(), lambda cid: functools.partial(slow, cid), RUN_ID)
+    server = start_server(session_factory=factory)
     channel = dial(server, "alice", deadline_s=0.2)
     started = time.monotonic()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from fedsplit.client.split_client import SplitClient, StepResult
+from fedsplit.client.split_client import SplitClient
+from fedsplit.train.optim import StepResult
 
 __all__ = ["SplitClient", "StepResult"]

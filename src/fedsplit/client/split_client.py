@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 
@@ -22,6 +21,7 @@ from fedsplit.split.parts import Head, Tail, positions_from_mask
 from fedsplit.train.config import TrainConfig
 from fedsplit.train.optim import (
     NonFiniteStepError,
+    StepResult,
     autocast,
     build_optimizer,
     causal_lm_loss,
@@ -31,13 +31,6 @@ from fedsplit.train.optim import (
     set_lr,
     token_weighted_loss,
 )
-
-
-@dataclass
-class StepResult:
-    loss: float
-    grad_norm: float
-    lr: float
 
 
 class SplitClient:

@@ -16,15 +16,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from fedsplit.models.errors import ModelLoadError
+
 __all__ = ["ModelLoadError", "TINY_MODELS", "load_model"]
 
 if TYPE_CHECKING:
     from fedsplit.models.loading import load_model
     from fedsplit.models.tiny import TINY_MODELS
-
-
-class ModelLoadError(RuntimeError):
-    """A model or its tokenizer could not be loaded; the message says what to do instead."""
 
 
 _LAZY_ATTRIBUTES = {

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from fedsplit.models import ModelLoadError
+from fedsplit.models.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 

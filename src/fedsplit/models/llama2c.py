@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer, PreTrainedTokenizerBase
 
-from fedsplit.models import ModelLoadError
+from fedsplit.models.errors import ModelLoadError
 
 SHARED_ENV = "FEDSPLIT_SHARED"
 STORIES260K_DIR = Path("data/models/stories260k")

@@ -22,7 +22,7 @@ from types import MappingProxyType
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from fedsplit.models import ModelLoadError
+from fedsplit.models.errors import ModelLoadError
 from fedsplit.models.gguf import load_smollm2_135m
 from fedsplit.models.llama2c import load_stories260k
 from fedsplit.models.tiny import TINY_MODELS, load_tiny

@@ -29,7 +29,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from fedsplit.models import ModelLoadError
+from fedsplit.models.errors import ModelLoadError
 from fedsplit.models.tokenizer import TINY_VOCAB_SIZE, build_tiny_tokenizer
 
 # The shared shape, in the argument names of Llama-style configs (Llama, Mistral, Qwen, GLM).

@@ -118,7 +118,8 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
     metrics = MetricsWriter(out / "metrics.jsonl")
     hierarchy = start_hierarchy(cfg, parts, keys, config_hash, out) if cfg.server.mode == "hierarchical" else None
     coordinator = RoundCoordinator(
-        hierarchy.router if hierarchy else make_trunk_server(cfg, parts), strategy, client_adapters(parts.head, parts.tail), cfg.security.clients,
+        hierarchy.router if hierarchy else make_trunk_server(cfg, parts), strategy,
+        client_adapters(parts.head, parts.tail), cfg.security.clients,
         coordinator_cfg, metrics=metrics, checkpoint_dir=out / "checkpoints",
         run_id=cfg.security.run_id, config_hash=config_hash.hex(),
     )
@@ -131,7 +132,8 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
 
     admitted = {cid: load_public_key(keys / f"{cid}.pub") for cid in cfg.security.clients}
     verifier = HandshakeVerifier(load_private_key(keys / f"{cfg.security.server_name}.key"), admitted,
-                                 set(cfg.security.revoked), int(PROTOCOL_VERSION), config_hash, run_id=cfg.security.run_id)
+                                 set(cfg.security.revoked), int(PROTOCOL_VERSION), config_hash,
+                                 run_id=cfg.security.run_id)
     tls = None if cfg.security.insecure else load_server_tls(
         keys / "server-tls.key", keys / "server-tls.crt", keys / "ca.crt" if cfg.security.mutual_tls else None)
     server = GrpcServer(cfg.server.address, SessionFactory(verifier, coordinator.handler_for, cfg.security.run_id),
@@ -162,9 +164,9 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
 
 def start_hierarchy(cfg: RunConfig, parts: SplitParts, keys: Path, config_hash: bytes, out: Path):
     """Server-hierarchical mode: K sub-server processes, each a trunk replica, behind a relaying router."""
+    from fedsplit.recipes import hierarchy
+    from fedsplit.recipes.hierarchy import RunIdentity, SecurityFiles, SubServerSpec
     from fedsplit.security.identity import load_private_key
-    from fedsplit.server import hierarchical
-    from fedsplit.server.subserver import RunIdentity, SecurityFiles, SubServerSpec
 
     tls = {} if cfg.security.insecure else dict(
         tls_key=keys / "server-tls.key", tls_cert=keys / "server-tls.crt", ca_cert=keys / "ca.crt")
@@ -174,7 +176,7 @@ def start_hierarchy(cfg: RunConfig, parts: SplitParts, keys: Path, config_hash: 
                                insecure=cfg.security.insecure, **tls),
         model=cfg.model, train=cfg.train, lora_trunk=cfg.lora_trunk, hierarchy=cfg.hierarchy,
     )
-    return hierarchical.start_hierarchy(spec, parts.trunk, load_private_key(keys / "root.key"), out)
+    return hierarchy.start_hierarchy(spec, parts.trunk, load_private_key(keys / "root.key"), out)
 
 
 def _install_stop_handlers(coordinator) -> threading.Event:
@@ -227,7 +229,8 @@ def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
     keys = keys_dir(cfg, config_dir)
     cid = cfg.client.id
     credentials = ClientCredentials(
-        identity=load_private_key(keys / f"{cid}.key"), server_key=load_public_key(keys / f"{cfg.security.server_name}.pub"),
+        identity=load_private_key(keys / f"{cid}.key"),
+        server_key=load_public_key(keys / f"{cfg.security.server_name}.pub"),
         client_id=cid, run_id=cfg.security.run_id, config_hash=run_config_hash(cfg, tokenizer),
     )
     tls = None
@@ -264,7 +267,7 @@ def free_port() -> int:
 
 def write_federation(cfg: RunConfig, out: Path) -> tuple[Path, list[Path]]:
     """Keys (CA, server, one identity per client) and one TOML per process, under ``out``."""
-    from fedsplit.security.identity import run_keygen
+    from fedsplit.recipes.keygen import run_keygen
     from fedsplit.security.pki import run_issue_client_cert
 
     out.mkdir(parents=True, exist_ok=True)
@@ -296,7 +299,8 @@ def _spawn(args: list[str], log_path: Path) -> subprocess.Popen:
     handle = open(log_path, "w")  # noqa: SIM115 - closed by the process's end
     # Several processes share the cores: idle OpenMP workers must sleep, not spin.
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    return subprocess.Popen([sys.executable, "-m", "fedsplit.cli", *args], stdout=handle, stderr=subprocess.STDOUT, env=env)
+    return subprocess.Popen([sys.executable, "-m", "fedsplit.cli", *args], stdout=handle, stderr=subprocess.STDOUT,
+                            env=env)
 
 
 def simulate(cfg: RunConfig, out: Path, *, timeout_s: float = 3600.0) -> Path:
@@ -319,7 +323,8 @@ def simulate(cfg: RunConfig, out: Path, *, timeout_s: float = 3600.0) -> Path:
     with tqdm(total=cfg.federation.rounds, desc="federated rounds", unit="round") as bar:
         while procs["server"].poll() is None and time.monotonic() < deadline:
             time.sleep(1.0)
-            done = len(read_metrics(server_out / "metrics.jsonl", "round_end")) if (server_out / "metrics.jsonl").exists() else 0
+            metrics = server_out / "metrics.jsonl"
+            done = len(read_metrics(metrics, "round_end")) if metrics.exists() else 0
             bar.update(done - bar.n)
             crashed = [name for name, p in procs.items() if p.poll() not in (None, 0)]
             if crashed:

@@ -10,7 +10,7 @@ Files: ``DIR/NAME.key`` is the private key, PEM PKCS#8, created with mode 0600 i
 ``DIR/NAME.pub`` is the public key, PEM SubjectPublicKeyInfo. Loading refuses a private key file
 that group or others can read or write, the way OpenSSH does.
 
-`run_keygen` is what ``fedsplit keygen --out DIR [--name NAME] [--ca]`` calls.
+``fedsplit keygen`` (:func:`fedsplit.recipes.keygen.run_keygen`) writes them.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ __all__ = [
     "save_identity",
     "load_private_key",
     "load_public_key",
-    "run_keygen",
     "DEFAULT_TLS_HOSTS",
 ]
 
@@ -212,36 +211,3 @@ def load_public_key(path: Path) -> ed25519.Ed25519PublicKey:
     if not isinstance(key, ed25519.Ed25519PublicKey):
         raise KeyFileError(f"{path} holds a {type(key).__name__}, expected an Ed25519 public key")
     return key
-
-
-# --- keygen ----------------------------------------------------------------------------------
-
-
-def run_keygen(
-    out_dir: Path,
-    name: str,
-    with_ca: bool = False,
-    hosts: Sequence[str] = DEFAULT_TLS_HOSTS,
-) -> list[Path]:
-    """Create an identity key pair, and with ``with_ca`` a TLS CA and a server certificate.
-
-    Files (all refused if they already exist; nothing is written unless all names are free):
-    ``NAME.key``/``NAME.pub`` (Ed25519 identity); with ``with_ca`` also ``ca.key``/``ca.crt``
-    (self-signed ECDSA P-256 CA) and ``server-tls.key``/``server-tls.crt`` (server certificate
-    signed by the CA, SANs = ``hosts``). Issue mutual-TLS client certificates later with
-    `fedsplit.security.pki.run_issue_client_cert`. Returns the paths written.
-    """
-    from fedsplit.security import pki  # x509 builders only when a CA is asked for
-
-    out_dir = Path(out_dir)
-    check_identifier(name, "key name", KeyFileError)
-    planned = [out_dir / f"{name}.key", out_dir / f"{name}.pub"]
-    if with_ca:
-        planned += pki.ca_paths(out_dir) + pki.server_tls_paths(out_dir)
-    if len(set(planned)) != len(planned):
-        raise KeyFileError(f"key name {name!r} collides with the CA/TLS file names in {out_dir}")
-    refuse_existing(planned)
-    written = list(save_identity(generate_identity(), out_dir, name))
-    if with_ca:
-        written += pki.write_ca_and_server_cert(out_dir, hosts)
-    return written

@@ -5,5 +5,6 @@ from __future__ import annotations
 from fedsplit.server.trunk import TrunkServer
 
 __all__ = ["TrunkServer"]
-# The coordinator, the batching server and checkpoints import torch-heavy modules: import them from
-# their modules (fedsplit.server.coordinator, .batching, .checkpoint).
+# Only the one-trunk service is exported here, so importing it loads nothing else; import the rest
+# from their modules: fedsplit.server.coordinator, .batching, .checkpoint, .shared_weights and the
+# server-hierarchical package fedsplit.server.hierarchy.

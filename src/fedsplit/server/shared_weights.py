@@ -1,6 +1,6 @@
 """One copy of the frozen trunk per machine: base weights memory-mapped read-only from safetensors.
 
-In server-hierarchical training (FL-GLM, arXiv 2406.14898, Sec. 3.3; :mod:`fedsplit.server.hierarchical`)
+In server-hierarchical training (FL-GLM, arXiv 2406.14898, Sec. 3.3; :mod:`fedsplit.server.hierarchy`)
 K sub-server processes on one machine each hold a replica of the trunk. Only the LoRA adapter and
 its optimizer state differ between replicas; the base blocks are frozen. So the base tensors are
 not loaded into private memory: each is a view of the model's safetensors file, mapped with
@@ -74,7 +74,8 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
         return {name: model_dir / file for name, file in weight_map.items()}
     single = model_dir / SINGLE_FILE
     if not single.is_file():
-        raise SharedWeightsError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}; only safetensors weights can be shared")
+        raise SharedWeightsError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}; "
+                                 "only safetensors weights can be shared")
     with safe_open(str(single), framework="pt") as f:
         return {name: single for name in f.keys()}
 

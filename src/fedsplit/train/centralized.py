@@ -12,10 +12,10 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from fedsplit.client.split_client import StepResult
 from fedsplit.split.parts import positions_from_mask
 from fedsplit.train.config import TrainConfig
 from fedsplit.train.optim import (
+    StepResult,
     autocast,
     build_optimizer,
     causal_lm_loss,

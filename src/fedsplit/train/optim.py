@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,15 @@ import torch.nn.functional as F
 from fedsplit.train.config import TrainConfig
 
 IGNORE_INDEX = -100
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports, split or centralized."""
+
+    loss: float
+    grad_norm: float
+    lr: float
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:

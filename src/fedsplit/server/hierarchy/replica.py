@@ -1,13 +1,10 @@
 """A sub-server of server-hierarchical training: one trunk replica (FL-GLM, arXiv 2406.14898, Sec. 3.3).
 
-    python -m fedsplit.server.subserver --root-config hierarchy.toml --rank K
-
 A sub-server holds a replica of the trunk (the base weights memory-mapped and shared with the other
 sub-servers of the machine, :mod:`fedsplit.server.shared_weights`; its own LoRA adapter and AdamW
 state) in a :class:`~fedsplit.server.trunk.TrunkServer`, and serves the root's relay sessions
-(``root.<client id>``, signed with the root's identity key) on its own gRPC endpoint, with the same
-server identity key and TLS material as the root. It then follows the root's control messages (see
-:mod:`fedsplit.server.hierarchical`), one at a time, in order::
+(``root.<client id>``, signed with the root's identity key). It follows the root's control
+messages (:mod:`.control`), one at a time, in order::
 
     STARTING --FORM--> SERVING --SYNC/GATHER--> REDUCING --done--> SERVING
         any --STOP, or a FORM without this rank (it was declared dead), or the root gone--> STOPPED
@@ -18,46 +15,27 @@ not yet), so no rank averages a half-updated state. Sessions: a new session of `
 supersedes the old one (the root reconnects only after giving up on it), so the partial step of
 ``root.<c>`` is aborted when a new session opens and when its last session ends.
 
-The root writes the spec file (:func:`write_spec`); ``run_subserver`` is the entry point the CLI wires.
+The process around it (loading the trunk, the gRPC endpoint, the control-plane connection) is
+:func:`fedsplit.recipes.subserver.run_subserver`, which ``fedsplit subserver`` runs.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import enum
 import functools
 import logging
-import os
-import subprocess
-import sys
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
-import torch
 from google.protobuf.message import Message
 
-from fedsplit.adapters import LoraSettings, add_lora
 from fedsplit.channel import Handler
-from fedsplit.config import ModelConfig
 from fedsplit.protocol import ProtocolError, pb
-from fedsplit.security.wire import check_identifier
-from fedsplit.server.hierarchical import (
-    RELAYED,
-    ROOT_PREFIX,
-    ControlError,
-    ControlMessage,
-    ControlOp,
-    ControlResult,
+from fedsplit.server.hierarchy import RELAYED, HierarchyError
+from fedsplit.server.hierarchy.collectives import (
     GroupSpec,
-    HierarchyConfig,
-    HierarchyError,
     ReduceStatus,
-    SubControl,
     SyncMode,
     TrainableState,
     gather_state,
@@ -65,77 +43,10 @@ from fedsplit.server.hierarchical import (
     leave_group,
     reduce_state,
 )
+from fedsplit.server.hierarchy.control import ControlError, ControlMessage, ControlOp, ControlResult, SubControl
 from fedsplit.server.trunk import TrunkServer
-from fedsplit.split.parts import Trunk
-from fedsplit.train.config import TrainConfig
-
-if TYPE_CHECKING:
-    from fedsplit.security.handshake import HandshakeVerifier
-    from fedsplit.transport.grpc_server import GrpcServer
 
 log = logging.getLogger(__name__)
-
-TRUNK_PART_INDEX = 1  # add_part_adapters seeds part i with seed + i: the trunk is part 1
-
-
-# -- the spec file the root writes ----------------------------------------------------------------
-@dataclass
-class RunIdentity:
-    run_id: str = field(metadata={"help": "the run the root serves"})
-    config_hash: str = field(metadata={"help": "hex SHA-256 of the run configuration (handshake check)"})
-    clients: list[str] = field(metadata={"help": "client ids; the root relays each as root.<id>"})
-    total_steps: int = field(metadata={"help": "length of the trunk's LR schedule (all clients' steps)"})
-
-    def __post_init__(self) -> None:
-        check_identifier(self.run_id, "run.run_id", ValueError)
-        if len(self.config_hash) != 64 or any(c not in "0123456789abcdef" for c in self.config_hash):
-            raise ValueError(f"run.config_hash: expected 64 lowercase hex digits, got {self.config_hash!r}")
-        if not self.clients or len(set(self.clients)) != len(self.clients):
-            raise ValueError(f"run.clients: expected unique client ids, got {self.clients}")
-        for client in self.clients:
-            check_identifier(ROOT_PREFIX + client, "run.clients (as root.<id>)", ValueError)
-        if self.total_steps < 1:
-            raise ValueError(f"run.total_steps: expected >= 1, got {self.total_steps}")
-
-
-@dataclass
-class SecurityFiles:
-    server_key: Path = field(metadata={"help": "server identity key (shared by the root and its sub-servers)"})
-    root_public_key: Path = field(metadata={"help": "the root's own identity; admitted as root.<client>"})
-    tls_key: Path | None = field(default=None, metadata={"help": "server TLS key (the root's)"})
-    tls_cert: Path | None = field(default=None, metadata={"help": "server TLS certificate (the root's)"})
-    ca_cert: Path | None = field(default=None, metadata={"help": "the CA that signed tls_cert (the root verifies with it)"})
-    insecure: bool = field(default=False, metadata={"help": "no TLS (tests on loopback only)"})
-
-    def __post_init__(self) -> None:
-        if self.insecure == (self.tls_key is not None and self.tls_cert is not None and self.ca_cert is not None):
-            raise ValueError("security: give tls_key, tls_cert and ca_cert, or insecure = true (exactly one)")
-
-
-@dataclass
-class SubServerSpec:
-    """Everything a sub-server needs; the root writes it, ``--root-config`` names it."""
-
-    run: RunIdentity
-    security: SecurityFiles
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    lora_trunk: LoraSettings = field(default_factory=LoraSettings)
-    hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)
-
-
-def write_spec(path: Path | str, spec: SubServerSpec) -> Path:
-    from fedsplit.configio import dump_config
-
-    path = Path(path)
-    path.write_text(dump_config(spec))
-    return path
-
-
-def read_spec(path: Path | str) -> SubServerSpec:
-    from fedsplit.configio import load_config
-
-    return load_config(SubServerSpec, path)
 
 
 # -- quiescence: no request in flight while the replica takes part in a collective -----------------
@@ -236,7 +147,8 @@ class SubServer:
 
     def _handle(self, client_id: str, kind: int, round: int, step: int, request: Message) -> Message:
         if kind not in RELAYED:
-            raise ProtocolError(f"a sub-server serves only the trunk step, not kind {kind}", code=pb.FAILED_PRECONDITION)
+            raise ProtocolError(f"a sub-server serves only the trunk step, not kind {kind}",
+                                code=pb.FAILED_PRECONDITION)
         starts = kind == pb.FORWARD and bool(request.train)
         with self._quiet.request(client_id, kind, starts, self.quiesce_timeout_s):
             return self.server.handle(client_id, kind, round, step, request)
@@ -265,7 +177,8 @@ class SubServer:
             log.exception("sub-server %d: %s failed", self.rank, message.op.value)
             return self._result(message, ok=False, error=f"{type(exc).__name__}: {exc}")
 
-    def _result(self, message: ControlMessage, ok: bool, error: str = "", steps_since: int = 0, digest: str = "") -> ControlResult:
+    def _result(self, message: ControlMessage, ok: bool, error: str = "", steps_since: int = 0,
+                digest: str = "") -> ControlResult:
         return ControlResult(message.seq, self.rank, ok, error, steps_since, self.server.steps_taken, digest)
 
     def _form(self, message: ControlMessage) -> ControlResult:
@@ -274,7 +187,8 @@ class SubServer:
             self._stop_now()
             return self._result(message, ok=False, error="retired: not a member")
         if message.layout != self.state.layout:
-            raise HierarchyError(f"adapter layout {self.state.layout[:12]} differs from the root's {message.layout[:12]}")
+            raise HierarchyError(f"adapter layout {self.state.layout[:12]} differs from the root's "
+                                 f"{message.layout[:12]}")
         spec = GroupSpec(message.generation, message.host, message.port, message.members.index(self.rank) + 1,
                          len(message.members) + 1, message.backend, message.timeout_s)
         self.group = None
@@ -332,120 +246,3 @@ class SubServer:
             raise HierarchyError(f"sub-server {self.rank}: {self.stage.name} -> {to.name} is not a valid transition")
         self.stage = to
 
-
-# -- building and running one sub-server process ----------------------------------------------------
-def build_replica_trunk(spec: SubServerSpec) -> Trunk:
-    """The trunk (base weights shared unless ``hierarchy.shared_weights`` is off) with the seeded LoRA
-    init every replica and the root share."""
-    from fedsplit.server.shared_weights import SharedWeightsError, load_shared_trunk, resolve_weights_dir
-
-    m = spec.model
-    mappable = True
-    try:
-        resolve_weights_dir(m.name)
-    except SharedWeightsError as exc:  # e.g. the in-memory tiny-* test models: nothing on disk to map
-        mappable = False
-        if spec.hierarchy.shared_weights:
-            log.warning("shared weights off for %s: %s", m.name, exc)
-    if spec.hierarchy.shared_weights and mappable:
-        trunk = load_shared_trunk(m.name, m.head_layers, m.tail_layers)
-    else:
-        from fedsplit.models import load_model
-        from fedsplit.split import split_model
-
-        trunk = split_model(load_model(m.name)[0], m.head_layers, m.tail_layers).trunk
-    add_lora(trunk, spec.lora_trunk, seed=spec.train.seed + TRUNK_PART_INDEX)
-    return trunk
-
-
-def _verifier(spec: SubServerSpec) -> HandshakeVerifier:
-    from fedsplit.security.handshake import HandshakeVerifier
-    from fedsplit.security.identity import load_private_key, load_public_key
-
-    root_key = load_public_key(spec.security.root_public_key)
-    admitted = {ROOT_PREFIX + client: root_key for client in spec.run.clients}
-    return HandshakeVerifier(load_private_key(spec.security.server_key), admitted, [], pb.PROTOCOL_VERSION_CURRENT,
-                             bytes.fromhex(spec.run.config_hash), run_id=spec.run.run_id)
-
-
-def serve(replica: SubServer, spec: SubServerSpec, rank: int) -> GrpcServer:
-    """Start the replica's gRPC endpoint (the root's TLS material and identity)."""
-    from fedsplit.security.tls import load_server_tls
-    from fedsplit.transport.grpc_server import GrpcServer
-    from fedsplit.transport.handshake import SessionFactory
-
-    h, sec = spec.hierarchy, spec.security
-    port = h.listen_port_base + rank if h.listen_port_base else 0
-    factory = SessionFactory(_verifier(spec), replica.handler_for, spec.run.run_id)
-    tls = None if sec.insecure else load_server_tls(sec.tls_key, sec.tls_cert)  # type: ignore[arg-type]
-    return GrpcServer(f"{h.listen_host}:{port}", factory, tls=tls, insecure=sec.insecure, max_streams=h.max_streams,
-                      idle_timeout_s=24 * 3600.0, on_disconnect=replica.on_disconnect).start()
-
-
-def run_subserver(spec: SubServerSpec, rank: int) -> int:
-    """Load the replica, serve it, announce it to the root, follow the root until STOP."""
-    from fedsplit.security.identity import load_private_key, load_public_key
-
-    h = spec.hierarchy
-    if not 1 <= rank <= h.subservers:
-        raise ValueError(f"rank: expected 1..{h.subservers}, got {rank}")
-    torch.set_num_threads(h.threads_per_subserver())
-    # Averaging K replicas that each took n steps moves the trunk about as far as n steps, where one
-    # sequential trunk would have taken K n: the linear scaling rule gives each replica K x the LR.
-    train = dataclasses.replace(spec.train, lr=spec.train.lr * h.subservers) if h.scale_lr else spec.train
-    server = TrunkServer(build_replica_trunk(spec), train, spec.run.total_steps, lease_timeout_s=h.relay_deadline_s)
-    replica = SubServer(rank, server, quiesce_timeout_s=h.sync_timeout_s)
-    endpoint = serve(replica, spec, rank)
-    try:
-        control = SubControl.connect(h.control_host, h.control_port, spec.run.run_id, rank,
-                                     load_private_key(spec.security.server_key),
-                                     load_public_key(spec.security.root_public_key), h.startup_timeout_s)
-        control.announce(f"{h.listen_host}:{endpoint.port}")
-        log.info("sub-server %d (pid %d) serving on port %d with %d threads", rank, os.getpid(), endpoint.port,
-                 torch.get_num_threads())
-        return replica.run(control)
-    finally:
-        endpoint.stop(0)
-        leave_group()
-
-
-@dataclass
-class LocalSubServer:
-    """A sub-server process started on this machine by :func:`launch_local`."""
-
-    rank: int
-    process: subprocess.Popen[bytes]
-    log_path: Path | None
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-
-def launch_local(spec_path: Path, ranks: Sequence[int], *, log_dir: Path | None = None,
-                 python: str = sys.executable) -> dict[int, LocalSubServer]:
-    """Start ``python -m fedsplit.server.subserver`` for each rank; output goes to ``log_dir/subserver-K.log``."""
-    started: dict[int, LocalSubServer] = {}
-    for rank in ranks:
-        log_path = None if log_dir is None else Path(log_dir) / f"subserver-{rank}.log"
-        out = subprocess.DEVNULL if log_path is None else log_path.open("wb")
-        command = [python, "-m", "fedsplit.server.subserver", "--root-config", str(spec_path), "--rank", str(rank)]
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        if log_path is not None:
-            out.close()  # type: ignore[union-attr]
-        started[rank] = LocalSubServer(rank, process, log_path)
-    return started
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedsplit subserver", description="one trunk replica of a hierarchical run")
-    parser.add_argument("--root-config", type=Path, required=True, help="the spec file the root wrote")
-    parser.add_argument("--rank", type=int, required=True, help="this sub-server's rank, 1..K")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format=f"%(asctime)s %(levelname)s sub-server {args.rank} %(name)s: %(message)s")
-    return run_subserver(read_spec(args.root_config), args.rank)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedsplit.split.check import check_split
+from fedsplit.recipes.check_split import check_split
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-qwen2"])

@@ -1,6 +1,6 @@
 """A split client and a trunk server joined by the in-process channel: the split step in one process.
 
-Used to prove split == centralized (:mod:`fedsplit.split.check`) and by the benchmarks. The
+Used to prove split == centralized (:mod:`fedsplit.recipes.check_split`) and by the benchmarks. The
 channel still serializes every message to bytes, exactly as the network carries it.
 """
 
@@ -42,5 +42,6 @@ def local_split(
     parts = split_model(model, head_layers, tail_layers)
     add_part_adapters(parts, lora, seed=seed)
     server = TrunkServer(parts.trunk, cfg, total_steps)
-    channel, _ = in_process_channel(client_id, lambda kind, rnd, step, msg: server.handle(client_id, kind, rnd, step, msg))
+    channel, _ = in_process_channel(client_id,
+                                    lambda kind, rnd, step, msg: server.handle(client_id, kind, rnd, step, msg))
     return LocalSplit(parts, server, SplitClient(parts.head, parts.tail, channel, cfg, total_steps), channel)
