@@ -42,12 +42,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, NoReturn
+from typing import NamedTuple, NoReturn
 
 import torch
 from google.protobuf.message import Message
 
 from fedsplit.protocol import ProtocolError, encode_tensor, kind_name, pb
+from fedsplit.server.stages import check_transition
 from fedsplit.server.trunk import TrunkServer, check_client_sq_norm, commit_step, decode_activation
 from fedsplit.split.parts import Trunk
 from fedsplit.train.config import TrainConfig
@@ -98,10 +99,6 @@ def scatter(pieces: Sequence[torch.Tensor], spans: Sequence[Span], like: torch.T
 
 
 # -- the state machines ---------------------------------------------------------------------------
-class StageError(RuntimeError):
-    """An internal state-machine transition that must not happen (a bug, not a client's fault)."""
-
-
 class GroupStage(enum.Enum):
     COLLECTING = "collecting"  # the FORWARDs of one micro-batch are gathering
     FORWARDED = "forwarded"  # one trunk forward served them; their BACKWARDs are due
@@ -140,11 +137,6 @@ def _dropped_error(kind: str, client_id: str, reason: str) -> ProtocolError:
     return ProtocolError(f"{kind}: client {client_id} was dropped from its group step: {reason}", code=pb.ABORTED)
 
 
-def _check_move(table: dict[Any, frozenset[Any]], what: str, old: enum.Enum, new: enum.Enum) -> None:
-    if new not in table[old]:
-        raise StageError(f"{what}: {old.name} -> {new.name} is not a transition")
-
-
 class _Inputs(NamedTuple):
     hidden: torch.Tensor  # (B, T, H)
     mask: torch.Tensor  # (B, T) bool
@@ -173,7 +165,7 @@ class _Member:
     reason: str = ""
 
     def move(self, stage: MemberStage, due: float = math.inf) -> None:
-        _check_move(_MEMBER_MOVES, f"member {self.client_id}", self.stage, stage)
+        check_transition(_MEMBER_MOVES, f"member {self.client_id}", self.stage, stage)
         self.stage, self.due = stage, due
 
 
@@ -190,7 +182,7 @@ class _Group:
     result: pb.OptimizerResult | None = None
 
     def move(self, stage: GroupStage) -> None:
-        _check_move(_GROUP_MOVES, f"group {self.number}", self.stage, stage)
+        check_transition(_GROUP_MOVES, f"group {self.number}", self.stage, stage)
         self.stage = stage
 
     def live(self, *stages: MemberStage) -> list[_Member]:

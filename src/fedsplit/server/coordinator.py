@@ -39,17 +39,14 @@ seeds is deterministic whatever the thread timing, and a run resumed from a chec
 from __future__ import annotations
 
 import contextlib
-import enum
 import functools
 import logging
-import math
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from google.protobuf.message import Message
 from torch import Tensor
@@ -60,193 +57,46 @@ from fedsplit.metrics import MetricsWriter
 from fedsplit.protocol import ProtocolError, decode_named, encode_named, kind_name, pb
 from fedsplit.server.checkpoint import (
     Checkpoint,
-    CheckpointError,
-    TrunkHolder,
-    TrunkState,
     capture_rng,
     capture_trunk,
     restore_rng,
     restore_trunk,
     save_checkpoint,
 )
+from fedsplit.server.rounds import (
+    ROUND_NEXT,
+    ClientStage,
+    CoordinatorConfig,
+    OpenRound,
+    Participant,
+    RoundFailedError,
+    RoundStage,
+    RunResult,
+    RunStoppedError,
+    Session,
+    StageTransitionError,
+    TrunkService,
+    check_checkpoint,
+    check_plan,
+    check_step,
+    check_update,
+    plan_settings,
+    record_data_report,
+)
+from fedsplit.server.stages import check_transition
 from fedsplit.strategy import (
     AggregateResult,
     ClientUpdate,
     Failure,
     NotEnoughClientsError,
     NotEnoughResultsError,
-    RoundPlan,
     Strategy,
-    StrategyError,
 )
-from fedsplit.strategy.bounds import l2_distance, linf_distance
+
+__all__ = ["ClientStage", "CoordinatorConfig", "RoundCoordinator", "RoundFailedError", "RoundStage", "RunResult",
+           "RunStoppedError", "StageTransitionError", "TrunkService"]
 
 log = logging.getLogger(__name__)
-
-_PRECONDITION = pb.FAILED_PRECONDITION
-
-
-class RoundStage(enum.Enum):
-    WAITING_FOR_CLIENTS = "waiting_for_clients"
-    TRAINING = "training"
-    AGGREGATING = "aggregating"
-    DONE = "done"
-    FAILED = "failed"
-
-
-_ROUND_NEXT: dict[RoundStage, frozenset[RoundStage]] = {
-    RoundStage.WAITING_FOR_CLIENTS: frozenset({RoundStage.TRAINING, RoundStage.DONE, RoundStage.FAILED}),
-    RoundStage.TRAINING: frozenset({RoundStage.AGGREGATING, RoundStage.FAILED}),
-    RoundStage.AGGREGATING: frozenset({RoundStage.WAITING_FOR_CLIENTS, RoundStage.DONE, RoundStage.FAILED}),
-    RoundStage.DONE: frozenset(),
-    RoundStage.FAILED: frozenset(),
-}
-
-
-class ClientStage(enum.Enum):
-    """Where one participant is within the current round (``Failure.stage`` is its value)."""
-
-    PICKED = "picked"  # chosen by the strategy; has not collected its plan yet
-    TRAINING = "training"  # has its plan; owes local_steps split steps and an update
-    SUBMITTED = "submitted"  # its update was accepted
-    FAILED = "failed"
-
-
-_CLIENT_NEXT: dict[ClientStage, frozenset[ClientStage]] = {
-    ClientStage.PICKED: frozenset({ClientStage.TRAINING, ClientStage.FAILED}),
-    ClientStage.TRAINING: frozenset({ClientStage.SUBMITTED, ClientStage.FAILED}),
-    ClientStage.SUBMITTED: frozenset(),
-    ClientStage.FAILED: frozenset(),
-}
-
-
-class TrunkService(TrunkHolder, Protocol):
-    """The trunk side the coordinator delegates to: :class:`~fedsplit.server.trunk.TrunkServer`,
-    :class:`~fedsplit.server.batching.BatchingTrunkServer` or the hierarchical ``ReplicaRouter``."""
-
-    def handle(self, client_id: str, kind: int, round: int, step: int, request: Message) -> Message: ...
-
-    def abort(self, client_id: str) -> bool: ...
-
-    def end_round(self, round: int) -> object: ...
-
-
-class StageTransitionError(RuntimeError):
-    """A stage change that the protocol does not allow (a bug in the coordinator, not a client error)."""
-
-
-class RunStoppedError(RuntimeError):
-    """:meth:`RoundCoordinator.stop` ended the run before its last round."""
-
-
-class RoundFailedError(RuntimeError):
-    """A round got fewer than ``min_clients`` results on every attempt."""
-
-    def __init__(self, round: int, attempts: int, failures: Sequence[Failure]) -> None:
-        self.round, self.attempts, self.failures = round, attempts, list(failures)
-        reasons = "; ".join(f"{f.client_id} ({f.stage}): {f.reason}" for f in failures) or "no failures recorded"
-        super().__init__(f"round {round}: too few results after {attempts} attempt(s); failures: {reasons}")
-
-
-@dataclass
-class CoordinatorConfig:
-    """How the server runs rounds. Times are seconds."""
-
-    num_rounds: int = field(metadata={"help": "federated rounds to run"})
-    min_clients: int = field(default=1, metadata={"help": "fewest clients a round starts with and aggregates"})
-    round_timeout_s: float = field(default=3600.0, metadata={"help": "a round ends this long after it started"})
-    step_timeout_s: float = field(default=120.0, metadata={"help": "a participant with no request this long fails"})
-    join_timeout_s: float = field(default=3600.0, metadata={"help": "longest wait for min_clients to join"})
-    join_grace_s: float = field(default=10.0, metadata={"help": "once min_clients are in, wait this long for the rest"})
-    poll_s: float = field(default=0.5, metadata={"help": "the wait_s told to clients that must ask again"})
-    max_round_retries: int = field(default=1, metadata={"help": "reruns of a round that got too few results"})
-    ordered_steps: bool = field(default=True, metadata={"help": "round-robin trunk step order: reproducible runs"})
-    max_examples_per_round: int = field(default=0, metadata={"help": "most examples an update may report "
-                                                             "(local_steps x batch x grad_accum; 0: unchecked)"})
-    max_examples_per_client: int = field(default=0, metadata={"help": "most examples a data report may claim "
-                                                              "(0: unbounded; the strategy's max_share still caps)"})
-    keep_checkpoints: int = field(default=3, metadata={"help": "round checkpoints kept on disk (0: all)"})
-    eval_per_s: float = field(default=4.0, metadata={"help": "evaluation FORWARDs a client may send per second "
-                                                     "(token bucket; served between rounds only)"})
-    eval_burst: int = field(default=64, metadata={"help": "evaluation FORWARDs a client may send at once"})
-    update_bound_factor: float = field(default=10.0, metadata={"help": "refuse updates that moved an element more "
-                                                               "than this x local_steps x lr (0: off)"})
-    max_update_norm: float = field(default=0.0, metadata={"help": "refuse updates farther than this (L2) from the "
-                                                          "global parts (0: off)"})
-
-    def __post_init__(self) -> None:
-        for name, least in (("num_rounds", 1), ("min_clients", 1), ("max_round_retries", 0),
-                            ("max_examples_per_round", 0), ("max_examples_per_client", 0), ("eval_burst", 1),
-                            ("keep_checkpoints", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"coordinator.{name}: expected an int >= {least}, got {value!r}")
-        for name in ("round_timeout_s", "step_timeout_s", "join_timeout_s", "poll_s", "eval_per_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"coordinator.{name}: expected > 0, got {getattr(self, name)!r}")
-        for name in ("update_bound_factor", "max_update_norm"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise ValueError(f"coordinator.{name}: expected a finite value >= 0, got {getattr(self, name)!r}")
-        if not self.join_grace_s >= 0:
-            raise ValueError(f"coordinator.join_grace_s: expected >= 0, got {self.join_grace_s!r}")
-        if self.poll_s >= self.step_timeout_s:
-            raise ValueError(
-                f"coordinator.poll_s ({self.poll_s}) must be < step_timeout_s ({self.step_timeout_s}): "
-                "a picked client collects its plan at its next poll"
-            )
-
-
-@dataclass
-class RunResult:
-    rounds_completed: int
-    global_adapters: dict[str, Tensor]  # final head/tail adapters ("head/...", "tail/...")
-    trunk_adapters: dict[str, Tensor]  # final trunk adapter (PEFT key names)
-    history: list[dict[str, Any]]  # per completed round: round, clients, failures, metrics
-
-
-@dataclass
-class _Session:
-    """What the server knows about one client's connection(s)."""
-
-    open: int = 0  # sessions handed out by handler_for and not yet disconnected
-    in_flight: int = 0  # requests being served right now
-    trunk_calls: int = 0  # training requests inside the TrunkServer
-    last_seen: float = 0.0
-    eval_tokens: float = -1.0  # evaluation FORWARDs it may still send now (token bucket; -1: full)
-    eval_refill: float = 0.0  # when the bucket was last topped up
-
-
-@dataclass
-class _Participant:
-    stage: ClientStage = ClientStage.PICKED
-    steps: int = 0  # optimizer steps the trunk committed for it this round
-    update: ClientUpdate | None = None
-
-    def move(self, to: ClientStage) -> None:
-        if to not in _CLIENT_NEXT[self.stage]:
-            raise StageTransitionError(f"participant: {self.stage.name} -> {to.name} is not a valid transition")
-        self.stage = to
-
-
-@dataclass
-class _Round:
-    number: int
-    attempt: int
-    local_steps: int
-    lr: float
-    settings: dict[str, str]
-    adapters: list[pb.NamedTensor]  # the global adapters, encoded once per round
-    participants: dict[str, _Participant]
-    turns: deque[str]  # whose trunk step is next (ordered_steps)
-    deadline: float
-    start_trunk: TrunkState  # restored if the round fails
-    failures: list[Failure] = field(default_factory=list)
-
-    def owing(self) -> list[str]:
-        """Participants that still owe an update."""
-        active = (ClientStage.PICKED, ClientStage.TRAINING)
-        return [cid for cid, p in self.participants.items() if p.stage in active]
-
 
 class RoundCoordinator:
     """Runs FL-GLM rounds: owns the trunk server, the global client adapters and the strategy.
@@ -274,7 +124,7 @@ class RoundCoordinator:
         if not clients or len(set(clients)) != len(clients):
             raise ValueError(f"clients: expected unique client ids, got {list(clients)}")
         if config.min_clients > len(clients):
-            raise ValueError(f"min_clients: expected <= {len(clients)} (the number of clients), got {config.min_clients}")
+            raise ValueError(f"min_clients: expected <= {len(clients)} (the clients), got {config.min_clients}")
         self.trunk, self.strategy, self.config = trunk, strategy, config
         self.clients = tuple(clients)
         self.metrics = metrics
@@ -286,8 +136,8 @@ class RoundCoordinator:
         self._client_steps = {cid: 0 for cid in self.clients}
         self._data_reports: dict[str, int] = {}  # examples each client declared at its first join: its weight
         self._stage = RoundStage.WAITING_FOR_CLIENTS
-        self._round: _Round | None = None
-        self._sessions = {cid: _Session() for cid in self.clients}
+        self._round: OpenRound | None = None
+        self._sessions = {cid: Session() for cid in self.clients}
         self._lobby: set[str] = set()
         self._trunk_calls = 0
         self._evals = 0  # evaluation FORWARDs being served: a round starts only when none is
@@ -334,19 +184,19 @@ class RoundCoordinator:
     def _open_round(self, number: int, attempt: int) -> None:
         available = self._wait_for_clients(number)
         plan = self.strategy.configure_round(number, available)
-        local_steps, lr = self._check_plan(plan, available)
+        local_steps, lr = check_plan(plan, available)
         with self._cond:
             self._cond.wait_for(lambda: self._evals == 0)  # no evaluation may see a training step
             now = time.monotonic()
             picked = sorted(plan.client_ids)
-            self._round = _Round(
+            self._round = OpenRound(
                 number=number,
                 attempt=attempt,
                 local_steps=local_steps,
                 lr=lr,
-                settings=self._settings(plan, local_steps),
+                settings=plan_settings(plan, local_steps, self.config.num_rounds),
                 adapters=encode_named(self._global),
-                participants={cid: _Participant() for cid in picked},
+                participants={cid: Participant() for cid in picked},
                 turns=deque(picked),
                 deadline=now + self.config.round_timeout_s,
                 start_trunk=capture_trunk(self.trunk),
@@ -397,7 +247,7 @@ class RoundCoordinator:
                     for cid in r.owing():
                         self._fail_participant(cid, f"round timeout after {self.config.round_timeout_s} s")
                     break
-                for cid in self._idle(r, now):
+                for cid in r.idle(self._sessions, now, self.config.step_timeout_s):
                     self._fail_participant(cid, f"no request for {self.config.step_timeout_s} s")
                 self._cond.wait(timeout=min(r.deadline - now, self.config.step_timeout_s / 4))
             self._move(RoundStage.AGGREGATING)
@@ -529,21 +379,17 @@ class RoundCoordinator:
         with self._cond:
             if self._stage in (RoundStage.TRAINING, RoundStage.AGGREGATING):
                 raise RuntimeError(f"checkpoint: expected no round in progress, stage is {self._stage.name}")
-            return Checkpoint(
-                round=self.completed_round,
-                run_id=self.run_id,
-                config_hash=self.config_hash,
-                global_adapters=self.global_adapters,
-                trunk=capture_trunk(self.trunk),
-                client_steps=dict(self._client_steps),
-                rng=capture_rng(),
-            )
+            return Checkpoint(round=self.completed_round, run_id=self.run_id, config_hash=self.config_hash,
+                              global_adapters=self.global_adapters, trunk=capture_trunk(self.trunk),
+                              client_steps=dict(self._client_steps), rng=capture_rng())
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Continue a run from ``checkpoint`` (call before :meth:`run`)."""
         if self._started:
             raise RuntimeError("restore: expected a coordinator that has not run yet")
-        self._check_checkpoint(checkpoint)
+        check_checkpoint(checkpoint, run_id=self.run_id, config_hash=self.config_hash,
+                         num_rounds=self.config.num_rounds,
+                         global_adapters=self._global, clients=self.clients)
         restore_trunk(self.trunk, checkpoint.trunk)
         restore_rng(checkpoint.rng)
         with self._cond:
@@ -551,19 +397,6 @@ class RoundCoordinator:
             self._client_steps.update(checkpoint.client_steps)
             self.completed_round = checkpoint.round
         self._log("resumed", round=checkpoint.round)
-
-    def _check_checkpoint(self, checkpoint: Checkpoint) -> None:
-        if (checkpoint.run_id, checkpoint.config_hash) != (self.run_id, self.config_hash):
-            raise CheckpointError(
-                f"checkpoint belongs to run {checkpoint.run_id!r} (config {checkpoint.config_hash[:12]!r}), "
-                f"this coordinator runs {self.run_id!r} (config {self.config_hash[:12]!r})"
-            )
-        if not 0 <= checkpoint.round <= self.config.num_rounds:
-            raise CheckpointError(f"checkpoint round: expected 0..{self.config.num_rounds}, got {checkpoint.round}")
-        _check_adapters(checkpoint.global_adapters, self._global, "checkpoint global adapters", CheckpointError)
-        unknown = sorted(set(checkpoint.client_steps) - set(self.clients))
-        if unknown:
-            raise CheckpointError(f"checkpoint client_steps: clients {unknown} are not expected in this run")
 
     # -- sessions -------------------------------------------------------------------------------
     def handler_for(self, client_id: str) -> Handler:
@@ -613,7 +446,7 @@ class RoundCoordinator:
                 raise ProtocolError(
                     f"evaluation is served between rounds only; round {self.completed_round + 1} is "
                     f"{self._stage.value}, ask again after it", code=pb.FAILED_PRECONDITION)
-            self._take_eval_token(self._sessions[client_id])
+            self._sessions[client_id].take_eval_token(self.config.eval_burst, self.config.eval_per_s, time.monotonic())
             self._evals += 1
         try:
             yield
@@ -621,17 +454,6 @@ class RoundCoordinator:
             with self._cond:
                 self._evals -= 1
                 self._cond.notify_all()
-
-    def _take_eval_token(self, session: _Session) -> None:
-        cfg, now = self.config, time.monotonic()
-        if session.eval_tokens < 0:
-            session.eval_tokens, session.eval_refill = float(cfg.eval_burst), now
-        session.eval_tokens = min(cfg.eval_burst, session.eval_tokens + (now - session.eval_refill) * cfg.eval_per_s)
-        session.eval_refill = now
-        if session.eval_tokens < 1:
-            raise ProtocolError(f"evaluation rate limit: {cfg.eval_burst} requests, then {cfg.eval_per_s:g} per second",
-                                code=pb.RESOURCE_EXHAUSTED)
-        session.eval_tokens -= 1
 
     @contextlib.contextmanager
     def _in_flight(self, client_id: str) -> Iterator[None]:
@@ -649,7 +471,10 @@ class RoundCoordinator:
     # -- JOIN_ROUND -----------------------------------------------------------------------------
     def _join(self, client_id: str, kind: int, round: int, step: int, request: pb.JoinRound) -> pb.RoundPlan:
         with self._cond:
-            self._record_data_report(client_id, int(request.num_examples))
+            weight = record_data_report(self._data_reports, client_id, int(request.num_examples),
+                                        self.config.max_examples_per_client)
+            if weight is not None:
+                self._log("data_report", client=client_id, num_examples=int(request.num_examples), weight=weight)
             if self._stage is RoundStage.DONE:
                 return pb.RoundPlan(round=self.completed_round, finished=True, adapters=encode_named(self._global))
             if self._stage is RoundStage.FAILED:
@@ -659,56 +484,12 @@ class RoundCoordinator:
             if self._stage is RoundStage.TRAINING and participant is not None:
                 if participant.stage is ClientStage.PICKED:
                     participant.move(ClientStage.TRAINING)
-                    return self._plan(r, client_id)
+                    return r.plan(self._client_steps[client_id])
                 if participant.stage is ClientStage.TRAINING:
                     self._fail_participant(client_id, "joined again before sending its update (it restarted)")
             self._lobby.add(client_id)
             self._cond.notify_all()
             return pb.RoundPlan(round=self.completed_round + 1, wait_s=self.config.poll_s)
-
-    def _record_data_report(self, client_id: str, claimed: int) -> None:
-        """The weight a client may claim is fixed at its first report and bounded (lock held)."""
-        if claimed == 0 or client_id in self._data_reports:
-            if claimed and claimed != self._data_reports[client_id]:
-                log.warning("client %s: data report changed from %d to %d examples; the first stands",
-                            client_id, self._data_reports[client_id], claimed)
-            return
-        cap = self.config.max_examples_per_client
-        weight = min(claimed, cap) if cap else claimed
-        self._data_reports[client_id] = weight
-        self._log("data_report", client=client_id, num_examples=claimed, weight=weight)
-
-    def _plan(self, r: _Round, client_id: str) -> pb.RoundPlan:
-        return pb.RoundPlan(
-            round=r.number,
-            local_steps=r.local_steps,
-            lr=r.lr,
-            adapters=r.adapters,
-            settings=r.settings,
-            first_step=self._client_steps[client_id],
-        )
-
-    def _settings(self, plan: RoundPlan, local_steps: int) -> dict[str, str]:
-        settings = {k: str(v) for k, v in plan.settings.items()}
-        # The client's LR schedule spans all rounds (assumes the same local_steps every round).
-        settings["total_steps"] = str(self.config.num_rounds * local_steps)
-        settings["num_rounds"] = str(self.config.num_rounds)
-        return settings
-
-    def _check_plan(self, plan: RoundPlan, available: Sequence[str]) -> tuple[int, float]:
-        stray = sorted(set(plan.client_ids) - set(available))
-        if stray or not plan.client_ids:
-            raise StrategyError(
-                f"round {plan.round}: expected the strategy to pick a non-empty subset of {list(available)}, "
-                f"got {plan.client_ids}"
-            )
-        try:
-            local_steps, lr = int(plan.settings["local_steps"]), float(plan.settings["lr"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StrategyError(f"round {plan.round}: expected local_steps and lr in the settings, got {plan.settings}") from exc
-        if local_steps < 1 or not lr > 0:
-            raise StrategyError(f"round {plan.round}: expected local_steps >= 1 and lr > 0, got {local_steps}, {lr}")
-        return local_steps, lr
 
     # -- FORWARD / BACKWARD / OPTIMIZER_STEP ----------------------------------------------------
     def _serve_trunk(self, client_id: str, kind: int, round: int, step: int, request: Message) -> Message:
@@ -725,35 +506,17 @@ class RoundCoordinator:
             with self._cond:
                 lost = self._end_trunk_call(client_id, kind, round, done)
         if lost:
-            raise ProtocolError(f"{kind_name(kind)}: client {client_id} lost round {round}; step discarded", code=pb.ABORTED)
+            raise ProtocolError(f"{kind_name(kind)}: client {client_id} lost round {round}; step discarded",
+                                code=pb.ABORTED)
         return reply
 
     def _await_turn(self, client_id: str, kind: int, round: int) -> None:
         """Check that ``client_id`` may take this step; in ordered mode wait until it is its turn."""
         while True:
-            r, _ = self._check_step(client_id, kind, round)
+            r, _ = check_step(self._round, self._stage, self.completed_round, client_id, kind, round)
             if not self.config.ordered_steps or kind != pb.FORWARD or r.turns[0] == client_id:
                 return
             self._cond.wait()
-
-    def _check_step(self, client_id: str, kind: int, round: int) -> tuple[_Round, _Participant]:
-        name, r = kind_name(kind), self._round
-        participant = r.participants.get(client_id) if r is not None else None
-        if r is None or participant is None:
-            raise ProtocolError(
-                f"{name}: client {client_id} is not a participant of the current round "
-                f"(round {self.completed_round + 1}, stage {self._stage.name})",
-                code=pb.FAILED_PRECONDITION,
-            )
-        if self._stage is not RoundStage.TRAINING or participant.stage is ClientStage.FAILED:
-            raise ProtocolError(f"{name}: round {r.number} is over for client {client_id}", code=pb.ABORTED)
-        if round != r.number:
-            raise ProtocolError(f"{name}: expected round {r.number}, got a frame for round {round}", code=_PRECONDITION)
-        if participant.stage is not ClientStage.TRAINING:
-            raise ProtocolError(f"{name}: client {client_id} is {participant.stage.value}, not training", code=_PRECONDITION)
-        if kind == pb.FORWARD and participant.steps >= r.local_steps:
-            raise ProtocolError(f"{name}: client {client_id} already took its {r.local_steps} steps", code=_PRECONDITION)
-        return r, participant
 
     def _end_trunk_call(self, client_id: str, kind: int, round: int, done: bool) -> bool:
         """Book a finished trunk call; returns whether the client lost its round meanwhile."""
@@ -767,10 +530,7 @@ class RoundCoordinator:
             self.trunk.abort(client_id)  # the call outlived the client's round: drop its partial step
             return True
         if done and kind == pb.OPTIMIZER_STEP:
-            participant.steps += 1
-            r.turns.remove(client_id)
-            if participant.steps < r.local_steps:
-                r.turns.append(client_id)
+            r.step_taken(client_id)
         return False
 
     # -- CLIENT_UPDATE --------------------------------------------------------------------------
@@ -789,7 +549,8 @@ class RoundCoordinator:
                     code=pb.ABORTED if request.round == current else pb.FAILED_PRECONDITION,
                 )
             try:
-                update = self._check_update(client_id, r, participant, request, tensors)
+                update = check_update(client_id, r, participant, request, tensors, self._global, self.config,
+                                      weight=self._data_reports.get(client_id, int(request.num_examples)))
             except ProtocolError as exc:
                 if participant.stage in (ClientStage.PICKED, ClientStage.TRAINING):
                     self._fail_participant(client_id, f"update refused: {exc}")
@@ -800,46 +561,6 @@ class RoundCoordinator:
         self._log("client_update", round=r.number, client=client_id, num_examples=update.num_examples,
                   metrics=update.metrics)
         return pb.UpdateAck(round=r.number, accepted=True)
-
-    def _check_update(
-        self, client_id: str, r: _Round, participant: _Participant, request: pb.ClientUpdate, tensors: dict[str, Tensor]
-    ) -> ClientUpdate:
-        if request.round != r.number:
-            raise ProtocolError(
-                f"ClientUpdate.round: expected {r.number} (the current round), got {request.round}", code=_PRECONDITION
-            )
-        if participant.stage is not ClientStage.TRAINING:
-            raise ProtocolError(f"ClientUpdate: client {client_id} is {participant.stage.value}, not training", code=_PRECONDITION)
-        if participant.steps != r.local_steps:
-            raise ProtocolError(
-                f"ClientUpdate: expected {r.local_steps} optimizer steps in round {r.number}, "
-                f"the trunk saw {participant.steps}",
-                code=_PRECONDITION,
-            )
-        most = self.config.max_examples_per_round
-        if not 1 <= request.num_examples <= (most or request.num_examples):
-            raise ProtocolError(f"ClientUpdate.num_examples: expected 1..{most or 'any'}, got {request.num_examples}")
-        _check_adapters(tensors, self._global, "ClientUpdate.adapters", ProtocolError)
-        self._check_distance(tensors, r)
-        weight = self._data_reports.get(client_id, int(request.num_examples))
-        return ClientUpdate(client_id, tensors, num_examples=weight, metrics=dict(request.metrics))
-
-    def _check_distance(self, tensors: Mapping[str, Tensor], r: _Round) -> None:
-        """Refuse an update that moved farther than ``local_steps`` optimizer steps can move it."""
-        factor, most = self.config.update_bound_factor, self.config.max_update_norm
-        if factor:
-            bound = factor * r.local_steps * r.lr
-            moved, key = linf_distance(tensors, self._global)
-            if not moved <= bound:
-                raise ProtocolError(
-                    f"ClientUpdate.adapters[{key}]: an element moved {moved:.3g} from the global parts, more than "
-                    f"{bound:.3g} = {factor:g} x {r.local_steps} steps x lr {r.lr:g} (update_bound_factor)"
-                )
-        if most:
-            norm = l2_distance(tensors, self._global)
-            if not norm <= most:
-                raise ProtocolError(f"ClientUpdate.adapters: distance {norm:.3g} to the global parts exceeds "
-                                    f"max_update_norm {most:g}")
 
     # -- failures -------------------------------------------------------------------------------
     def _fail_participant(self, client_id: str, reason: str) -> None:
@@ -859,23 +580,13 @@ class RoundCoordinator:
                   partial_step_discarded=discarded)
         self._cond.notify_all()
 
-    def _idle(self, r: _Round, now: float) -> list[str]:
-        """Participants that owe a request, have none in flight, and were silent for step_timeout_s."""
-        limit = self.config.step_timeout_s
-        return [
-            cid
-            for cid in r.owing()
-            if self._sessions[cid].in_flight == 0 and now - self._sessions[cid].last_seen > limit
-        ]
-
     # -- helpers --------------------------------------------------------------------------------
-    def _current(self) -> _Round:
+    def _current(self) -> OpenRound:
         assert self._round is not None, "no round in progress"
         return self._round
 
     def _move(self, to: RoundStage) -> None:
-        if to not in _ROUND_NEXT[self._stage]:
-            raise StageTransitionError(f"round: {self._stage.name} -> {to.name} is not a valid transition")
+        check_transition(ROUND_NEXT, "round", self._stage, to)
         number = self._round.number if self._round is not None else self.completed_round  # the round it concerns
         log.info("round %d: %s -> %s", number, self._stage.name, to.name)
         self._stage = to
@@ -884,21 +595,3 @@ class RoundCoordinator:
     def _log(self, event: str, **fields: Any) -> None:
         if self.metrics is not None:
             self.metrics.write(event, **fields)
-
-
-def _check_adapters(
-    tensors: Mapping[str, Tensor], reference: Mapping[str, Tensor], what: str, error: type[ValueError]
-) -> None:
-    """Raise ``error`` unless ``tensors`` has exactly ``reference``'s keys, shapes and dtypes."""
-    missing, unexpected = sorted(set(reference) - set(tensors)), sorted(set(tensors) - set(reference))
-    if missing or unexpected:
-        raise error(
-            f"{what}: keys do not match the global adapters: "
-            f"missing {len(missing)} {missing[:3]}, unexpected {len(unexpected)} {unexpected[:3]}"
-        )
-    for key, expected in reference.items():
-        got = tensors[key]
-        if got.shape != expected.shape:
-            raise error(f"{what}[{key}]: expected shape {tuple(expected.shape)}, got {tuple(got.shape)}")
-        if got.dtype != expected.dtype:
-            raise error(f"{what}[{key}]: expected dtype {expected.dtype}, got {got.dtype}")

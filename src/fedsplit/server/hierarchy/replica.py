@@ -44,6 +44,7 @@ from fedsplit.server.hierarchy.collectives import (
     reduce_state,
 )
 from fedsplit.server.hierarchy.control import ControlError, ControlMessage, ControlOp, ControlResult, SubControl
+from fedsplit.server.stages import check_transition
 from fedsplit.server.trunk import TrunkServer
 
 log = logging.getLogger(__name__)
@@ -242,7 +243,6 @@ class SubServer:
             self._move(SubServerStage.SERVING)
 
     def _move(self, to: SubServerStage) -> None:
-        if to not in _STAGE_NEXT[self.stage]:
-            raise HierarchyError(f"sub-server {self.rank}: {self.stage.name} -> {to.name} is not a valid transition")
+        check_transition(_STAGE_NEXT, f"sub-server {self.rank}", self.stage, to, HierarchyError)
         self.stage = to
 

@@ -55,6 +55,7 @@ from fedsplit.server.hierarchy.relay import (
     listening,
     open_relay,
 )
+from fedsplit.server.stages import check_transition
 from fedsplit.split.parts import Trunk
 from fedsplit.train.config import TrainConfig
 from fedsplit.train.optim import build_optimizer
@@ -274,8 +275,7 @@ class ReplicaRouter:
         return self._in_flight == 0 and not self._mid_step
 
     def _move(self, to: GateStage) -> None:
-        if to not in _GATE_NEXT[self._gate]:
-            raise HierarchyError(f"gate: {self._gate.name} -> {to.name} is not a valid transition")
+        check_transition(_GATE_NEXT, "gate", self._gate, to, HierarchyError)
         self._gate = to
         self._cond.notify_all()
 
