@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from fedsplit.adapters import add_part_adapters, merge_adapters, save_adapter
-from fedsplit.config import RunConfig, run_config_hash
+from fedsplit.config import RunConfig, run_config_hash, run_config_sections
 from fedsplit.configio import dump_config
 from fedsplit.metrics import MetricsWriter
 from fedsplit.models import load_model
@@ -114,7 +115,8 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
 
     admitted = {cid: load_public_key(keys / f"{cid}.pub") for cid in cfg.security.clients}
     verifier = HandshakeVerifier(load_private_key(keys / f"{cfg.security.server_name}.key"), admitted,
-                                 set(cfg.security.revoked), int(PROTOCOL_VERSION), config_hash, run_id=cfg.security.run_id)
+                                 set(cfg.security.revoked), int(PROTOCOL_VERSION), config_hash,
+                                 run_id=cfg.security.run_id, config_sections=run_config_sections(cfg, tokenizer))
     tls = None if cfg.security.insecure else load_server_tls(
         keys / "server-tls.key", keys / "server-tls.crt", keys / "ca.crt" if cfg.security.mutual_tls else None)
     server = GrpcServer(cfg.server.address, SessionFactory(verifier, coordinator.handler_for, cfg.security.run_id),
@@ -199,7 +201,8 @@ def client_batches(cfg: RunConfig, tokenizer) -> list[dict]:
 def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
     from fedsplit.client.runner import ClientRunner
     from fedsplit.security.identity import load_private_key, load_public_key
-    from fedsplit.security.tls import load_channel_tls
+    from fedsplit.security.tls import check_server_certificate, load_channel_tls
+    from fedsplit.transport.errors import TransportError
     from fedsplit.transport.grpc_client import connect_grpc
     from fedsplit.transport.handshake import ClientCredentials
 
@@ -211,6 +214,7 @@ def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
     credentials = ClientCredentials(
         identity=load_private_key(keys / f"{cid}.key"), server_key=load_public_key(keys / f"{cfg.security.server_name}.pub"),
         client_id=cid, run_id=cfg.security.run_id, config_hash=run_config_hash(cfg, tokenizer),
+        config_sections=run_config_sections(cfg, tokenizer),
     )
     tls = None
     if not cfg.security.insecure:
@@ -218,8 +222,13 @@ def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
         tls = load_channel_tls(keys / "ca.crt", *mtls)
 
     def connect():
-        return connect_grpc(cfg.server.address, credentials, tls=tls, insecure=cfg.security.insecure,
-                            max_message_bytes=cfg.server.max_message_bytes, deadline_s=cfg.server.deadline_s)
+        try:
+            return connect_grpc(cfg.server.address, credentials, tls=tls, insecure=cfg.security.insecure,
+                                max_message_bytes=cfg.server.max_message_bytes, deadline_s=cfg.server.deadline_s)
+        except TransportError:
+            if tls is not None:  # gRPC's error is generic: say so if the certificate is the cause
+                check_server_certificate(cfg.server.address, tls)
+            raise
 
     batches = client_batches(cfg, tokenizer)
     with MetricsWriter(out / "metrics.jsonl") as metrics:
@@ -308,12 +317,28 @@ def simulate(cfg: RunConfig, out: Path, *, timeout_s: float = 3600.0) -> Path:
                 break
     failed = _finish(procs, deadline)
     if failed:
-        raise RuntimeError(f"federation failed: {', '.join(failed)}; see the logs in {out / 'logs'}")
+        lines = [f"{name} exited with {code}: {last_error_line(out / 'logs' / f'{name}.log')}" for name, code in failed]
+        raise RuntimeError(f"federation failed: {'; '.join(lines)} (logs in {out / 'logs'})")
     return server_out
 
 
-def _finish(procs: dict[str, subprocess.Popen], deadline: float) -> list[str]:
-    failed = []
+def last_error_line(log_path: Path) -> str:
+    """The process's own last error line: its one-line CLI error, an ERROR log line or a traceback's end."""
+    try:
+        lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return f"no log at {log_path}"
+    errors = [line for line in lines if ": error: " in line or " ERROR " in line or _EXCEPTION_LINE.match(line)]
+    if errors:
+        return errors[-1]
+    return lines[-1] if lines else "its log is empty"
+
+
+_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*")  # a traceback's last line
+
+
+def _finish(procs: dict[str, subprocess.Popen], deadline: float) -> list[tuple[str, int | str]]:
+    failed: list[tuple[str, int | str]] = []
     for name, proc in procs.items():
         try:
             code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -321,7 +346,7 @@ def _finish(procs: dict[str, subprocess.Popen], deadline: float) -> list[str]:
             proc.kill()
             code = "timeout"
         if code != 0:
-            failed.append(f"{name} exited with {code}")
+            failed.append((name, code))
     for proc in procs.values():
         if proc.poll() is None:
             proc.kill()
