@@ -201,9 +201,7 @@ def client_batches(cfg: RunConfig, tokenizer) -> list[dict]:
 def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
     from fedsplit.client.runner import ClientRunner
     from fedsplit.security.identity import load_private_key, load_public_key
-    from fedsplit.security.tls import check_server_certificate, load_channel_tls
-    from fedsplit.transport.errors import TransportError
-    from fedsplit.transport.grpc_client import connect_grpc
+    from fedsplit.security.tls import load_channel_tls
     from fedsplit.transport.handshake import ClientCredentials
 
     _threads(cfg.client.threads)
@@ -222,13 +220,8 @@ def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
         tls = load_channel_tls(keys / "ca.crt", *mtls)
 
     def connect():
-        try:
-            return connect_grpc(cfg.server.address, credentials, tls=tls, insecure=cfg.security.insecure,
-                                max_message_bytes=cfg.server.max_message_bytes, deadline_s=cfg.server.deadline_s)
-        except TransportError:
-            if tls is not None:  # gRPC's error is generic: say so if the certificate is the cause
-                check_server_certificate(cfg.server.address, tls)
-            raise
+        return dial(cfg.server.address, credentials, tls=tls, max_message_bytes=cfg.server.max_message_bytes,
+                    deadline_s=cfg.server.deadline_s)
 
     batches = client_batches(cfg, tokenizer)
     with MetricsWriter(out / "metrics.jsonl") as metrics:
@@ -244,6 +237,27 @@ def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
     runner.close()
     log.info("client %s done after round %d", cid, result.final_round)
     return 0
+
+
+def dial(address: str, credentials, *, tls=None, max_message_bytes: int = 4 << 20, deadline_s: float = 300.0,
+         connect_timeout_s: float = 10.0):
+    """One session with the server: gRPC stream + handshake. ``tls=None`` is the insecure transport.
+
+    gRPC reports any TLS failure as "could not connect"; when the server's certificate is the
+    cause (it does not name the host dialled, or the pinned CA did not issue it) this raises
+    `ServerCertificateError` saying so, which the client runner does not retry.
+    """
+    from fedsplit.security.tls import check_server_certificate
+    from fedsplit.transport.errors import TransportError
+    from fedsplit.transport.grpc_client import connect_grpc
+
+    try:
+        return connect_grpc(address, credentials, tls=tls, insecure=tls is None, max_message_bytes=max_message_bytes,
+                            deadline_s=deadline_s, connect_timeout_s=connect_timeout_s)
+    except TransportError:
+        if tls is not None:
+            check_server_certificate(address, tls)
+        raise
 
 
 # -- simulate ------------------------------------------------------------------------------------
