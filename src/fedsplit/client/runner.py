@@ -65,7 +65,9 @@ class SessionRefusedLaterError(ConnectionError):
 
 
 # Refusals of a session that the same request will meet again: the run cannot go on.
-PERMANENT_REFUSALS: frozenset[int] = frozenset({pb.PERMISSION_DENIED, pb.UNAUTHENTICATED, pb.FAILED_PRECONDITION, pb.BAD_REQUEST})
+PERMANENT_REFUSALS: frozenset[int] = frozenset(
+    {pb.PERMISSION_DENIED, pb.UNAUTHENTICATED, pb.FAILED_PRECONDITION, pb.BAD_REQUEST}
+)
 _HINTS: dict[int, str] = {
     pb.PERMISSION_DENIED: "ask the server's operator to admit this client's public key (security.clients)",
     pb.UNAUTHENTICATED: "check this client's identity key, the pinned server key and the clocks of both hosts",
