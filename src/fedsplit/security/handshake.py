@@ -26,7 +26,6 @@ import hashlib
 import heapq
 import hmac
 import json
-import logging
 import math
 import os
 import re
@@ -92,8 +91,6 @@ __all__ = [
     "hash_run_config",
     "hash_config_sections",
 ]
-
-log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SKEW_S = 60.0
 DEFAULT_REPLAY_CACHE_SIZE = 65_536
