@@ -110,7 +110,9 @@ def test_connect_gives_a_sealed_channel_that_works(keys: Keys) -> None:
 def test_a_frame_that_fails_to_open_is_refused_as_unauthenticated(keys: Keys) -> None:
     transport = LoopbackTransport(factory_for(keys))
     channel = connect(transport, keys.credentials("alice"))
-    request = pb.Frame(protocol_version=PROTOCOL_VERSION, kind=pb.JOIN_ROUND, seq=5, body=b"\x00" * 40).SerializeToString()
+    request = pb.Frame(
+        protocol_version=PROTOCOL_VERSION, kind=pb.JOIN_ROUND, seq=5, body=b"\x00" * 40
+    ).SerializeToString()
 
     error = open_error(channel, transport.exchange(request))
 
@@ -123,7 +125,9 @@ def test_a_failure_after_the_first_good_frame_keeps_the_session(keys: Keys) -> N
     transport = LoopbackTransport(factory_for(keys))
     channel = connect(transport, keys.credentials("alice"))
     forward(channel, torch.ones(1))
-    request = pb.Frame(protocol_version=PROTOCOL_VERSION, kind=pb.JOIN_ROUND, seq=5, body=b"\x00" * 40).SerializeToString()
+    request = pb.Frame(
+        protocol_version=PROTOCOL_VERSION, kind=pb.JOIN_ROUND, seq=5, body=b"\x00" * 40
+    ).SerializeToString()
 
     assert open_error(channel, transport.exchange(request)).code == pb.UNAUTHENTICATED
     assert transport.session is not None and not session_discarded(transport.session)
@@ -158,7 +162,8 @@ def test_client_refuses_a_server_hello_with_a_foreign_session_id(keys: Keys) -> 
 
 
 def test_client_refuses_a_server_that_is_not_the_pinned_one(keys: Keys) -> None:
-    impostor = HandshakeVerifier(generate_identity(), {"alice": keys.clients["alice"].public_key()}, [], PROTOCOL_VERSION, CONFIG_HASH)
+    admitted = {"alice": keys.clients["alice"].public_key()}
+    impostor = HandshakeVerifier(generate_identity(), admitted, [], PROTOCOL_VERSION, CONFIG_HASH)
 
     with pytest.raises(ServerAuthenticationError):
         connect(LoopbackTransport(factory_for(keys, impostor)), keys.credentials("alice"))
