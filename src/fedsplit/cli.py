@@ -77,9 +77,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_keygen(args: argparse.Namespace) -> int:
     from fedsplit.recipes.keygen import run_keygen
+    from fedsplit.security.identity import DEFAULT_TLS_HOSTS
     from fedsplit.security.pki import run_issue_client_cert
 
-    written = run_keygen(args.out, args.name, with_ca=args.ca)
+    hosts = [h.strip() for value in args.hosts for h in value.split(",") if h.strip()]
+    if hosts and not args.ca:
+        raise SystemExit("fedsplit keygen: error: --host names the server certificate's hosts: it needs --ca")
+    # the hosts asked for first (the first is the certificate's common name), then the loopback names
+    hosts = list(dict.fromkeys([*hosts, *DEFAULT_TLS_HOSTS]))
+    written = run_keygen(args.out, args.name, with_ca=args.ca, hosts=hosts)
     if args.client_cert:
         written += run_issue_client_cert(args.out, args.name)
     for path in written:
@@ -164,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca", action="store_true", help="also a CA (ca.key/ca.crt) and a server TLS certificate")
     p.add_argument("--client-cert", action="store_true",
                    help="also a mutual-TLS certificate for client NAME from the CA in --out")
+    p.add_argument("--host", dest="hosts", action="append", default=[], metavar="HOST[,HOST]",
+                   help="with --ca: a DNS name or IP address clients dial the server by (repeatable, comma-separated); "
+                        "127.0.0.1, localhost and ::1 are always included")
     p.set_defaults(func=cmd_keygen)
 
     for name, func, text in (("server", cmd_server, "run the server: trunk, rounds, aggregation"),
@@ -193,9 +202,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.verbose:
         return int(args.func(args) or 0)
+    from fedsplit.security.errors import SecurityError  # light: exception classes only
+
     try:
         return int(args.func(args) or 0)
-    except (ValueError, RuntimeError, ConnectionError, OSError) as exc:
+    except (ValueError, RuntimeError, ConnectionError, OSError, SecurityError) as exc:
         # Errors of the user's input or environment: one clear line, not a traceback (-v shows it).
         print(f"fedsplit {args.command}: error: {exc}", file=sys.stderr)
         return 2
