@@ -146,11 +146,11 @@ def evaluate_classification(
     if settings.exact_match:
         longest = max(length for length in answer_lengths) + 1
         generated = _generate(access, tokenizer, [item.example for item in items], longest, settings)
-        hits = [normalize_answer(answer) == normalize_answer(item.choices[item.gold])
-                for answer, item in zip(generated, items, strict=True)]
+        hits = [normalize_answer(text) == normalize_answer(item.choices[item.gold])
+                for text, item in zip(generated, items, strict=True)]
         metrics["exact_match"] = sum(hits) / n
-        for sample, answer in zip(samples, generated, strict=True):
-            sample["generated"] = answer
+        for sample, text in zip(samples, generated, strict=True):
+            sample["generated"] = text
     metrics.update(confusion_metrics(matrix))
     return EvalReport("classification", with_wilson(metrics, n), samples)
 
