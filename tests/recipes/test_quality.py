@@ -21,7 +21,9 @@ def test_quick_quality_run_writes_table_json_plot_and_the_gap_line(shared_data, 
     out = tmp_path / "quality"
 
     summary = _bench().main(["--quick", "--out", str(out), "--shared", str(shared_data), "--threads", "1",
-                             "--no-progress", "--rounds", "1", "--max-eval", "4", "--samsum-test", "4"])
+                             "--no-progress", "--rounds", "1", "--local-steps", "1", "--max-eval", "4",
+                             "--samsum-test", "4",
+                             "--max-new-tokens", "4"])
 
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == summary

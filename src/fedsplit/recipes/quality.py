@@ -62,13 +62,13 @@ class QualityConfig:
     alpha: float = field(default=0.5, metadata={"help": "Dirichlet label-skew concentration"})
     num_clients: int = field(default=3, metadata={"help": "federated clients"})
     rounds: int = field(default=3, metadata={"help": "federated rounds"})
-    local_steps: int = field(default=10, metadata={"help": "optimizer steps per client per round"})
+    local_steps: int = field(default=4, metadata={"help": "optimizer steps per client per round"})
     batch_size: int = field(default=4, metadata={"help": "examples per step"})
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate (cosine schedule), every part"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank of every part"})
-    max_length: int = field(default=256, metadata={"help": "tokens per training/scored sequence"})
-    max_eval: int = field(default=100, metadata={"help": "held-out examples per task (0 = all)"})
-    samsum_test: int = field(default=100, metadata={"help": "SAMSum: dialogues held out of validation.jsonl"})
+    max_length: int = field(default=192, metadata={"help": "tokens per training/scored sequence"})
+    max_eval: int = field(default=80, metadata={"help": "held-out examples per task (0 = all)"})
+    samsum_test: int = field(default=80, metadata={"help": "SAMSum: dialogues held out of validation.jsonl"})
     max_new_tokens: int = field(default=48, metadata={"help": "SAMSum summary length"})
     local_only: bool = field(default=True, metadata={"help": "also train each client alone"})
     seed: int = field(default=0)
@@ -77,7 +77,7 @@ class QualityConfig:
     def __post_init__(self) -> None:
         self.tasks, self.partitions = tuple(self.tasks), tuple(self.partitions)
         unknown = [t for t in self.tasks if t not in TASK_FILES]
-        if unknown:
+        if unknown or not self.tasks:
             raise ValueError(f"quality.tasks: expected some of {', '.join(TASK_FILES)}, got {unknown}")
         if not set(self.partitions) <= {"iid", "dirichlet"} or not self.partitions:
             raise ValueError(f"quality.partitions: expected iid and/or dirichlet, got {self.partitions}")
@@ -268,19 +268,23 @@ def run_quality(cfg: QualityConfig, shared: Path, out: Path) -> dict[str, Any]:
     start = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
-    for task in cfg.tasks:
+    for task in cfg.tasks:  # the outputs are rewritten after every task: a cut-short run keeps what it measured
         data = load_task(task, shared, cfg)
         print(f"{task}: {len(data.train)} training examples available, {len(data.test)} held out ({data.kind})")
         results[task] = {"kind": data.kind, "n_test": len(data.test), "rows": compare_task(data, cfg)}
-        (out / "quality.json").write_text(json.dumps({"config": asdict(cfg), "results": results}, indent=2))
-    summary = summarize(results, cfg) | {"minutes": (time.monotonic() - start) / 60}
-    table = markdown_table(results)
-    (out / "quality.json").write_text(json.dumps({"config": asdict(cfg), "results": results, "summary": summary},
-                                                 indent=2))
-    (out / "quality.md").write_text(table + "\n")
-    plot_results(results, out / "quality.png")
+        summary = summarize(results, cfg) | {"minutes": (time.monotonic() - start) / 60}
+        table = write_outputs(results, summary, cfg, out)
     print(table)
     return summary
+
+
+def write_outputs(results: dict[str, dict], summary: dict[str, Any], cfg: QualityConfig, out: Path) -> str:
+    table = markdown_table(results)
+    record = {"config": asdict(cfg), "results": results, "summary": summary}
+    (out / "quality.json").write_text(json.dumps(record, indent=2))
+    (out / "quality.md").write_text(table + "\n")
+    plot_results(results, out / "quality.png")
+    return table
 
 
 def threads(count: int) -> None:
