@@ -83,9 +83,15 @@ def test_eval_generation_task_with_a_user_mapping(tmp_path) -> None:
     assert code == 0 and {"loss", "perplexity", "rouge1", "rouge2", "rougeL", "rougeL_ci_high"} <= set(m)
 
 
-def test_find_adapter_names_the_expected_places(tmp_path) -> None:
+def test_find_adapter_names_the_expected_places_and_refuses_to_guess(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="adapters/merged"):
         find_adapter(tmp_path)
+    for place in ("adapters/centralized", "federated/server/adapters/merged"):  # a demo run directory
+        (tmp_path / place).mkdir(parents=True)
+        (tmp_path / place / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="several adapters"):
+        find_adapter(tmp_path)
+    assert find_adapter(tmp_path / "adapters" / "centralized") == tmp_path / "adapters" / "centralized"
 
 
 def test_eval_needs_a_task_or_a_mapping(cb_file, capsys) -> None:

@@ -16,7 +16,7 @@ from fedsplit.eval.choices import ChoiceExample, is_classification, load_choice_
 from fedsplit.eval.evaluator import EvalReport, EvalSettings, evaluate_split
 from fedsplit.eval.stats import CI_HIGH, CI_LOW, CONFUSION_PREFIX
 
-# Where runs keep their merged adapter, relative to the run directory (first match wins).
+# Where runs keep their merged adapter, relative to the run directory.
 ADAPTER_LOCATIONS = (
     "adapters/merged",  # fedsplit server
     "server/adapters/merged",  # fedsplit simulate
@@ -26,15 +26,20 @@ ADAPTER_LOCATIONS = (
 
 
 def find_adapter(run_dir: Path) -> Path:
-    """The merged adapter of a run directory (or the directory itself if it is an adapter)."""
+    """The merged adapter of a run directory (or the directory itself if it is an adapter).
+
+    A directory holding several (``fedsplit demo``: federated and centralized) must be made precise.
+    """
     run_dir = Path(run_dir)
     if (run_dir / "adapter_config.json").is_file():
         return run_dir
-    for relative in ADAPTER_LOCATIONS:
-        if (run_dir / relative / "adapter_config.json").is_file():
-            return run_dir / relative
-    raise FileNotFoundError(f"{run_dir}: no merged adapter; expected one of {', '.join(ADAPTER_LOCATIONS)} "
-                            "(or pass the adapter directory itself)")
+    found = [run_dir / rel for rel in ADAPTER_LOCATIONS if (run_dir / rel / "adapter_config.json").is_file()]
+    if len(found) > 1:
+        raise ValueError(f"{run_dir}: several adapters ({', '.join(map(str, found))}); pass one of them to --run")
+    if not found:
+        raise FileNotFoundError(f"{run_dir}: no merged adapter; expected one of {', '.join(ADAPTER_LOCATIONS)} "
+                                "(or pass the adapter directory itself)")
+    return found[0]
 
 
 def load_eval_model(model: str | None, run: Path | None):
