@@ -134,3 +134,23 @@ def test_generation_report_has_loss_perplexity_rouge_and_intervals(tiny_llama) -
 def test_normalize_answer() -> None:
     assert normalize_answer(" Yes.") == normalize_answer("yes") == "yes"
     assert normalize_answer("The  cat\nsat!") == "the cat sat"
+
+
+def test_evaluation_through_the_split_equals_the_unsplit_model(tiny_llama, cb_items) -> None:
+    # Arrange: a client's head -> server trunk -> tail, over the in-process channel
+    from fedsplit.train.config import TrainConfig
+    from fedsplit.train.local import local_split
+
+    model, tokenizer = tiny_llama
+    local = local_split(model, TrainConfig(), total_steps=1)
+    settings = EvalSettings(max_length=64, batch_size=4, max_new_tokens=3, progress=False)
+
+    # Act
+    split = evaluate_split(function_access(local.client._eval_logits, tokenizer), tokenizer, cb_items[:4], settings)
+    whole = evaluate_split(unsplit_access(model, tokenizer), tokenizer, cb_items[:4], settings)
+
+    # Assert
+    assert split.metrics == pytest.approx(whole.metrics, abs=1e-6)
+    for a, b in zip(split.samples, whole.samples, strict=True):
+        assert a["loglik"] == pytest.approx(b["loglik"], abs=1e-4)
+        assert a["generated"] == b["generated"]

@@ -71,6 +71,7 @@ class QualityConfig:
     samsum_test: int = field(default=80, metadata={"help": "SAMSum: dialogues held out of validation.jsonl"})
     max_new_tokens: int = field(default=48, metadata={"help": "SAMSum summary length"})
     local_only: bool = field(default=True, metadata={"help": "also train each client alone"})
+    exact_match: bool = field(default=True, metadata={"help": "classification: also greedy answers (exact match)"})
     seed: int = field(default=0)
     progress: bool = field(default=True)
 
@@ -139,7 +140,7 @@ def partition(data: TaskData, how: str, cfg: QualityConfig) -> list[list[Example
 def _evaluate(model, tokenizer, data: TaskData, cfg: QualityConfig) -> dict[str, float]:
     model.eval()
     settings = EvalSettings(max_length=cfg.max_length, batch_size=8, max_new_tokens=cfg.max_new_tokens,
-                            seed=cfg.seed, progress=cfg.progress)
+                            exact_match=cfg.exact_match, seed=cfg.seed, progress=cfg.progress)
     return evaluate_split(unsplit_access(model, tokenizer), tokenizer, data.test, settings).metrics
 
 
