@@ -159,8 +159,8 @@ def run_centralized(data: TaskData, silos: list[list[Example]], cfg: QualityConf
     model, tokenizer = load_model(cfg.model)
     pooled = silo_batches([e for silo in silos for e in silo], tokenizer, cfg.train)
     total = cfg.rounds * cfg.local_steps * cfg.num_clients  # as many steps (and examples) as the federation
-    _train_unsplit(model, round_steps(pooled, cfg.train, 0, total), cfg)
-    return _evaluate(model, tokenizer, data, cfg)
+    losses = _train_unsplit(model, round_steps(pooled, cfg.train, 0, total), cfg)
+    return _evaluate(model, tokenizer, data, cfg) | {"train_loss_last_round": _last_round(losses, cfg)}
 
 
 def run_local_only(data: TaskData, silos: list[list[Example]], cfg: QualityConfig) -> dict[str, float]:
@@ -169,17 +169,23 @@ def run_local_only(data: TaskData, silos: list[list[Example]], cfg: QualityConfi
     for silo in silos:
         model, tokenizer = load_model(cfg.model)
         batches = silo_batches(silo, tokenizer, cfg.train)
-        _train_unsplit(model, round_steps(batches, cfg.train, 0, cfg.rounds * cfg.local_steps), cfg)
-        reports.append(_evaluate(model, tokenizer, data, cfg))
+        losses = _train_unsplit(model, round_steps(batches, cfg.train, 0, cfg.rounds * cfg.local_steps), cfg)
+        last = {"train_loss_last_round": mean(losses[-cfg.local_steps :])}
+        reports.append(_evaluate(model, tokenizer, data, cfg) | last)
     return {name: mean(r[name] for r in reports) for name in reports[0]} | {"clients": len(reports)}
 
 
 def run_federated(data: TaskData, silos: list[list[Example]], cfg: QualityConfig) -> dict[str, float]:
     model, tokenizer = load_model(cfg.model)
     batches = [silo_batches(silo, tokenizer, cfg.train) for silo in silos]
-    train_federated(model, batches, cfg.train, cfg.lora, rounds=cfg.rounds, local_steps=cfg.local_steps,
-                    progress=cfg.progress)
-    return _evaluate(model, tokenizer, data, cfg)
+    _, losses = train_federated(model, batches, cfg.train, cfg.lora, rounds=cfg.rounds, local_steps=cfg.local_steps,
+                                progress=cfg.progress)
+    return _evaluate(model, tokenizer, data, cfg) | {"train_loss_last_round": _last_round(losses, cfg)}
+
+
+def _last_round(losses: Sequence[float], cfg: QualityConfig) -> float:
+    """Mean training loss over the last round's steps of all clients (the same span for centralized)."""
+    return mean(losses[-cfg.local_steps * cfg.num_clients :])
 
 
 # -- the comparison ------------------------------------------------------------------------------
