@@ -82,7 +82,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from fedsplit.data import SourceConfig
     from fedsplit.eval.evaluator import EvalSettings
-    from fedsplit.recipes.eval_task import EvalRun, run_eval
+    from fedsplit.recipes.eval_task import STDLIB_DOCS, EvalRun, run_eval
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,12 +90,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.prompt_template:
         mapping = {"prompt_template": args.prompt_template, "response_field": args.response_field,
                    "verbalizer": json.loads(args.verbalizer) if args.verbalizer else None}
-    elif not args.task:
+    elif not args.task and args.data != STDLIB_DOCS:
         raise ValueError("eval: expected --task or --prompt-template/--response-field (and --verbalizer to classify)")
-    source = SourceConfig(path=args.data, task=args.task, limit=args.limit, **mapping)
+    source = None if args.data == STDLIB_DOCS else SourceConfig(path=args.data, task=args.task, limit=args.limit,
+                                                                **mapping)
     settings = EvalSettings(max_length=args.max_length, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                             exact_match=not args.no_exact_match, seed=args.seed)
-    run_eval(EvalRun(source, model=args.model, run=args.run, json_out=args.json), settings)
+    run_eval(EvalRun(source, model=args.model, run=args.run, json_out=args.json, limit=args.limit), settings)
     return 0
 
 
@@ -183,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval",
                        help="accuracy/macro-F1/exact match or loss/ROUGE of a model on a task, with 95 % intervals")
-    p.add_argument("--data", required=True, help="held-out file (jsonl/json/csv/parquet or hf://...)")
+    p.add_argument("--data", required=True,
+                   help="held-out file (jsonl/json/csv/parquet or hf://...), or stdlib-docs (the demo's held-out set)")
     p.add_argument("--task", help="rte, cb, copa, boolq, emotion (classification); samsum, alpaca (generation)")
     p.add_argument("--model", help="base model (default: the run adapter's base model, else smollm2-135m)")
     p.add_argument("--run", type=Path,

@@ -98,3 +98,13 @@ def test_eval_needs_a_task_or_a_mapping(cb_file, capsys) -> None:
     code = main(["eval", "--data", str(cb_file), "--model", "tiny-llama"])
 
     assert code == 2 and "expected --task" in capsys.readouterr().err
+
+
+def test_eval_on_the_builtin_stdlib_docs_held_out_set(tmp_path) -> None:
+    out = tmp_path / "docs.json"
+
+    code = main(["eval", "--data", "stdlib-docs", "--model", "tiny-llama", "--limit", "2", "--max-new-tokens", "3",
+                 "--max-length", "64", "--json", str(out)])
+
+    record = json.loads(out.read_text())
+    assert code == 0 and record["task"] == "stdlib-docs" and record["n"] == 2 and "rougeL" in record["metrics"]

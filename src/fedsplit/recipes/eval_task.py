@@ -58,6 +58,19 @@ def load_eval_model(model: str | None, run: Path | None):
     return PeftModel.from_pretrained(base, str(adapter)), tokenizer, f"{model} + {adapter}"
 
 
+STDLIB_DOCS = "stdlib-docs"  # --data stdlib-docs: the demo's built-in held-out set
+
+
+def stdlib_docs_held_out(limit: int | None) -> list[Example]:
+    """The held-out docstring questions of ``fedsplit demo`` with its default data settings."""
+    from fedsplit.config import DataConfig, TrainConfig
+    from fedsplit.data import stdlib_docs_silos
+
+    data = DataConfig()
+    held_out = list(stdlib_docs_silos(data.num_clients, data.eval_fraction, TrainConfig().seed).eval)
+    return held_out[:limit] if limit else held_out
+
+
 def load_eval_data(source: SourceConfig) -> list[ChoiceExample] | list[Example]:
     """Classification items (with every label's candidate) if the task has a verbalizer, else examples."""
     if is_classification(source.field_mapping()):
@@ -87,24 +100,26 @@ def format_report(report: EvalReport) -> str:
 
 @dataclass
 class EvalRun:
-    source: SourceConfig
+    source: SourceConfig | None  # None: the built-in stdlib-docs held-out set
     model: str | None = None
     run: Path | None = None
     json_out: Path | None = None
+    limit: int | None = None  # for the built-in set (a SourceConfig carries its own)
 
 
 def run_eval(job: EvalRun, settings: EvalSettings) -> EvalReport:
-    data = load_eval_data(job.source)
+    data = load_eval_data(job.source) if job.source is not None else stdlib_docs_held_out(job.limit)
+    path = job.source.path if job.source is not None else STDLIB_DOCS
     if not data:
-        raise ValueError(f"{job.source.path}: no examples to evaluate")
+        raise ValueError(f"{path}: no examples to evaluate")
     model, tokenizer, description = load_eval_model(job.model, job.run)
     report = evaluate_model(model, tokenizer, data, settings)
-    task = job.source.task or "custom"
-    print(f"{task} on {job.source.path}: {report.n} examples, {report.kind}; model {description}")
+    task = STDLIB_DOCS if job.source is None else job.source.task or "custom"
+    print(f"{task} on {path}: {report.n} examples, {report.kind}; model {description}")
     print(format_report(report))
     if job.json_out is not None:
         job.json_out.parent.mkdir(parents=True, exist_ok=True)
-        record = {"task": job.source.task or "custom", "data": job.source.path, "model": description,
+        record = {"task": task, "data": path, "model": description,
                   "kind": report.kind, "n": report.n, "metrics": report.metrics, "settings": asdict(settings),
                   "samples": report.samples}
         job.json_out.write_text(json.dumps(record, indent=2, ensure_ascii=False))
