@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from google.protobuf.message import Message
 
 from fedsplit.cli import main
@@ -18,10 +19,11 @@ from fedsplit.client.runner import Backoff, ClientRunner, RunAbortedError
 from fedsplit.config import RunConfig, run_config_hash, run_config_sections
 from fedsplit.protocol import ProtocolError, pb
 from fedsplit.recipes import network
+from fedsplit.recipes.keygen import run_keygen
 from fedsplit.recipes.network import dial, last_error_line
 from fedsplit.security.errors import ServerCertificateError
 from fedsplit.security.handshake import HandshakeVerifier
-from fedsplit.security.identity import load_private_key, load_public_key, run_keygen
+from fedsplit.security.identity import load_private_key, load_public_key
 from fedsplit.security.tls import load_channel_tls, load_server_tls
 from fedsplit.transport.grpc_server import GrpcServer
 from fedsplit.transport.handshake import ClientCredentials, SessionFactory
@@ -82,7 +84,7 @@ def credentials(directory: Path, cfg: RunConfig, tokenizer) -> ClientCredentials
 
 
 def runner(connect) -> ClientRunner:
-    batch = {"input_ids": None}
+    batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long)}  # never trained on: the run ends at the handshake
     return ClientRunner("alice", None, None, [batch], RunConfig().train, connect,  # type: ignore[arg-type]
                         backoff=Backoff(base_s=0.01, max_s=0.02, max_attempts=3))
 
