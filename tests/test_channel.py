@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fedsplit.channel import Channel, PlainSealer, RemoteError, ServerSession, in_process_channel
-from fedsplit.protocol import ProtocolError, decode_tensor, encode_tensor, pb
+from fedsplit.protocol import PROTOCOL_VERSION, ProtocolError, decode_tensor, encode_tensor, pb
 
 
 def _doubler(kind, round, step, request):
@@ -47,7 +47,7 @@ def test_handler_crash_becomes_internal_error_not_a_dead_server():
 def test_replayed_frame_is_rejected():
     session = ServerSession("c1", _doubler)
     sealer = PlainSealer()
-    frame = pb.Frame(protocol_version=1, kind=pb.FORWARD, seq=sealer.seal(pb.FORWARD, 0, 0, b"").seq,
+    frame = pb.Frame(protocol_version=PROTOCOL_VERSION, kind=pb.FORWARD, seq=sealer.seal(pb.FORWARD, 0, 0, b"").seq,
                      body=pb.Forward(hidden=encode_tensor(torch.ones(1))).SerializeToString()).SerializeToString()
 
     first = pb.Frame.FromString(session.handle(frame))
@@ -78,7 +78,7 @@ def test_handler_reply_of_the_wrong_type_is_an_internal_error():
 class _WrongKindTransport:
     def exchange(self, frame: bytes) -> bytes:
         seq = pb.Frame.FromString(frame).seq
-        return pb.Frame(protocol_version=1, kind=pb.FORWARD_RESULT, seq=seq).SerializeToString()
+        return pb.Frame(protocol_version=PROTOCOL_VERSION, kind=pb.FORWARD_RESULT, seq=seq).SerializeToString()
 
     def close(self) -> None:
         pass

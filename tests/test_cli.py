@@ -52,3 +52,42 @@ def test_insecure_in_config_needs_the_flag(tmp_path):
 
     with pytest.raises(SystemExit, match="needs the explicit --insecure flag"):
         main(["server", "--config", str(path)])
+
+
+def test_key_file_problems_are_one_clear_error_line(tmp_path, capsys):
+    # Arrange: keys already there
+    assert main(["keygen", "--out", str(tmp_path), "--name", "client-0"]) == 0
+    capsys.readouterr()
+
+    # Act
+    code = main(["keygen", "--out", str(tmp_path), "--name", "client-0"])
+
+    # Assert
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("fedsplit keygen: error: refusing to overwrite existing key material")
+    assert err.count("\n") == 1
+
+
+def test_keygen_host_puts_names_and_addresses_in_the_server_certificate(tmp_path, capsys):
+    from cryptography import x509
+
+    from fedsplit.security.tls import certificate_names, certificate_names_host
+
+    code = main(["keygen", "--out", str(tmp_path), "--ca", "--host", "10.1.2.3,fl.example.org", "--host", "fd00::7"])
+
+    cert = x509.load_pem_x509_certificate((tmp_path / "server-tls.crt").read_bytes())
+    assert code == 0
+    assert certificate_names(cert) == ["fl.example.org", "localhost", "10.1.2.3", "fd00::7", "127.0.0.1", "::1"]
+    assert all(certificate_names_host(cert, host) for host in ("10.1.2.3", "FL.example.org", "fd00::7", "127.0.0.1"))
+    assert not certificate_names_host(cert, "10.1.2.4")
+
+
+def test_keygen_refuses_a_bad_host_before_writing_anything(tmp_path, capsys):
+    code = main(["keygen", "--out", str(tmp_path / "k"), "--ca", "--host", "bad host!"])
+
+    err = capsys.readouterr().err
+    assert code == 2 and "'bad host!' is neither an IP address nor a valid DNS name" in err and "Traceback" not in err
+    assert not (tmp_path / "k").exists() or not any((tmp_path / "k").iterdir())
+    with pytest.raises(SystemExit, match="needs --ca"):
+        main(["keygen", "--out", str(tmp_path / "k2"), "--host", "10.0.0.1"])

@@ -75,11 +75,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(cfg, args.out or Path("runs/demo"))
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from fedsplit.data import SourceConfig
+    from fedsplit.eval.evaluator import EvalSettings
+    from fedsplit.recipes.eval_task import STDLIB_DOCS, EvalRun, run_eval
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mapping = {}
+    if args.prompt_template:
+        mapping = {"prompt_template": args.prompt_template, "response_field": args.response_field,
+                   "verbalizer": json.loads(args.verbalizer) if args.verbalizer else None}
+    elif not args.task and args.data != STDLIB_DOCS:
+        raise ValueError("eval: expected --task or --prompt-template/--response-field (and --verbalizer to classify)")
+    source = None if args.data == STDLIB_DOCS else SourceConfig(path=args.data, task=args.task, limit=args.limit,
+                                                                **mapping)
+    settings = EvalSettings(max_length=args.max_length, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                            exact_match=not args.no_exact_match, seed=args.seed)
+    run_eval(EvalRun(source, model=args.model, run=args.run, json_out=args.json, limit=args.limit), settings)
+    return 0
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from fedsplit.recipes.keygen import run_keygen
+    from fedsplit.security.identity import DEFAULT_TLS_HOSTS
     from fedsplit.security.pki import run_issue_client_cert
 
-    written = run_keygen(args.out, args.name, with_ca=args.ca)
+    hosts = [h.strip() for value in args.hosts for h in value.split(",") if h.strip()]
+    if hosts and not args.ca:
+        raise SystemExit("fedsplit keygen: error: --host names the server certificate's hosts: it needs --ca")
+    # the hosts asked for first (the first is the certificate's common name), then the loopback names
+    hosts = list(dict.fromkeys([*hosts, *DEFAULT_TLS_HOSTS]))
+    written = run_keygen(args.out, args.name, with_ca=args.ca, hosts=hosts)
     if args.client_cert:
         written += run_issue_client_cert(args.out, args.name)
     for path in written:
@@ -158,12 +189,36 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("eval",
+                       help="accuracy/macro-F1/exact match or loss/ROUGE of a model on a task, with 95 % intervals")
+    p.add_argument("--data", required=True,
+                   help="held-out file (jsonl/json/csv/parquet or hf://...), or stdlib-docs (the demo's held-out set)")
+    p.add_argument("--task", help="rte, cb, copa, boolq, emotion (classification); samsum, alpaca (generation)")
+    p.add_argument("--model", help="base model (default: the run adapter's base model, else smollm2-135m)")
+    p.add_argument("--run", type=Path,
+                   help="run directory (its merged adapter) or an adapter directory; none: zero-shot")
+    p.add_argument("--limit", type=int, help="evaluate the first N examples")
+    p.add_argument("--json", type=Path, help="write metrics, intervals and per-example predictions here")
+    p.add_argument("--prompt-template", help="your own task: '{field}' prompt template (instead of --task)")
+    p.add_argument("--response-field", help="your own task: the field with the response or label")
+    p.add_argument("--verbalizer", help='your own classification task: JSON {"label": "answer text", ...}')
+    p.add_argument("--max-length", type=int, default=256, help="tokens per scored sequence (prompt cut from the left)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="generation tasks: greedy answer length")
+    p.add_argument("--no-exact-match", action="store_true", help="classification: skip greedy generation")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("keygen", help="an Ed25519 identity; with --ca also a TLS CA and server certificate")
     p.add_argument("--out", type=Path, required=True, help="directory for the key files")
     p.add_argument("--name", default="server", help="key pair name: server, or a client id")
     p.add_argument("--ca", action="store_true", help="also a CA (ca.key/ca.crt) and a server TLS certificate")
     p.add_argument("--client-cert", action="store_true",
                    help="also a mutual-TLS certificate for client NAME from the CA in --out")
+    p.add_argument("--host", dest="hosts", action="append", default=[], metavar="HOST[,HOST]",
+                   help="with --ca: a DNS name or IP address clients dial the server by (repeatable, comma-separated); "
+                        "127.0.0.1, localhost and ::1 are always included")
     p.set_defaults(func=cmd_keygen)
 
     for name, func, text in (("server", cmd_server, "run the server: trunk, rounds, aggregation"),
@@ -193,9 +248,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.verbose:
         return int(args.func(args) or 0)
+    from fedsplit.security.errors import SecurityError  # light: exception classes only
+
     try:
         return int(args.func(args) or 0)
-    except (ValueError, RuntimeError, ConnectionError, OSError) as exc:
+    except (ValueError, RuntimeError, ConnectionError, OSError, SecurityError) as exc:
         # Errors of the user's input or environment: one clear line, not a traceback (-v shows it).
         print(f"fedsplit {args.command}: error: {exc}", file=sys.stderr)
         return 2

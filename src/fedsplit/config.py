@@ -335,15 +335,30 @@ def run_config_hash(cfg: RunConfig, tokenizer) -> bytes:
 
     Sent in every handshake; a mismatch is refused before any tensor moves.
     """
+    from fedsplit.security.handshake import hash_run_config
+
+    return hash_run_config(_agreed_sections(cfg, tokenizer))
+
+
+def run_config_sections(cfg: RunConfig, tokenizer) -> dict[str, bytes]:
+    """One hash per agreed section (protocol, model, lora, train, federation, tokenizer).
+
+    Sent beside :func:`run_config_hash` so that a refused client is told which sections differ.
+    """
+    from fedsplit.security.handshake import hash_config_sections
+
+    return hash_config_sections(_agreed_sections(cfg, tokenizer))
+
+
+def _agreed_sections(cfg: RunConfig, tokenizer) -> dict[str, object]:
     import hashlib
     import json
 
     from fedsplit.configio import config_to_dict
     from fedsplit.protocol import PROTOCOL_VERSION
-    from fedsplit.security.handshake import hash_run_config
 
     vocab = sorted(tokenizer.get_vocab().items())
-    agreed = {
+    return {
         "protocol": int(PROTOCOL_VERSION),
         "model": config_to_dict(cfg.model),
         "lora": [config_to_dict(part) for part in cfg.lora],
@@ -351,4 +366,3 @@ def run_config_hash(cfg: RunConfig, tokenizer) -> bytes:
         "federation": config_to_dict(cfg.federation),
         "tokenizer": hashlib.sha256(json.dumps(vocab).encode()).hexdigest(),
     }
-    return hash_run_config(agreed)

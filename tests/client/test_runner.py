@@ -18,11 +18,13 @@ from fedsplit.client.runner import (
     data_order,
 )
 from fedsplit.protocol import ProtocolError, encode_named, pb
+from fedsplit.security.errors import ServerAuthenticationError, ServerCertificateError
 from fedsplit.server import TrunkServer
 from fedsplit.server.coordinator import CoordinatorConfig, RoundCoordinator
 from fedsplit.strategy import FedAvg
 from fedsplit.train.centralized import CentralizedTrainer
 from fedsplit.train.config import TrainConfig
+from fedsplit.transport.errors import HandshakeRefusedError
 
 from .conftest import build_model, token_batches
 
@@ -133,6 +135,71 @@ def test_runner_stops_when_the_server_refuses_it(model_and_parts):
 
     with pytest.raises(RunAbortedError, match="PERMISSION_DENIED: client 'a' is not admitted"):
         runner.run()
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        (pb.PERMISSION_DENIED, "client 'a' is not admitted to this run"),
+        (pb.PERMISSION_DENIED, "client 'a' (key 0123456789abcdef) is revoked"),
+        (pb.FAILED_PRECONDITION, "configuration mismatch ...; the sections that differ: train"),
+        (pb.FAILED_PRECONDITION, "client 'a' speaks protocol version 1, this server speaks 2"),
+        (pb.UNAUTHENTICATED, "hello from client 'a' is stale"),
+    ],
+)
+def test_a_refused_session_ends_the_run_at_once_saying_retrying_cannot_fix_it(model_and_parts, code, message):
+    # Arrange: every connection attempt is refused in the handshake
+    _, parts = model_and_parts
+    attempts = []
+
+    def refused_connect():
+        attempts.append(1)
+        raise HandshakeRefusedError(code, message)
+
+    runner = ClientRunner("a", parts.head, parts.tail, token_batches(1, 2, 0), CFG, refused_connect, backoff=FAST)
+
+    # Act / Assert
+    with pytest.raises(RunAbortedError, match="Retrying cannot fix this") as info:
+        runner.run()
+    assert len(attempts) == 1 and message in str(info.value) and pb.ErrorCode.Name(code) in str(info.value)
+
+
+def test_a_server_that_fails_authentication_or_a_wrong_certificate_is_not_retried(model_and_parts):
+    _, parts = model_and_parts
+    for error in (ServerAuthenticationError("possible man in the middle"),
+                  ServerCertificateError("the server's certificate does not name 10.0.0.5")):
+        attempts: list[int] = []
+
+        def connect(error=error, attempts=attempts):
+            attempts.append(1)
+            raise error
+
+        runner = ClientRunner("a", parts.head, parts.tail, token_batches(1, 2, 0), CFG, connect, backoff=FAST)
+        with pytest.raises(RunAbortedError, match=f"cannot open a session: {error}. Retrying cannot fix this"):
+            runner.run()
+        assert len(attempts) == 1
+
+
+def test_a_refusal_for_lack_of_resources_is_retried_with_backoff(model_and_parts):
+    # Arrange: the replay cache is full for this client twice, then the session opens
+    _, parts = model_and_parts
+    final = encode_named(client_adapters(parts.head, parts.tail))
+    server = FakeServer([pb.RoundPlan(round=1, finished=True, adapters=final)])
+    refusals = iter([HandshakeRefusedError(pb.RESOURCE_EXHAUSTED, "retry later")] * 2)
+
+    def busy_connect():
+        error = next(refusals, None)
+        if error is not None:
+            raise error
+        return server.connect()
+
+    runner = ClientRunner("a", parts.head, parts.tail, token_batches(1, 2, 0), CFG, busy_connect, backoff=FAST)
+
+    # Act
+    result = runner.run()
+
+    # Assert
+    assert result.reconnects == 2 and result.final_round == 1
 
 
 def _coordinator(num_rounds: int, local_steps: int) -> RoundCoordinator:

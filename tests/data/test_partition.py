@@ -70,3 +70,12 @@ def test_partition_dispatch_and_errors() -> None:
         iid(2, 3, 0)
     with pytest.raises(ValueError, match="alpha"):
         dirichlet_labels(["a", "b"], 2, alpha=0.0, seed=0)
+
+
+def test_dirichlet_labels_redraws_until_every_client_holds_min_size():
+    labels = [i % 3 for i in range(60)]
+
+    shards = dirichlet_labels(labels, 3, alpha=0.3, seed=1, min_size=8)
+
+    assert min(len(s) for s in shards) >= 8
+    assert sorted(i for s in shards for i in s) == list(range(60))

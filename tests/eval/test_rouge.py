@@ -4,7 +4,7 @@ import pytest
 from rouge_score import rouge_scorer
 
 from fedsplit.eval import RougeScore, mean_rouge_l, rouge_l
-from fedsplit.eval.rouge import lcs_length, tokenize
+from fedsplit.eval.rouge import rouge_f1_per_example, rouge_scores
 
 PAIRS = [
     ("the cat sat on the mat", "the cat is on the mat"),
@@ -50,10 +50,18 @@ def test_precision_is_over_the_prediction_and_recall_over_the_reference() -> Non
     assert (score.precision, score.recall) == (1.0, 0.5)
 
 
-def test_tokenize_and_lcs() -> None:
-    assert tokenize("Hello, World! x_y 42") == ["hello", "world", "x", "y", "42"]
-    assert lcs_length(list("ABCBDAB"), list("BDCABA")) == 4
-    assert lcs_length([], ["a"]) == 0
+def test_rouge_1_and_2_hand_computed() -> None:
+    # unigrams: 5 of 6 shared; bigrams shared: the-cat, on-the, the-mat = 3 of 5
+    scores = rouge_scores("the cat sat on the mat", "the cat is on the mat")
+
+    assert scores["rouge1"].f1 == pytest.approx(5 / 6)
+    assert scores["rouge2"].f1 == pytest.approx(3 / 5)
+
+
+def test_rouge_f1_per_example_lists_every_type() -> None:
+    per = rouge_f1_per_example(["a b", "x"], ["a b", "y"])
+
+    assert per == {"rouge1": [1.0, 0.0], "rouge2": [1.0, 0.0], "rougeL": [1.0, 0.0]}
 
 
 def test_mean_rouge_l_averages_f1() -> None:

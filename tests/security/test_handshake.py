@@ -24,7 +24,7 @@ from fedsplit.security.errors import (
     StaleHandshakeError,
     UnknownClientError,
 )
-from fedsplit.security.handshake import finish_client, hash_run_config
+from fedsplit.security.handshake import MAX_CONFIG_SECTIONS, finish_client, hash_config_sections, hash_run_config
 from fedsplit.security.identity import fingerprint, generate_identity, short_fingerprint
 from fedsplit.security.wire import PROTOCOL_VERSION, Role
 
@@ -465,9 +465,81 @@ def test_checks_run_in_the_documented_order(world: World) -> None:
     ).hello
 
     # Act / Assert
-    with pytest.raises(RevokedError):  # revoked before signature
+    with pytest.raises(BadSignatureError):  # signature before revocation: a stranger cannot learn it
         world.verifier(revoked={"alice"}).accept(forged)
+    with pytest.raises(RevokedError):  # the key holder is told
+        world.verifier(revoked={"alice"}).accept(hello)
     with pytest.raises(StaleHandshakeError):  # freshness before configuration
         world.verifier().accept(stale_and_mismatched)
     with pytest.raises(ProtocolVersionError):  # version before everything
         world.verifier(protocol_version=PROTOCOL_VERSION + 1, admitted={}).accept(hello)
+
+
+def test_one_admitted_client_cannot_fill_the_replay_cache_for_the_others(world: World) -> None:
+    # Arrange: a cache of 1,024 live nonces; alice opens handshakes as fast as she can
+    verifier = world.verifier(replay_cache_size=1024)
+    accepted = 0
+
+    # Act
+    with pytest.raises(ReplayCacheFullError, match="'alice'.*already made 256 handshakes"):
+        for _ in range(1024):
+            verifier.accept(world.hello("alice").hello)
+            accepted += 1
+
+    # Assert: alice is held at her share, bob still gets in; alice again once the window moves on
+    assert accepted == 256 and verifier.replay_guard.live_for("alice") == 256
+    verifier.accept(world.hello("bob").hello)
+    world.clock.now += 61
+    verifier.accept(world.hello("alice").hello)
+
+
+def test_unauthenticated_hellos_leave_nothing_in_the_replay_cache(world: World) -> None:
+    # Arrange: 2,000 hellos from strangers: unknown ids, a wrong key, a forged signature
+    verifier = world.verifier(replay_cache_size=16)
+    genuine = world.hello("alice").hello
+    attempts = [world.hello("mallory", identity=generate_identity()).hello for _ in range(1000)]
+    attempts += [dataclasses.replace(genuine, signature=flip_bit(genuine.signature, i % 64)) for i in range(1000)]
+
+    # Act
+    refused = 0
+    for hello in attempts:
+        try:
+            verifier.accept(hello)
+        except (UnknownClientError, BadSignatureError):
+            refused += 1
+
+    # Assert: the bound for strangers is zero entries; the genuine client is unaffected
+    assert refused == 2000 and len(verifier.replay_guard) == 0
+    verifier.accept(genuine)
+
+
+SECTIONS = {"model": {"name": "tiny-llama"}, "train": {"lr": 1e-4}, "lora": [{"r": 8}], "tokenizer": "bytes"}
+
+
+def test_config_mismatch_names_the_sections_that_differ(world: World) -> None:
+    # Arrange: the client runs another learning rate
+    theirs = {**SECTIONS, "train": {"lr": 3e-4}}
+    client_hash = hash_run_config(theirs)
+    hello = world.hello(config_hash=client_hash, config_sections=hash_config_sections(theirs)).hello
+    verifier = world.verifier(config_hash=hash_run_config(SECTIONS), config_sections=hash_config_sections(SECTIONS))
+
+    # Act
+    with pytest.raises(ConfigMismatchError) as info:
+        verifier.accept(hello)
+
+    # Assert
+    message = str(info.value)
+    assert "sections that differ: train " in message
+    assert "model" not in message.split("sections that differ")[1]
+
+
+def test_config_sections_are_signed_and_bounded(world: World) -> None:
+    hello = world.hello(config_sections=hash_config_sections(SECTIONS)).hello
+    altered = dataclasses.replace(hello, config_sections={**hello.config_sections, "train": bytes(32)})
+    with pytest.raises(BadSignatureError):
+        world.verifier().accept(altered)
+    too_many = {f"s{i}": bytes(32) for i in range(MAX_CONFIG_SECTIONS + 1)}
+    with pytest.raises(MalformedHandshakeError, match="at most"):
+        world.hello(config_sections=too_many)
+    with pytest.raises(MalformedHandshakeError, match="config_sections"):
+        world.hello(config_sections={"train": b"short"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import time
 
 import numpy as np
 import pytest
@@ -60,6 +61,32 @@ def test_resumed_run_ends_with_the_same_adapters_as_an_uninterrupted_run(tmp_pat
     after_round_2 = load_checkpoint(tmp_path / "full" / "round-000002")
     assert not torch.equal(after_round_2.trunk.adapters[next(iter(after_round_2.trunk.adapters))],
                            result.trunk_adapters[next(iter(after_round_2.trunk.adapters))])  # round 3 trained
+
+
+def test_resume_waits_for_the_clients_of_the_checkpointed_round_so_a_late_one_cannot_change_the_run(tmp_path):
+    # Arrange: an uninterrupted 3-round run; then a resumed server whose client "a" comes back after
+    # the lobby's grace (0.5 s) has passed, as a client does that is still in its reconnect backoff
+    ids = ["a", "b", "c"]
+    full = make_federation(ids, num_rounds=3, local_steps=2, checkpoint_dir=tmp_path / "full")
+    uninterrupted = full.run()
+    resumed = make_federation(ids, num_rounds=3, local_steps=2, checkpoint_dir=tmp_path / "resumed")
+    resumed.coordinator.restore(load_checkpoint(tmp_path / "full" / "round-000001"))
+    runners = resumed.runners
+
+    # Act
+    threads = resumed.start_clients([runners["b"], runners["c"]])
+    resumed.coordinator.start()
+    time.sleep(1.5)
+    threads += resumed.start_clients([runners["a"]])
+    result = resumed.coordinator.wait(60)
+    for thread in threads:
+        thread.join(60)
+
+    # Assert: round 2 waited for "a"; the adapters are those of the uninterrupted run, bit for bit
+    assert [sorted(r["clients"]) for r in result.history] == [ids, ids]
+    _assert_tensors_equal(result.global_adapters, uninterrupted.global_adapters)
+    _assert_tensors_equal(result.trunk_adapters, uninterrupted.trunk_adapters)
+    assert load_checkpoint(tmp_path / "full" / "round-000001").round_clients == tuple(ids)
 
 
 def test_checkpoint_round_trip_keeps_every_field(trained, tmp_path):

@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 
 import pytest
 import torch
 
 from fedsplit.channel import ServerSession
-from fedsplit.protocol import ProtocolError, decode_payload, pb
+from fedsplit.protocol import PROTOCOL_VERSION, ProtocolError, decode_payload, pb
 from fedsplit.security.errors import (
     AuthenticationError,
     BadSignatureError,
     ConfigMismatchError,
+    NotAdmittedError,
     RevokedError,
     RunMismatchError,
     ServerAuthenticationError,
     UnknownClientError,
 )
 from fedsplit.security.handshake import HandshakeVerifier, client_hello
-from fedsplit.security.identity import generate_identity, public_key_raw
+from fedsplit.security.identity import generate_identity, public_key_raw, short_fingerprint
 from fedsplit.transport.errors import HandshakeRefusedError
 from fedsplit.transport.handshake import (
     SessionFactory,
@@ -107,7 +110,9 @@ def test_connect_gives_a_sealed_channel_that_works(keys: Keys) -> None:
 def test_a_frame_that_fails_to_open_is_refused_as_unauthenticated(keys: Keys) -> None:
     transport = LoopbackTransport(factory_for(keys))
     channel = connect(transport, keys.credentials("alice"))
-    request = pb.Frame(protocol_version=1, kind=pb.JOIN_ROUND, seq=5, body=b"\x00" * 40).SerializeToString()
+    request = pb.Frame(
+        protocol_version=PROTOCOL_VERSION, kind=pb.JOIN_ROUND, seq=5, body=b"\x00" * 40
+    ).SerializeToString()
 
     error = open_error(channel, transport.exchange(request))
 
@@ -120,7 +125,9 @@ def test_a_failure_after_the_first_good_frame_keeps_the_session(keys: Keys) -> N
     transport = LoopbackTransport(factory_for(keys))
     channel = connect(transport, keys.credentials("alice"))
     forward(channel, torch.ones(1))
-    request = pb.Frame(protocol_version=1, kind=pb.JOIN_ROUND, seq=5, body=b"\x00" * 40).SerializeToString()
+    request = pb.Frame(
+        protocol_version=PROTOCOL_VERSION, kind=pb.JOIN_ROUND, seq=5, body=b"\x00" * 40
+    ).SerializeToString()
 
     assert open_error(channel, transport.exchange(request)).code == pb.UNAUTHENTICATED
     assert transport.session is not None and not session_discarded(transport.session)
@@ -140,7 +147,7 @@ def test_refused_handshake_raises_with_the_code_and_closes_the_transport(keys: K
 
 def test_factory_enforces_its_run_id_even_if_the_verifier_does_not(keys: Keys) -> None:
     admitted = {cid: key.public_key() for cid, key in keys.clients.items()}
-    lax = HandshakeVerifier(keys.server, admitted, [], 1, CONFIG_HASH)  # no run_id
+    lax = HandshakeVerifier(keys.server, admitted, [], PROTOCOL_VERSION, CONFIG_HASH)  # no run_id
     transport = LoopbackTransport(factory_for(keys, lax, run_id="other-run"))
 
     with pytest.raises(HandshakeRefusedError, match="other-run") as info:
@@ -155,7 +162,38 @@ def test_client_refuses_a_server_hello_with_a_foreign_session_id(keys: Keys) -> 
 
 
 def test_client_refuses_a_server_that_is_not_the_pinned_one(keys: Keys) -> None:
-    impostor = HandshakeVerifier(generate_identity(), {"alice": keys.clients["alice"].public_key()}, [], 1, CONFIG_HASH)
+    admitted = {"alice": keys.clients["alice"].public_key()}
+    impostor = HandshakeVerifier(generate_identity(), admitted, [], PROTOCOL_VERSION, CONFIG_HASH)
 
     with pytest.raises(ServerAuthenticationError):
         connect(LoopbackTransport(factory_for(keys, impostor)), keys.credentials("alice"))
+
+
+def test_a_stranger_learns_only_not_admitted_and_the_server_log_says_why(keys: Keys, caplog) -> None:
+    # Arrange: an unknown id, an admitted id with a wrong key, an admitted id and key with a forged signature
+    factory = factory_for(keys)
+    alice = keys.clients["alice"]
+    genuine = client_hello(alice, RUN_ID, "alice", CONFIG_HASH).hello
+    forged = dataclasses.replace(genuine, signature=bytes(64))
+    hellos = {
+        "unknown id": client_hello(generate_identity(), RUN_ID, "mallory", CONFIG_HASH).hello,
+        "wrong key": client_hello(generate_identity(), RUN_ID, "alice", CONFIG_HASH).hello,
+        "forged signature": forged,
+    }
+
+    # Act
+    refusals = {}
+    with caplog.at_level(logging.WARNING, logger="fedsplit.transport.handshake"):
+        for name, hello in hellos.items():
+            with pytest.raises(NotAdmittedError) as info:
+                factory.accept(client_hello_to_proto(hello))
+            refusals[name] = (refusal_code(info.value), str(info.value))
+
+    # Assert: one code, one sentence (only the id the stranger sent itself); the detail stays in the log
+    assert {code for code, _ in refusals.values()} == {pb.PERMISSION_DENIED}
+    assert refusals["wrong key"][1] == refusals["forged signature"][1] == "client 'alice' is not admitted to this run"
+    assert refusals["unknown id"][1] == "client 'mallory' is not admitted to this run"
+    alice_fingerprint = short_fingerprint(alice.public_key())
+    assert not any(alice_fingerprint in message or "bob" in message for _, message in refusals.values())
+    logged = caplog.text
+    assert "admitted ids: alice, bob" in logged and alice_fingerprint in logged and "invalid signature" in logged

@@ -16,6 +16,11 @@
   seeded jitter; the client then rejoins. The server answers a rejoin mid-round with ``wait_s`` and
   readmits the client at the next round. A server error during training (``RemoteError``) also loses
   the round; a server error on JOIN_ROUND (not admitted, the run failed) ends the run.
+- Errors that retrying cannot fix end the run at once with :class:`RunAbortedError` and a message
+  that says so: a refused session (not admitted, revoked, configuration or protocol mismatch: the
+  server's ``PERMISSION_DENIED``, ``UNAUTHENTICATED``, ``FAILED_PRECONDITION``, ``BAD_REQUEST``), a
+  server that fails authentication, and a TLS certificate that does not fit (``SecurityError``).
+  A refusal for lack of resources (``RESOURCE_EXHAUSTED``, ``ABORTED``, ``INTERNAL``) is transient.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from fedsplit.adapters import adapter_state_dict, load_adapter_state_dict
 from fedsplit.channel import Channel, RemoteError
 from fedsplit.client.split_client import SplitClient, StepResult
 from fedsplit.protocol import ProtocolError, decode_named, encode_named, pb
+from fedsplit.security.errors import SecurityError
 from fedsplit.split.parts import Head, Tail
 from fedsplit.train.config import TrainConfig
 from fedsplit.train.optim import NonFiniteStepError
@@ -53,6 +59,22 @@ class RunAbortedError(RuntimeError):
 
 class ReconnectGaveUpError(ConnectionError):
     """The session broke and could not be re-established within the backoff's attempts."""
+
+
+class SessionRefusedLaterError(ConnectionError):
+    """The server refused the session for now (resources): retried with backoff like a lost connection."""
+
+
+# Refusals of a session that the same request will meet again: the run cannot go on.
+PERMANENT_REFUSALS: frozenset[int] = frozenset(
+    {pb.PERMISSION_DENIED, pb.UNAUTHENTICATED, pb.FAILED_PRECONDITION, pb.BAD_REQUEST}
+)
+_HINTS: dict[int, str] = {
+    pb.PERMISSION_DENIED: "ask the server's operator to admit this client's public key (security.clients)",
+    pb.UNAUTHENTICATED: "check this client's identity key, the pinned server key and the clocks of both hosts",
+    pb.FAILED_PRECONDITION: "client and server must run the same fedsplit version and configuration",
+    pb.BAD_REQUEST: "client and server must run the same fedsplit version",
+}
 
 
 class PlanError(RuntimeError):
@@ -227,7 +249,9 @@ class ClientRunner:
 
     def _split_client(self, plan: pb.RoundPlan) -> SplitClient:
         if "total_steps" not in plan.settings:
-            raise PlanError(f"RoundPlan.settings: expected 'total_steps' (LR schedule length), got {dict(plan.settings)}")
+            raise PlanError(
+                f"RoundPlan.settings: expected 'total_steps' (LR schedule length), got {dict(plan.settings)}"
+            )
         cfg = dataclasses.replace(self.cfg, lr=plan.lr)
         client = SplitClient(self.head, self.tail, self._channel_or_fail(), cfg, int(plan.settings["total_steps"]))
         client.round = plan.round
@@ -237,8 +261,24 @@ class ClientRunner:
     # -- connection -----------------------------------------------------------------------------
     def _ensure_channel(self) -> Channel:
         if self._channel is None:
-            self._channel = self.connect()
+            self._channel = self._open_session()
         return self._channel
+
+    def _open_session(self) -> Channel:
+        """``connect()``; a refusal or a security failure that retrying cannot fix ends the run."""
+        try:
+            return self.connect()
+        except RemoteError as exc:  # the server answered the hello with an ERROR frame
+            reason = f"the server refused the session ({pb.ErrorCode.Name(exc.code)}): {exc.remote_message}"
+            if exc.code not in PERMANENT_REFUSALS:
+                raise SessionRefusedLaterError(f"client {self.client_id}: {reason}") from exc
+            raise RunAbortedError(
+                f"client {self.client_id}: {reason}. Retrying cannot fix this; {_HINTS[exc.code]}"
+            ) from exc
+        except SecurityError as exc:  # the server failed authentication, or its TLS certificate does not fit
+            raise RunAbortedError(
+                f"client {self.client_id}: cannot open a session: {exc}. Retrying cannot fix this"
+            ) from exc
 
     def _channel_or_fail(self) -> Channel:
         if self._channel is None:

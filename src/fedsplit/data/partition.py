@@ -54,26 +54,35 @@ def quantity_skew(num_items: int, num_clients: int, alpha: float, seed: int) -> 
     return [sorted(int(i) for i in shard) for shard in np.split(order, bounds)]
 
 
-def dirichlet_labels(labels: Sequence[Hashable], num_clients: int, alpha: float, seed: int) -> list[list[int]]:
+def dirichlet_labels(
+    labels: Sequence[Hashable], num_clients: int, alpha: float, seed: int, *, min_size: int = 1, max_tries: int = 100
+) -> list[list[int]]:
     """Label skew: per label (in sorted order), its examples split across clients by ``Dirichlet(alpha)``.
 
-    A client left empty takes one example from the largest shard, so every client has data.
+    With ``min_size`` 1 a client left empty takes one example from the largest shard, so every
+    client has data; a larger ``min_size`` (e.g. a batch) is met by drawing again, up to ``max_tries``.
     """
     _check(len(labels), num_clients)
     _check_alpha(alpha)
+    if len(labels) < num_clients * min_size:
+        raise ValueError(f"dirichlet_labels: expected at least {num_clients * min_size} items, got {len(labels)}")
     rng = np.random.default_rng([seed, 2])
-    shards: list[list[int]] = [[] for _ in range(num_clients)]
-    for label in sorted(set(labels), key=repr):
-        members = rng.permutation([i for i, value in enumerate(labels) if value == label])
-        shares = rng.dirichlet([alpha] * num_clients)
-        cuts = (np.cumsum(shares)[:-1] * len(members)).round().astype(int)
-        for client, part in enumerate(np.split(members, cuts)):
-            shards[client].extend(int(i) for i in part)
-    for client in range(num_clients):  # no empty client: borrow from the largest
-        if not shards[client]:
-            donor = max(range(num_clients), key=lambda c: len(shards[c]))
-            shards[client].append(shards[donor].pop())
-    return [sorted(shard) for shard in shards]
+    for _ in range(max_tries):
+        shards: list[list[int]] = [[] for _ in range(num_clients)]
+        for label in sorted(set(labels), key=repr):
+            members = rng.permutation([i for i, value in enumerate(labels) if value == label])
+            shares = rng.dirichlet([alpha] * num_clients)
+            cuts = (np.cumsum(shares)[:-1] * len(members)).round().astype(int)
+            for client, part in enumerate(np.split(members, cuts)):
+                shards[client].extend(int(i) for i in part)
+        if min_size == 1:
+            for client in range(num_clients):  # no empty client: borrow from the largest
+                if not shards[client]:
+                    donor = max(range(num_clients), key=lambda c: len(shards[c]))
+                    shards[client].append(shards[donor].pop())
+        if min(len(shard) for shard in shards) >= min_size:
+            return [sorted(shard) for shard in shards]
+    raise ValueError(f"dirichlet_labels: no draw in {max_tries} gave every client {min_size} items (alpha {alpha})")
 
 
 def by_field(values: Sequence[Hashable], num_clients: int) -> list[list[int]]:

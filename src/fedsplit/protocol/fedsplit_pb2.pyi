@@ -1,13 +1,9 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-from typing import Optional as _Optional
-from typing import Union as _Union
-
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -109,7 +105,14 @@ class Frame(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ..., round: _Optional[int] = ..., step: _Optional[int] = ..., seq: _Optional[int] = ..., body: _Optional[bytes] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ...) -> None: ...
 
 class ClientHello(_message.Message):
-    __slots__ = ("protocol_version", "run_id", "client_id", "identity_key", "ephemeral_key", "nonce", "timestamp", "config_hash", "signature")
+    __slots__ = ("protocol_version", "run_id", "client_id", "identity_key", "ephemeral_key", "nonce", "timestamp", "config_hash", "signature", "config_sections")
+    class ConfigSectionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +122,7 @@ class ClientHello(_message.Message):
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_SECTIONS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     run_id: str
     client_id: str
@@ -128,7 +132,8 @@ class ClientHello(_message.Message):
     timestamp: float
     config_hash: bytes
     signature: bytes
-    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[str] = ..., client_id: _Optional[str] = ..., identity_key: _Optional[bytes] = ..., ephemeral_key: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., timestamp: _Optional[float] = ..., config_hash: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    config_sections: _containers.ScalarMap[str, bytes]
+    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[str] = ..., client_id: _Optional[str] = ..., identity_key: _Optional[bytes] = ..., ephemeral_key: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., timestamp: _Optional[float] = ..., config_hash: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., config_sections: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class ServerHello(_message.Message):
     __slots__ = ("ephemeral_key", "nonce", "timestamp", "signature", "session_id")

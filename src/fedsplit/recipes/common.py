@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from fedsplit.config import DataConfig, RunConfig
 from fedsplit.data import Example, SourceConfig, collate, encode_examples, load_examples, stdlib_docs_silos
@@ -116,7 +117,9 @@ def generate_answers(model, tokenizer, examples: Sequence[Example], max_new_toke
     tokenizer.padding_side = "left"  # generation appends on the right
     answers: list[str] = []
     try:
-        for batch in chunks(examples, batch_size):
+        batches = chunks(examples, batch_size)
+        total = -(-len(examples) // batch_size)
+        for batch in tqdm(batches, total=total, desc="generating answers", unit="batch", leave=False):
             prompts = [_prompt_text(example, tokenizer) for example in batch]
             inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
             out = model.generate(

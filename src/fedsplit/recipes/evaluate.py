@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from fedsplit.config import RunConfig
 from fedsplit.data import Example
@@ -30,7 +31,8 @@ def heldout_loss(model, batches: Sequence[dict]) -> float:
         mask = batch["attention_mask"]
         return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions_from_mask(mask)).logits
 
-    return token_weighted_loss((logits(batch), batch["labels"]) for batch in batches)
+    progress = tqdm(batches, desc="held-out loss", unit="batch", leave=False)
+    return token_weighted_loss((logits(batch), batch["labels"]) for batch in progress)
 
 
 def evaluate(model, tokenizer, examples: Sequence[Example], cfg: RunConfig) -> EvalResult:

@@ -44,6 +44,8 @@ def run_keygen(
     if len(set(planned)) != len(planned):
         raise KeyFileError(f"key name {name!r} collides with the CA/TLS file names in {out_dir}")
     refuse_existing(planned)
+    if with_ca:  # a bad host name must fail before any file is written
+        pki.check_hosts(hosts)
     written = list(save_identity(generate_identity(), out_dir, name))
     if with_ca:
         written += pki.write_ca_and_server_cert(out_dir, hosts)

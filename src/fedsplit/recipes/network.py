@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from fedsplit.adapters import add_part_adapters, merge_adapters, save_adapter
-from fedsplit.config import RunConfig, run_config_hash
+from fedsplit.config import RunConfig, run_config_hash, run_config_sections
 from fedsplit.configio import dump_config
 from fedsplit.metrics import MetricsWriter
 from fedsplit.models import load_model
@@ -133,7 +134,7 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
     admitted = {cid: load_public_key(keys / f"{cid}.pub") for cid in cfg.security.clients}
     verifier = HandshakeVerifier(load_private_key(keys / f"{cfg.security.server_name}.key"), admitted,
                                  set(cfg.security.revoked), int(PROTOCOL_VERSION), config_hash,
-                                 run_id=cfg.security.run_id)
+                                 run_id=cfg.security.run_id, config_sections=run_config_sections(cfg, tokenizer))
     tls = None if cfg.security.insecure else load_server_tls(
         keys / "server-tls.key", keys / "server-tls.crt", keys / "ca.crt" if cfg.security.mutual_tls else None)
     server = GrpcServer(cfg.server.address, SessionFactory(verifier, coordinator.handler_for, cfg.security.run_id),
@@ -220,7 +221,6 @@ def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
     from fedsplit.client.runner import ClientRunner
     from fedsplit.security.identity import load_private_key, load_public_key
     from fedsplit.security.tls import load_channel_tls
-    from fedsplit.transport.grpc_client import connect_grpc
     from fedsplit.transport.handshake import ClientCredentials
 
     _threads(cfg.client.threads)
@@ -232,6 +232,7 @@ def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
         identity=load_private_key(keys / f"{cid}.key"),
         server_key=load_public_key(keys / f"{cfg.security.server_name}.pub"),
         client_id=cid, run_id=cfg.security.run_id, config_hash=run_config_hash(cfg, tokenizer),
+        config_sections=run_config_sections(cfg, tokenizer),
     )
     tls = None
     if not cfg.security.insecure:
@@ -239,8 +240,8 @@ def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
         tls = load_channel_tls(keys / "ca.crt", *mtls)
 
     def connect():
-        return connect_grpc(cfg.server.address, credentials, tls=tls, insecure=cfg.security.insecure,
-                            max_message_bytes=cfg.server.max_message_bytes, deadline_s=cfg.server.deadline_s)
+        return dial(cfg.server.address, credentials, tls=tls, max_message_bytes=cfg.server.max_message_bytes,
+                    deadline_s=cfg.server.deadline_s)
 
     batches = client_batches(cfg, tokenizer)
     with MetricsWriter(out / "metrics.jsonl") as metrics:
@@ -256,6 +257,27 @@ def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
     runner.close()
     log.info("client %s done after round %d", cid, result.final_round)
     return 0
+
+
+def dial(address: str, credentials, *, tls=None, max_message_bytes: int = 4 << 20, deadline_s: float = 300.0,
+         connect_timeout_s: float = 10.0):
+    """One session with the server: gRPC stream + handshake. ``tls=None`` is the insecure transport.
+
+    gRPC reports any TLS failure as "could not connect"; when the server's certificate is the
+    cause (it does not name the host dialled, or the pinned CA did not issue it) this raises
+    `ServerCertificateError` saying so, which the client runner does not retry.
+    """
+    from fedsplit.security.tls import check_server_certificate
+    from fedsplit.transport.errors import TransportError
+    from fedsplit.transport.grpc_client import connect_grpc
+
+    try:
+        return connect_grpc(address, credentials, tls=tls, insecure=tls is None, max_message_bytes=max_message_bytes,
+                            deadline_s=deadline_s, connect_timeout_s=connect_timeout_s)
+    except TransportError:
+        if tls is not None:
+            check_server_certificate(address, tls)
+        raise
 
 
 # -- simulate ------------------------------------------------------------------------------------
@@ -331,12 +353,28 @@ def simulate(cfg: RunConfig, out: Path, *, timeout_s: float = 3600.0) -> Path:
                 break
     failed = _finish(procs, deadline)
     if failed:
-        raise RuntimeError(f"federation failed: {', '.join(failed)}; see the logs in {out / 'logs'}")
+        lines = [f"{name} exited with {code}: {last_error_line(out / 'logs' / f'{name}.log')}" for name, code in failed]
+        raise RuntimeError(f"federation failed: {'; '.join(lines)} (logs in {out / 'logs'})")
     return server_out
 
 
-def _finish(procs: dict[str, subprocess.Popen], deadline: float) -> list[str]:
-    failed = []
+def last_error_line(log_path: Path) -> str:
+    """The process's own last error line: its one-line CLI error, an ERROR log line or a traceback's end."""
+    try:
+        lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return f"no log at {log_path}"
+    errors = [line for line in lines if ": error: " in line or " ERROR " in line or _EXCEPTION_LINE.match(line)]
+    if errors:
+        return errors[-1]
+    return lines[-1] if lines else "its log is empty"
+
+
+_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*")  # a traceback's last line
+
+
+def _finish(procs: dict[str, subprocess.Popen], deadline: float) -> list[tuple[str, int | str]]:
+    failed: list[tuple[str, int | str]] = []
     for name, proc in procs.items():
         try:
             code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -344,7 +382,7 @@ def _finish(procs: dict[str, subprocess.Popen], deadline: float) -> list[str]:
             proc.kill()
             code = "timeout"
         if code != 0:
-            failed.append(f"{name} exited with {code}")
+            failed.append((name, code))
     for proc in procs.values():
         if proc.poll() is None:
             proc.kill()

@@ -14,10 +14,12 @@ __all__ = [
     "KeyFileError",
     "InsecureKeyFileError",
     "CertificateError",
+    "ServerCertificateError",
     "HandshakeError",
     "MalformedHandshakeError",
     "ProtocolVersionError",
     "UnknownClientError",
+    "NotAdmittedError",
     "KeyMismatchError",
     "RevokedError",
     "BadSignatureError",
@@ -55,6 +57,11 @@ class CertificateError(SecurityError):
     """TLS material is inconsistent: key does not match certificate, expired, or not a CA."""
 
 
+class ServerCertificateError(CertificateError):
+    """The server's TLS certificate does not name the host the client dials, or is not issued by
+    the pinned CA: reconnecting cannot fix it, the certificate (or the address) must change."""
+
+
 # --- handshake -------------------------------------------------------------------------------
 
 
@@ -72,6 +79,14 @@ class ProtocolVersionError(HandshakeError):
 
 class UnknownClientError(HandshakeError):
     """The client id is not in the server's admitted set."""
+
+
+class NotAdmittedError(HandshakeError):
+    """What a refused stranger is told: unknown id, wrong key or bad signature, all alike.
+
+    The detailed reason (`UnknownClientError`, `KeyMismatchError`, `BadSignatureError`) goes to
+    the server's log only, so a refusal does not reveal which ids are admitted.
+    """
 
 
 class KeyMismatchError(HandshakeError):

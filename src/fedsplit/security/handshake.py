@@ -7,8 +7,9 @@ holds, so a peer client that sees (or relays) the traffic cannot read it.
 Two messages, SIGMA-style with signatures over the transcript:
 
 1. ``ClientHello``: the client's fresh X25519 key, a 32-byte nonce, a timestamp, the run id, its
-   client id and identity key, and a hash of the run configuration, signed with the client's
-   Ed25519 identity.
+   client id and identity key, a hash of the run configuration and one hash per configuration
+   section (so a refusal can name the sections that differ), signed with the client's Ed25519
+   identity.
 2. ``ServerHello``: the server's fresh X25519 key, nonce and timestamp, signed with the server's
    Ed25519 identity over the *whole* client hello plus these fields.
 
@@ -44,6 +45,7 @@ from fedsplit.security.errors import (
     ConfigMismatchError,
     KeyAgreementError,
     KeyMismatchError,
+    MalformedHandshakeError,
     ProtocolVersionError,
     ReplayCacheFullError,
     ReplayedHelloError,
@@ -87,10 +89,13 @@ __all__ = [
     "client_hello",
     "finish_client",
     "hash_run_config",
+    "hash_config_sections",
 ]
 
 DEFAULT_MAX_SKEW_S = 60.0
 DEFAULT_REPLAY_CACHE_SIZE = 65_536
+DEFAULT_REPLAY_PER_CLIENT = 256  # live nonces one identity may hold: a reconnect every 0.25 s for 60 s
+MAX_CONFIG_SECTIONS = 32
 SESSION_ID_LEN = 16
 
 LABEL_CLIENT_HELLO = b"fedsplit/v1/handshake/client-hello"
@@ -100,6 +105,7 @@ LABEL_KEY_C2S = b"fedsplit/v1/key/client-to-server"
 LABEL_KEY_S2C = b"fedsplit/v1/key/server-to-client"
 LABEL_SESSION_ID = b"fedsplit/v1/session-id"
 LABEL_RUN_CONFIG = b"fedsplit/v1/run-config"
+LABEL_CONFIG_SECTIONS = b"fedsplit/v2/config-sections"
 
 Clock = Callable[[], float]
 _FINGERPRINT = re.compile(r"[0-9A-Fa-f]{64}")
@@ -121,6 +127,24 @@ def _check_byte_fields(message: object, spec: Mapping[str, int]) -> None:
         if name == "signature" and not value:
             continue
         _set(message, name, check_bytes(value, length, f"{type(message).__name__}.{name}"))
+
+
+def _check_sections(value: object, what: str) -> dict[str, bytes]:
+    """At most `MAX_CONFIG_SECTIONS` identifier names, each mapped to a 32-byte hash; sorted by name."""
+    if not isinstance(value, Mapping):
+        raise MalformedHandshakeError(f"{what}: expected a mapping of section name to hash, got {type(value).__name__}")
+    if len(value) > MAX_CONFIG_SECTIONS:
+        raise MalformedHandshakeError(f"{what}: expected at most {MAX_CONFIG_SECTIONS} sections, got {len(value)}")
+    checked = {}
+    for name in sorted(value):
+        check_identifier(name, f"{what} name")
+        checked[name] = check_bytes(value[name], HASH_LEN, f"{what}[{name!r}]")
+    return checked
+
+
+def _encode_sections(sections: Mapping[str, bytes]) -> bytes:
+    pairs = [part for name in sorted(sections) for part in (text(name), sections[name])]
+    return encode_fields(LABEL_CONFIG_SECTIONS, *pairs)
 
 
 _CLIENT_HELLO_BYTES = {
@@ -154,6 +178,8 @@ class ClientHello:
     timestamp: float  # seconds since the epoch, client clock
     config_hash: bytes  # 32 bytes, see `hash_run_config`
     signature: bytes = b""  # Ed25519 over `transcript_bytes()`; empty while unsigned
+    # one hash per configuration section (`hash_config_sections`): names the sections that differ
+    config_sections: Mapping[str, bytes] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_uint(self.protocol_version, 32, "ClientHello.protocol_version")
@@ -161,6 +187,7 @@ class ClientHello:
         check_identifier(self.client_id, "ClientHello.client_id")
         _check_byte_fields(self, _CLIENT_HELLO_BYTES)
         _set(self, "timestamp", check_timestamp(self.timestamp, "ClientHello.timestamp"))
+        _set(self, "config_sections", _check_sections(self.config_sections, "ClientHello.config_sections"))
 
     def transcript_bytes(self) -> bytes:
         """Canonical encoding of every field except the signature: what the client signs."""
@@ -174,6 +201,7 @@ class ClientHello:
             self.nonce,
             f64(self.timestamp),
             self.config_hash,
+            _encode_sections(self.config_sections),
         )
 
 
@@ -286,6 +314,15 @@ def hash_run_config(config: Mapping[str, object]) -> bytes:
     return hashlib.sha256(encode_fields(LABEL_RUN_CONFIG, canonical.encode("ascii"))).digest()
 
 
+def hash_config_sections(sections: Mapping[str, object]) -> dict[str, bytes]:
+    """One `hash_run_config` per top-level section: ``{"train": sha256(...), ...}``.
+
+    Sent beside the overall hash so that a mismatch can be reported by section name (the values
+    themselves never travel).
+    """
+    return {name: hash_run_config({name: value}) for name, value in sections.items()}
+
+
 # --- replay protection -----------------------------------------------------------------------
 
 
@@ -297,23 +334,35 @@ class ReplayGuard:
     means a wall clock stepping backwards cannot re-open the window for nonces already forgotten.
     Each accepted nonce is remembered until its timestamp leaves the window; if more than
     ``capacity`` nonces are live at once, new hellos are refused (fail closed) instead of
-    forgetting a live nonce.
+    forgetting a live nonce. One identity may hold at most ``per_identity`` live nonces, so a
+    single admitted client cannot fill the cache for the others (it is refused, they are not).
     """
 
-    def __init__(self, max_skew_s: float, capacity: int = DEFAULT_REPLAY_CACHE_SIZE) -> None:
+    def __init__(
+        self,
+        max_skew_s: float,
+        capacity: int = DEFAULT_REPLAY_CACHE_SIZE,
+        per_identity: int = DEFAULT_REPLAY_PER_CLIENT,
+    ) -> None:
         if not (math.isfinite(max_skew_s) and max_skew_s > 0):
             raise ValueError(f"max_skew_s must be a positive number of seconds, got {max_skew_s!r}")
         if capacity < 1:
             raise ValueError(f"replay cache capacity must be at least 1, got {capacity}")
+        if not 1 <= per_identity <= capacity:
+            raise ValueError(f"replay cache per_identity must be in 1..{capacity}, got {per_identity}")
         self._skew = float(max_skew_s)
         self._capacity = capacity
+        self._per_identity = per_identity
         self._lock = threading.Lock()
         self._high_water = -math.inf
-        self._expiry: list[tuple[float, bytes]] = []  # min-heap of (hello timestamp, nonce)
+        self._expiry: list[tuple[float, bytes, str]] = []  # min-heap of (hello timestamp, nonce, identity)
         self._live: set[bytes] = set()
+        self._by_identity: dict[str, int] = {}  # live nonces per identity
 
-    def admit(self, nonce: bytes, timestamp: float, now: float, who: str) -> None:
-        """Accept ``nonce`` once, or raise `StaleHandshakeError` / `ReplayedHelloError`."""
+    def admit(self, nonce: bytes, timestamp: float, now: float, who: str, identity: str = "") -> None:
+        """Accept ``nonce`` once, or raise `StaleHandshakeError` / `ReplayedHelloError` /
+        `ReplayCacheFullError` (this identity holds ``per_identity`` live nonces, or all hold
+        ``capacity``)."""
         with self._lock:
             self._high_water = max(self._high_water, now)
             self._check_fresh(timestamp, now, who)
@@ -322,13 +371,19 @@ class ReplayGuard:
                 raise ReplayedHelloError(
                     f"hello from {who} reuses nonce {nonce[:8].hex()}...: replayed handshake"
                 )
+            if self._by_identity.get(identity, 0) >= self._per_identity:
+                raise ReplayCacheFullError(
+                    f"refusing hello from {who}: it already made {self._per_identity} handshakes inside "
+                    f"the {self._skew:.0f}s freshness window; retry later"
+                )
             if len(self._live) >= self._capacity:
                 raise ReplayCacheFullError(
                     f"refusing hello from {who}: {self._capacity} handshakes already inside the "
                     f"{self._skew:.0f}s freshness window; retry later"
                 )
             self._live.add(nonce)
-            heapq.heappush(self._expiry, (timestamp, nonce))
+            self._by_identity[identity] = self._by_identity.get(identity, 0) + 1
+            heapq.heappush(self._expiry, (timestamp, nonce, identity))
 
     def _check_fresh(self, timestamp: float, now: float, who: str) -> None:
         if timestamp < self._high_water - self._skew:
@@ -347,12 +402,22 @@ class ReplayGuard:
         # A nonce whose timestamp is below the floor would be refused as stale anyway.
         floor = self._high_water - self._skew
         while self._expiry and self._expiry[0][0] < floor:
-            _, nonce = heapq.heappop(self._expiry)
+            _, nonce, identity = heapq.heappop(self._expiry)
             self._live.discard(nonce)
+            left = self._by_identity[identity] - 1
+            if left:
+                self._by_identity[identity] = left
+            else:
+                del self._by_identity[identity]
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._live)
+
+    def live_for(self, identity: str) -> int:
+        """Live nonces of one identity."""
+        with self._lock:
+            return self._by_identity.get(identity, 0)
 
 
 # --- server side -----------------------------------------------------------------------------
@@ -362,11 +427,13 @@ class HandshakeVerifier:
     """Checks client hellos against the admitted set and answers with a signed server hello.
 
     Checks run in this order, each with its own exception (all subclasses of `HandshakeError`):
-    protocol version, client id admitted and key equal to the admitted key, not revoked (by id or
-    fingerprint), signature, freshness, nonce not seen, run configuration hash, run id. Nonces are
-    recorded only after the signature verifies, so unauthenticated senders cannot fill the replay
-    cache; the configuration hash is compared only for authenticated clients, so the server's
-    hash is never shown to strangers.
+    protocol version, client id admitted and key equal to the admitted key, signature, not revoked
+    (by id or fingerprint), freshness, nonce not seen (and the identity's share of the replay
+    cache not used up), run configuration hash (naming the sections that differ), run id. Nonces
+    are recorded only after the signature verifies, so unauthenticated senders cannot fill the
+    replay cache; revocation and the configuration are reported only to authenticated clients, so
+    a stranger learns neither. The first three checks' errors are detailed for the server's log;
+    the transport answers all of them with one "not admitted" (`NOT_ADMITTED_ERRORS`).
     """
 
     def __init__(
@@ -381,6 +448,8 @@ class HandshakeVerifier:
         *,
         run_id: str | None = None,
         replay_cache_size: int = DEFAULT_REPLAY_CACHE_SIZE,
+        replay_per_client: int = DEFAULT_REPLAY_PER_CLIENT,
+        config_sections: Mapping[str, bytes] | None = None,
     ) -> None:
         self._identity = server_identity
         self._identity_raw = public_key_raw(server_identity.public_key())
@@ -394,8 +463,20 @@ class HandshakeVerifier:
         self._version = check_uint(protocol_version, 32, "protocol_version")
         self._config_hash = check_bytes(config_hash, HASH_LEN, "server config_hash")
         self._run_id = None if run_id is None else check_identifier(run_id, "server run_id")
+        self._sections = _check_sections(config_sections or {}, "server config_sections")
         self._clock = clock
-        self._guard = ReplayGuard(max_skew_s, replay_cache_size)
+        # One identity holds at most replay_per_client live nonces: with the defaults (65,536 and
+        # 256) one client, or any 255 of them, cannot fill the cache for the others.
+        self._guard = ReplayGuard(max_skew_s, replay_cache_size, min(replay_per_client, replay_cache_size))
+
+    @property
+    def admitted_ids(self) -> list[str]:
+        """The admitted client ids, sorted (for the server's own log, never for a refusal)."""
+        return sorted(self._admitted)
+
+    @property
+    def replay_guard(self) -> ReplayGuard:
+        return self._guard
 
     def revoke(self, client_id_or_fingerprint: str) -> None:
         """Refuse future handshakes by this client id or full key fingerprint.
@@ -413,10 +494,10 @@ class HandshakeVerifier:
         self._check_version(hello)
         key = self._admitted_key(hello)
         who = f"client {hello.client_id!r} (key {_short(hello.identity_key)})"
-        self._check_not_revoked(hello.client_id, key, who)
         self._check_signature(hello, key, who)
+        self._check_not_revoked(hello.client_id, key, who)  # after the signature: only the key holder learns it
         now = self._clock()
-        self._guard.admit(hello.nonce, hello.timestamp, now, who)
+        self._guard.admit(hello.nonce, hello.timestamp, now, who, identity=hello.client_id)
         self._check_config(hello, who)
         self._check_run(hello, who)
         return self._respond(hello, now, who)
@@ -456,12 +537,23 @@ class HandshakeVerifier:
             ) from exc
 
     def _check_config(self, hello: ClientHello, who: str) -> None:
-        if not hmac.compare_digest(hello.config_hash, self._config_hash):
-            raise ConfigMismatchError(
-                f"configuration mismatch for {who}: client run-config hash "
-                f"{hello.config_hash.hex()[:16]} != server {self._config_hash.hex()[:16]}; model, "
-                f"split points, adapter config or tokenizer differ between client and server"
+        if hmac.compare_digest(hello.config_hash, self._config_hash):
+            return
+        ours, theirs = self._sections, hello.config_sections
+        differ = sorted(n for n in set(ours) | set(theirs) if ours.get(n) != theirs.get(n))
+        if ours and theirs and differ:
+            what = (
+                f"the sections that differ: {', '.join(differ)} "
+                f"(make them equal on both sides; `fedsplit config` prints every field)"
             )
+        elif ours and theirs:
+            what = "every section hash agrees, but the overall hash does not (a client or server bug)"
+        else:
+            what = "model, split points, adapter, training, federation or tokenizer settings differ"
+        raise ConfigMismatchError(
+            f"configuration mismatch for {who}: client run-config hash "
+            f"{hello.config_hash.hex()[:16]} != server {self._config_hash.hex()[:16]}; {what}"
+        )
 
     def _check_run(self, hello: ClientHello, who: str) -> None:
         if self._run_id is not None and hello.run_id != self._run_id:
@@ -501,6 +593,7 @@ def client_hello(
     config_hash: bytes,
     protocol_version: int = PROTOCOL_VERSION,
     clock: Clock = time.time,
+    config_sections: Mapping[str, bytes] | None = None,
 ) -> ClientHandshake:
     """Build and sign a `ClientHello` with a fresh ephemeral key and nonce."""
     ephemeral = x25519.X25519PrivateKey.generate()
@@ -513,6 +606,7 @@ def client_hello(
         nonce=os.urandom(NONCE_LEN),
         timestamp=clock(),
         config_hash=config_hash,
+        config_sections=dict(config_sections or {}),
     )
     signed = dataclasses.replace(unsigned, signature=identity.sign(unsigned.transcript_bytes()))
     return ClientHandshake(hello=signed, ephemeral_private=ephemeral)

@@ -42,6 +42,7 @@ __all__ = [
     "server_tls_paths",
     "client_tls_paths",
     "build_ca",
+    "check_hosts",
     "issue_server_cert",
     "issue_client_cert",
     "client_uri",
@@ -185,13 +186,18 @@ def _san_for_host(host: str) -> x509.GeneralName:
     return x509.DNSName(host.rstrip(".").lower())
 
 
+def check_hosts(hosts: Sequence[str]) -> list[x509.GeneralName]:
+    """The SANs for ``hosts`` (DNS names and IP addresses); `CertificateError` on a bad or empty list."""
+    if isinstance(hosts, str) or not hosts:
+        raise CertificateError(f"server certificate needs a non-empty list of hosts, got {hosts!r}")
+    return [_san_for_host(host) for host in hosts]
+
+
 def issue_server_cert(
     ca_key: TLSKey, ca_cert: x509.Certificate, hosts: Sequence[str], days: int = SERVER_DAYS
 ) -> tuple[TLSKey, x509.Certificate]:
     """A TLS server certificate (EKU serverAuth) whose SANs are ``hosts`` (names or addresses)."""
-    if isinstance(hosts, str) or not hosts:
-        raise CertificateError(f"server certificate needs a non-empty list of hosts, got {hosts!r}")
-    sans = [_san_for_host(host) for host in hosts]
+    sans = check_hosts(hosts)
     return _issue_leaf(ca_key, ca_cert, hosts[0], sans, ExtendedKeyUsageOID.SERVER_AUTH, days)
 
 

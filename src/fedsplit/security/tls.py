@@ -17,6 +17,9 @@ certificate, or a "CA" that is not one. Running without TLS must be asked for ex
 from __future__ import annotations
 
 import datetime
+import ipaddress
+import socket
+import ssl
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +27,12 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from fedsplit.security.errors import CertificateError, InsecureTransportWarning, KeyFileError
+from fedsplit.security.errors import (
+    CertificateError,
+    InsecureTransportWarning,
+    KeyFileError,
+    ServerCertificateError,
+)
 from fedsplit.security.identity import read_secret_file
 
 __all__ = [
@@ -33,6 +41,10 @@ __all__ = [
     "load_server_tls",
     "load_channel_tls",
     "warn_insecure_transport",
+    "split_address",
+    "certificate_names",
+    "certificate_names_host",
+    "check_server_certificate",
 ]
 
 
@@ -110,6 +122,83 @@ def warn_insecure_transport(address: str) -> None:
         InsecureTransportWarning,
         stacklevel=2,
     )
+
+
+# --- why a TLS connection failed --------------------------------------------------------------
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"expected host:port, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def certificate_names(cert: x509.Certificate) -> list[str]:
+    """The DNS names and IP addresses a certificate's SAN extension lists."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return san.get_values_for_type(x509.DNSName) + [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+
+
+def certificate_names_host(cert: x509.Certificate, host: str) -> bool:
+    """Whether ``host`` (a name or an address) is one of the certificate's SANs (``*.`` matches one label)."""
+    address = _as_ip(host)
+    if address is not None:
+        return any(_as_ip(name) == address for name in certificate_names(cert))
+    wanted = host.rstrip(".").lower()
+    for name in certificate_names(cert):
+        name = name.lower()
+        if name == wanted or (name.startswith("*.") and wanted.partition(".")[2] == name[2:] and "." in wanted):
+            return True
+    return False
+
+
+def _as_ip(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        return None
+
+
+def check_server_certificate(address: str, tls: ChannelTLS, timeout_s: float = 5.0) -> None:
+    """Explain a failed TLS connection to ``address`` when the server's certificate is the cause.
+
+    gRPC reports any TLS failure as a generic "could not connect". This opens one plain TLS
+    connection (ALPN h2, as gRPC does), verifies the server's chain against the pinned CA without
+    the host-name check, and compares the certificate's SANs with the host dialled. Raises
+    `ServerCertificateError` if the certificate is not issued by the pinned CA or does not name
+    the host; returns quietly when the certificate is fine or the server cannot be reached (the
+    failure is then something else, and may be transient).
+    """
+    host, port = split_address(address)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False  # checked below, with a message that names the host
+    context.load_verify_locations(cadata=tls.root_certificates.decode("ascii"))
+    context.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as raw:
+            with context.wrap_socket(raw, server_hostname=None) as conn:
+                der = conn.getpeercert(binary_form=True)
+    except ssl.SSLCertVerificationError as exc:
+        raise ServerCertificateError(
+            f"the server at {address} presents a TLS certificate that the pinned CA does not verify "
+            f"({exc.verify_message}); use the ca.crt of this server's `fedsplit keygen --ca`"
+        ) from exc
+    except (OSError, ValueError):
+        return  # not reachable, or the handshake failed for another reason: nothing to say here
+    if der is None:
+        return
+    cert = x509.load_der_x509_certificate(der)
+    if not certificate_names_host(cert, host):
+        names = ", ".join(certificate_names(cert)) or "no host"
+        raise ServerCertificateError(
+            f"the server's certificate does not name {host} (it names {names}); dial one of those, or "
+            f"issue the server's keys with `fedsplit keygen --ca --host {host}` and give clients the new ca.crt"
+        )
 
 
 # --- internals -------------------------------------------------------------------------------

@@ -93,6 +93,8 @@ class Checkpoint:
     trunk: TrunkState
     client_steps: dict[str, int]  # optimizer steps each client has committed (its LR-schedule position)
     rng: RngState
+    # the clients aggregated in round ``round``: a resumed run waits for them before its next round
+    round_clients: tuple[str, ...] = ()
 
 
 # -- capture and restore ------------------------------------------------------------------------
@@ -195,6 +197,7 @@ def _encode(checkpoint: Checkpoint) -> tuple[dict[str, Tensor], dict[str, Any]]:
         "run_id": checkpoint.run_id,
         "config_hash": checkpoint.config_hash,
         "client_steps": dict(sorted(checkpoint.client_steps.items())),
+        "round_clients": sorted(checkpoint.round_clients),
         "trunk_steps_taken": checkpoint.trunk.steps_taken,
         "optimizer": optimizer_json,
         "rng": {
@@ -302,6 +305,7 @@ def _decode(state: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> Ch
         global_adapters=_with_prefix(tensors, _GLOBAL),
         trunk=trunk,
         client_steps={str(k): int(v) for k, v in state["client_steps"].items()},
+        round_clients=tuple(str(c) for c in state.get("round_clients", [])),
         rng=RngState(
             torch=tensors[_TORCH_RNG],
             python=(version, tuple(mt_state), gauss),

@@ -33,7 +33,11 @@ checkpoint): the last checkpoint is that of the last completed round, and ``run`
 Reproducibility. With ``ordered_steps`` the participants take their trunk steps in round-robin
 order of their ids (the trunk is used by one client step at a time anyway), so a run with fixed
 seeds is deterministic whatever the thread timing, and a run resumed from a checkpoint
-(:meth:`RoundCoordinator.restore`) ends with the same adapters as an uninterrupted one.
+(:meth:`RoundCoordinator.restore`) ends with the same adapters as an uninterrupted one. Who takes
+part in a round is decided by who is in the lobby: after a restart the clients come back at their
+own backoff pace, so the first resumed round waits (up to ``join_timeout_s``) for every client the
+checkpointed round aggregated before the ``join_grace_s`` rule applies; otherwise a client still
+reconnecting would miss that round and the resumed run would differ from the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -139,6 +143,7 @@ class RoundCoordinator:
         self._round: OpenRound | None = None
         self._sessions = {cid: Session() for cid in self.clients}
         self._lobby: set[str] = set()
+        self._resume_clients: frozenset[str] = frozenset()  # the first round after restore waits for them
         self._trunk_calls = 0
         self._evals = 0  # evaluation FORWARDs being served: a round starts only when none is
         self._error: BaseException | None = None
@@ -215,6 +220,7 @@ class RoundCoordinator:
         cfg = self.config
         deadline = time.monotonic() + cfg.join_timeout_s
         enough_since: float | None = None
+        resumed, self._resume_clients = self._resume_clients, frozenset()
         with self._cond:
             while True:
                 self._check_not_stopping()
@@ -226,14 +232,19 @@ class RoundCoordinator:
                     enough_since = None
                 elif enough_since is None:
                     enough_since = now
-                if enough_since is not None and now - enough_since >= cfg.join_grace_s:
+                back = resumed <= self._lobby  # after a restore: the last round's clients are back
+                if back and enough_since is not None and now - enough_since >= cfg.join_grace_s:
+                    return available
+                if not back and enough_since is not None and now >= deadline:
+                    log.warning("round %d: resumed without %s (not back within %s s): the run will differ from an "
+                                "uninterrupted one", number, sorted(resumed - self._lobby), cfg.join_timeout_s)
                     return available
                 if now >= deadline:
                     raise NotEnoughClientsError(
                         f"round {number}: expected at least {cfg.min_clients} clients to join within "
                         f"{cfg.join_timeout_s} s, got {len(available)} ({', '.join(available) or 'none'})"
                     )
-                wake = deadline if enough_since is None else min(deadline, enough_since + cfg.join_grace_s)
+                wake = deadline if enough_since is None or not back else min(deadline, enough_since + cfg.join_grace_s)
                 self._cond.wait(timeout=wake - now)
 
     def _collect_updates(self) -> tuple[list[ClientUpdate], list[Failure]]:
@@ -381,7 +392,8 @@ class RoundCoordinator:
                 raise RuntimeError(f"checkpoint: expected no round in progress, stage is {self._stage.name}")
             return Checkpoint(round=self.completed_round, run_id=self.run_id, config_hash=self.config_hash,
                               global_adapters=self.global_adapters, trunk=capture_trunk(self.trunk),
-                              client_steps=dict(self._client_steps), rng=capture_rng())
+                              client_steps=dict(self._client_steps), rng=capture_rng(),
+                              round_clients=tuple(self.history[-1]["clients"]) if self.history else ())
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Continue a run from ``checkpoint`` (call before :meth:`run`)."""
@@ -396,6 +408,7 @@ class RoundCoordinator:
             self._global = {k: v.detach().clone() for k, v in checkpoint.global_adapters.items()}
             self._client_steps.update(checkpoint.client_steps)
             self.completed_round = checkpoint.round
+            self._resume_clients = frozenset(checkpoint.round_clients) & frozenset(self.clients)
         self._log("resumed", round=checkpoint.round)
 
     # -- sessions -------------------------------------------------------------------------------

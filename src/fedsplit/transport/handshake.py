@@ -26,12 +26,14 @@ from google.protobuf.message import DecodeError
 from fedsplit.channel import Channel, Handler, SealedLike, Sealer, ServerSession, Transport
 from fedsplit.protocol import PROTOCOL_VERSION, ProtocolError, decode_payload, kind_name, pb
 from fedsplit.security.errors import (
+    BadSignatureError,
     ConfigMismatchError,
     FrameError,
     HandshakeError,
     KeyAgreementError,
     KeyMismatchError,
     MalformedHandshakeError,
+    NotAdmittedError,
     ProtocolVersionError,
     ReplayCacheFullError,
     RevokedError,
@@ -68,6 +70,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# What a stranger may not learn: whether an id is admitted, or with which key. These refusals
+# are logged in detail on the server and answered with one NotAdmittedError.
+NOT_ADMITTED_ERRORS: tuple[type[HandshakeError], ...] = (UnknownClientError, KeyMismatchError, BadSignatureError)
+
 # Which ErrorCode a refused handshake is answered with; the most specific class wins.
 REFUSAL_CODES: dict[type[Exception], int] = {
     MalformedHandshakeError: pb.BAD_REQUEST,
@@ -75,6 +81,7 @@ REFUSAL_CODES: dict[type[Exception], int] = {
     ConfigMismatchError: pb.FAILED_PRECONDITION,
     RunMismatchError: pb.FAILED_PRECONDITION,
     UnknownClientError: pb.PERMISSION_DENIED,
+    NotAdmittedError: pb.PERMISSION_DENIED,
     RevokedError: pb.PERMISSION_DENIED,
     KeyMismatchError: pb.UNAUTHENTICATED,
     KeyAgreementError: pb.UNAUTHENTICATED,
@@ -108,6 +115,7 @@ def client_hello_to_proto(hello: ClientHello) -> pb.ClientHello:
         timestamp=hello.timestamp,
         config_hash=hello.config_hash,
         signature=hello.signature,
+        config_sections=dict(hello.config_sections),
     )
 
 
@@ -123,6 +131,7 @@ def client_hello_from_proto(message: pb.ClientHello) -> ClientHello:
         timestamp=message.timestamp,
         config_hash=message.config_hash,
         signature=message.signature,
+        config_sections=dict(message.config_sections),
     )
 
 
@@ -220,11 +229,21 @@ class SessionFactory:
         self.run_id = check_identifier(run_id, "run_id", ValueError)
 
     def accept(self, message: pb.ClientHello) -> tuple[pb.ServerHello, ServerSession]:
-        """Raise a `HandshakeError` (see `refusal_code`) or return (ServerHello, ServerSession)."""
+        """Raise a `HandshakeError` (see `refusal_code`) or return (ServerHello, ServerSession).
+
+        An unknown id, a wrong key and a bad signature are all answered with `NotAdmittedError`
+        ("not admitted"); the reason and the admitted ids are written to the server's log only.
+        """
         hello = client_hello_from_proto(message)
-        server_hello, keys = self.verifier.accept(hello)
+        try:
+            server_hello, keys = self.verifier.accept(hello)
+        except NOT_ADMITTED_ERRORS as exc:
+            log.warning("security: refused: %s (admitted ids: %s)", exc, ", ".join(self.verifier.admitted_ids))
+            raise NotAdmittedError(f"client {hello.client_id!r} is not admitted to this run") from exc
         if hello.run_id != self.run_id:  # the verifier checks this only if it was given a run id
-            raise RunMismatchError(f"client {hello.client_id!r} asks to join run {hello.run_id!r}, this server runs {self.run_id!r}")
+            raise RunMismatchError(
+                f"client {hello.client_id!r} asks to join run {hello.run_id!r}, this server runs {self.run_id!r}"
+            )
         sealer = GuardedSealer(keys.session(Role.SERVER), hello.client_id)
         session = ServerSession(hello.client_id, self.handler_for(hello.client_id), sealer)
         log.info("client %s: session %s opened", hello.client_id, keys.session_id.hex())
@@ -245,6 +264,7 @@ class ClientCredentials:
     config_hash: bytes  # `hash_run_config` of the run configuration, 32 bytes
     protocol_version: int = PROTOCOL_VERSION
     max_skew_s: float = DEFAULT_MAX_SKEW_S  # tolerated clock difference to the server
+    config_sections: dict[str, bytes] = field(default_factory=dict)  # `hash_config_sections`, for mismatch reports
 
     def __post_init__(self) -> None:
         check_identifier(self.client_id, "client_id", ValueError)
@@ -291,6 +311,7 @@ def _handshake(transport: Transport, credentials: ClientCredentials) -> Channel:
         credentials.client_id,
         credentials.config_hash,
         protocol_version=credentials.protocol_version,
+        config_sections=credentials.config_sections,
     )
     body = client_hello_to_proto(started.hello).SerializeToString()
     frame = _read_reply(transport.exchange(hello_frame(pb.CLIENT_HELLO, body)))

@@ -1,0 +1,171 @@
+"""What evaluation needs from a language model: log-likelihoods of given tokens, and greedy answers.
+
+A model is reached through a :class:`ModelAccess`: a ``logits`` function ``batch -> (B, T, V)`` and
+a ``generate`` function. For the unsplit model (zero-shot, merged adapters, centralized) that is
+:func:`unsplit_access` (Hugging Face ``generate`` with its KV cache). In FL-GLM (arXiv 2406.14898)
+a client can evaluate *through the split* without any example leaving it: its logits are head ->
+server trunk -> tail, and :func:`greedy_decode` generates with any logits function (no cache, so
+one full forward per new token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fedsplit.data.tokenize import IGNORE_INDEX, EncodedExample, collate
+from fedsplit.split.parts import positions_from_mask
+
+Batch = dict[str, torch.Tensor]  # input_ids, attention_mask (, labels): each (B, T)
+# (batch, keep) -> (B, T, V), or only the last ``keep`` positions (B, keep, V) when keep is given
+LogitsFn = Callable[[Batch, "int | None"], torch.Tensor]
+GenerateFn = Callable[[Sequence[Sequence[int]], int], list[list[int]]]  # (prompt ids, max new tokens) -> new ids
+
+
+@dataclass(frozen=True)
+class ModelAccess:
+    """How evaluation reaches a model: logits of padded batches, and greedy continuations."""
+
+    logits: LogitsFn
+    generate: GenerateFn
+    pad_token_id: int
+
+
+def _batches(items: Sequence, size: int, desc: str, progress: bool) -> Iterable[Sequence]:
+    starts = range(0, len(items), size)
+    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
+        yield items[start : start + size]
+
+
+def _first_scored(sequence: EncodedExample) -> int:
+    return next((i for i, label in enumerate(sequence.labels) if label != IGNORE_INDEX), len(sequence.labels))
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    access: ModelAccess, sequences: Sequence[EncodedExample], *, batch_size: int = 8, desc: str = "scoring",
+    progress: bool = True,
+) -> list[tuple[float, int]]:
+    """Per sequence: (sum of log p(token | everything before it), number of tokens) over its labelled tokens.
+
+    Labels follow the training convention (``IGNORE_INDEX`` = not scored). Sequences are batched by
+    length and left-padded, so the scored tokens (a response, an answer) sit in the last positions
+    and the LM head runs only there; padding never changes a score (positions come from the mask).
+    """
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].input_ids))
+    results: dict[int, tuple[float, int]] = {}
+    for chunk in _batches(order, batch_size, desc, progress):
+        rows = [sequences[i] for i in chunk]
+        batch = collate(rows, access.pad_token_id, "left")
+        keep = max(len(r.labels) - _first_scored(r) for r in rows) + 1  # the positions predicting scored tokens
+        keep = min(keep, batch["input_ids"].shape[1])
+        logits = access.logits(batch, keep)[:, -keep:-1, :]  # (B, keep-1, V): predicts the last keep-1 tokens
+        targets = batch["labels"][:, batch["labels"].shape[1] - logits.shape[1] :]  # (B, keep-1)
+        scored = targets != IGNORE_INDEX
+        picked = logits[scored].float()  # (N, V): only the scored positions
+        logp = torch.log_softmax(picked, dim=-1).gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1)  # (N,)
+        sums = torch.zeros(len(rows), dtype=torch.float64).index_add_(
+            0, scored.nonzero()[:, 0], logp.double())  # (B,)
+        for index, total, count in zip(chunk, sums.tolist(), scored.sum(dim=1).tolist(), strict=True):
+            results[index] = (total, int(count))
+    return [results[i] for i in range(len(sequences))]
+
+
+def unsplit_logits(model: torch.nn.Module) -> LogitsFn:
+    def logits(batch: Batch, keep: int | None = None) -> torch.Tensor:
+        mask = batch["attention_mask"]
+        return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions_from_mask(mask),
+                     logits_to_keep=keep or 0).logits  # (B, keep or T, V)
+
+    return logits
+
+
+def full_logits(fn: Callable[[Batch], torch.Tensor]) -> LogitsFn:
+    """A ``batch -> (B, T, V)`` function (e.g. a split client's head -> trunk -> tail) as a :data:`LogitsFn`."""
+
+    def logits(batch: Batch, keep: int | None = None) -> torch.Tensor:
+        out = fn(batch)  # (B, T, V)
+        return out[:, -keep:, :] if keep else out
+
+    return logits
+
+
+def unsplit_access(model: Any, tokenizer) -> ModelAccess:
+    """:class:`ModelAccess` for an unsplit (or PEFT-wrapped) Hugging Face causal LM."""
+    stop = _stop_ids(tokenizer)
+
+    @torch.no_grad()
+    def generate(prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        width = max(len(p) for p in prompts)
+        pad = tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])  # (B, T), left-padded
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])  # (B, T)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)  # (B, T + new)
+        return [_until_stop(row[width:].tolist(), stop) for row in out]
+
+    return ModelAccess(unsplit_logits(model), generate, tokenizer.pad_token_id)
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    """EOS and, for chat templates, the end-of-turn token the training responses end with."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+        token_id = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
+        if token_id is not None:
+            ids.add(token_id)
+    return sorted(ids)
+
+
+def _until_stop(ids: list[int], stop: Sequence[int]) -> list[int]:
+    for index, token in enumerate(ids):
+        if token in stop:
+            return ids[:index]
+    return ids
+
+
+@torch.no_grad()
+def greedy_decode(
+    logits_fn: LogitsFn, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, pad_token_id: int,
+    stop_ids: Sequence[int] = (),
+) -> list[list[int]]:
+    """Greedy continuation of each prompt with any logits function (one full forward per token).
+
+    Right padding and positions from the mask, as in training: the same answers as a cached
+    ``generate`` up to floating-point ties.
+    """
+    rows = [list(p) for p in prompts]
+    new: list[list[int]] = [[] for _ in rows]
+    done = [False] * len(rows)
+    for _ in range(max_new_tokens):
+        live = [i for i, d in enumerate(done) if not d]
+        if not live:
+            break
+        seqs = [EncodedExample(rows[i], [IGNORE_INDEX] * len(rows[i])) for i in live]
+        batch = collate(seqs, pad_token_id, "right")
+        logits = logits_fn(batch, None)  # (B, T, V)
+        last = torch.tensor([len(rows[i]) - 1 for i in live])  # (B,)
+        picked = logits[torch.arange(len(live)), last].argmax(dim=-1)  # (B,)
+        for i, token in zip(live, picked.tolist(), strict=True):
+            if token in stop_ids:
+                done[i] = True
+            else:
+                rows[i].append(token)
+                new[i].append(token)
+    return new
+
+
+def function_access(fn: Callable[[Batch], torch.Tensor], tokenizer) -> ModelAccess:
+    """:class:`ModelAccess` from a bare ``batch -> (B, T, V)`` function, e.g. a split client's
+    head -> trunk -> tail (``SplitClient._eval_logits``): no example leaves the client."""
+    stop = _stop_ids(tokenizer)
+    logits_fn = full_logits(fn)
+
+    def generate(prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        return greedy_decode(logits_fn, prompts, max_new_tokens, pad_token_id=tokenizer.pad_token_id, stop_ids=stop)
+
+    return ModelAccess(logits_fn, generate, tokenizer.pad_token_id)
