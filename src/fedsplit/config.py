@@ -160,6 +160,23 @@ class HierarchyConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Defences and the in-run audit of what the server could read back (docs/privacy.md)."""
+
+    hidden_noise_std: float = field(default=0.0, metadata={"help": "Gaussian noise sigma on the hidden states a client "
+                                                             "sends in training (FedSEA-LLaMA); 0 = off"})
+    audit: bool = field(default=False, metadata={"help": "after each round, each client attacks its own traffic "
+                                                 "(fedsplit.attacks.audit); only the scores leave it"})
+    audit_samples: int = field(default=4, metadata={"help": "batches per client and round the audit attacks"})
+
+    def __post_init__(self) -> None:
+        if not self.hidden_noise_std >= 0.0:
+            raise ValueError(f"privacy.hidden_noise_std: expected >= 0, got {self.hidden_noise_std!r}")
+        if self.audit_samples < 1:
+            raise ValueError(f"privacy.audit_samples: expected >= 1, got {self.audit_samples!r}")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -173,6 +190,7 @@ class RunConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     @property
     def lora(self) -> list[LoraSettings]:
