@@ -137,7 +137,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         args.model = "tiny-llama"
     cfg = _load_run_config(args)
     names = ("client", "head_depths", "noise_depths", "sigmas", "public_positions", "private_positions",
-             "softmax_steps", "softmax_sigmas", "gradient_batches", "matching_steps", "gradient_sigmas", "quality_steps", "quality_sigmas", "adversarial_weights", "adversarial_sigma",
+             "softmax_steps", "softmax_sigmas", "gradient_batches", "matching_steps", "gradient_sigmas",
+             "quality_steps", "quality_sigmas", "adversarial_weights", "adversarial_sigma",
              "extra_points", "threads")
     flags = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     settings = quick_settings(**flags) if args.quick else AttackSettings(**flags)
@@ -218,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--public-positions", type=int, help="public tokens the learned inverter is fitted on")
     p.add_argument("--private-positions", type=int, help="private tokens attacked")
     p.add_argument("--softmax-steps", type=int, help="softmax inverter steps (0 = ridge only)")
-    p.add_argument("--softmax-sigmas", type=_floats, help="sigmas where the softmax inverter also runs (at the run's p)")
+    p.add_argument("--softmax-sigmas", type=_floats, help="sigmas where the softmax inverter runs (at the run's p)")
     p.add_argument("--gradient-batches", type=int, help="private batches attacked through their gradients")
     p.add_argument("--matching-steps", type=int, help="gradient-matching (TAG/LAMP) optimisation steps")
     p.add_argument("--gradient-sigmas", type=_floats, help="sigmas for the gradient attack")

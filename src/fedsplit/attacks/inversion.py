@@ -105,7 +105,7 @@ class RidgeInverter:
             raise ValueError(
                 f"hidden/tokens: expected (N, H) and (N,), got {tuple(hidden.shape)} and {tuple(tokens.shape)}"
             )
-        n_val = min(int(hidden.shape[0] * validation), 1000) if hidden.shape[0] >= 20 else 0
+        n_val = min(int(hidden.shape[0] * validation), 500) if hidden.shape[0] >= 20 else 0
         fit_h, fit_t = hidden[n_val:], tokens[n_val:]
         x = _with_bias(fit_h)  # (N, H+1) float64
         gram = x.T @ x  # (H+1, H+1)

@@ -144,6 +144,15 @@ def plot_privacy(report: Mapping[str, Any], path: Path) -> Path:
                 [d["noise_std"]], [100 * d["quality_cost"]], "r*", markersize=12, label=f"quality cost, {d['name']}"
             )
             by_sigma.plot([d["noise_std"]], [100 * d["token_recovery"]], "r^", label=f"recovery, {d['name']}")
+    for d in report["defences"]:  # the loss increase alone hides how much of a short fine-tune's gain is gone
+        if d.get("gain_lost") is not None and d["quality_cost"]:
+            cost.annotate(
+                f"gain lost {100 * d['gain_lost']:.0f} %",
+                (d["noise_std"], 100 * d["quality_cost"]),
+                textcoords="offset points",
+                xytext=(-60, 8),
+                fontsize=7,
+            )
     cost.set_ylabel("held-out loss increase (%)")
     by_p.legend(fontsize=8)
     handles = by_sigma.get_legend_handles_labels()[0] + cost.get_legend_handles_labels()[0]
