@@ -113,10 +113,11 @@ def plot_privacy(report: Mapping[str, Any], path: Path) -> Path:
     if softmax:
         series["learned (softmax)"] = softmax
     for label, points in series.items():
+        style = {"marker": "o", "linestyle": "none" if "softmax" in label else "-"}  # softmax runs at a few points
         clean = sorted((d["head_layers"], d["token_recovery"]) for d in points if d["noise_std"] == 0.0)
-        by_p.plot([p for p, _ in clean], [100 * r for _, r in clean], marker="o", label=label)
+        by_p.plot([p for p, _ in clean], [100 * r for _, r in clean], label=label, **style)
         noisy = sorted((d["noise_std"], d["token_recovery"]) for d in points if d["head_layers"] == p_run)
-        by_sigma.plot([s for s, _ in noisy], [100 * r for _, r in noisy], marker="o", label=label)
+        by_sigma.plot([s for s, _ in noisy], [100 * r for _, r in noisy], label=label, **style)
     by_p.set(
         xlabel="head depth p (blocks on the client)",
         ylabel="tokens recovered (%)",
@@ -135,8 +136,12 @@ def plot_privacy(report: Mapping[str, Any], path: Path) -> Path:
     cost = by_sigma.twinx()
     tuned = [d for d in report["defences"] if d["head_layers"] == p_run and not d["adversarial_weight"]]
     tuned.sort(key=lambda d: d["noise_std"])
+    sigmas = [d["noise_std"] for d in tuned]
+    cost.plot(sigmas, [100 * d["quality_cost"] for d in tuned], "k--s", label="held-out loss increase (%)")
+    # The loss increase alone hides how much of a short fine-tune's gain is gone.
+    gains = [(d["noise_std"], 100 * d["gain_lost"]) for d in tuned if d.get("gain_lost") is not None]
     cost.plot(
-        [d["noise_std"] for d in tuned], [100 * d["quality_cost"] for d in tuned], "k--s", label="quality cost (%)"
+        [s for s, _ in gains], [g for _, g in gains], ":", color="purple", marker="d", label="fine-tune gain lost (%)"
     )
     for d in report["defences"]:
         if d["adversarial_weight"]:
@@ -144,16 +149,7 @@ def plot_privacy(report: Mapping[str, Any], path: Path) -> Path:
                 [d["noise_std"]], [100 * d["quality_cost"]], "r*", markersize=12, label=f"quality cost, {d['name']}"
             )
             by_sigma.plot([d["noise_std"]], [100 * d["token_recovery"]], "r^", label=f"recovery, {d['name']}")
-    for d in report["defences"]:  # the loss increase alone hides how much of a short fine-tune's gain is gone
-        if d.get("gain_lost") is not None and d["quality_cost"]:
-            cost.annotate(
-                f"gain lost {100 * d['gain_lost']:.0f} %",
-                (d["noise_std"], 100 * d["quality_cost"]),
-                textcoords="offset points",
-                xytext=(-60, 8),
-                fontsize=7,
-            )
-    cost.set_ylabel("held-out loss increase (%)")
+    cost.set(ylabel="quality cost (%)", ylim=(-2, 102))
     by_p.legend(fontsize=8)
     handles = by_sigma.get_legend_handles_labels()[0] + cost.get_legend_handles_labels()[0]
     by_sigma.legend(handles=handles, fontsize=7, loc="center left")
