@@ -26,7 +26,8 @@ def token_batch(
 
 
 @pytest.fixture(scope="session")
-def stories():
+def stories(shared_data: Path):
+    """The real pretrained stories260k (read from the shared data; skipped when absent)."""
     from fedsplit.models import load_model
 
     model, tokenizer = load_model("stories260k")

@@ -25,3 +25,13 @@ def test_attack_quick_writes_a_valid_report(tmp_path, shared_data, monkeypatch, 
     assert not report["traffic"]["eavesdropper"]["above_guessing"]
     assert report["traffic"]["readable_with_global_head"]["token_recovery"] > 0.95
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["recommended"] == report["recommended"]["name"]
+
+
+def test_auto_sigmas_pick_the_first_sigma_meeting_the_target_and_the_one_below():
+    from fedsplit.recipes.attack import auto_sigmas
+
+    sweep = [{"head_layers": 1, "noise_std": s, "token_recovery": r} for s, r in [(0.0, 0.9), (4.0, 0.5), (8.0, 0.1)]]
+    sweep.append({"head_layers": 2, "noise_std": 4.0, "token_recovery": 0.0})
+
+    assert auto_sigmas(sweep, 1, 0.2) == (8.0, 4.0)
+    assert auto_sigmas(sweep, 1, 0.01) == (8.0, 4.0)  # none meets: the largest swept sigma

@@ -113,7 +113,7 @@ def plot_privacy(report: Mapping[str, Any], path: Path) -> Path:
     if softmax:
         series["learned (softmax)"] = softmax
     for label, points in series.items():
-        style = {"marker": "o", "linestyle": "none" if "softmax" in label else "-"}  # softmax runs at a few points
+        style: dict[str, Any] = {"marker": "o", "linestyle": "none" if "softmax" in label else "-"}  # few points
         clean = sorted((d["head_layers"], d["token_recovery"]) for d in points if d["noise_std"] == 0.0)
         by_p.plot([p for p, _ in clean], [100 * r for _, r in clean], label=label, **style)
         noisy = sorted((d["noise_std"], d["token_recovery"]) for d in points if d["head_layers"] == p_run)
