@@ -15,6 +15,7 @@ ids ``(N,)``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,13 +226,18 @@ class SoftmaxInverter(torch.nn.Module):
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
 
 
-def reconstruction_rouge_l(tokenizer, predicted: Sequence[Sequence[int]], target: Sequence[Sequence[int]]) -> float:
-    """Mean ROUGE-L F1 (``rouge-score`` package) of the decoded reconstructions against the decoded originals."""
+@functools.cache
+def _rouge_l_scorer():
     from rouge_score import rouge_scorer
 
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def reconstruction_rouge_l(tokenizer, predicted: Sequence[Sequence[int]], target: Sequence[Sequence[int]]) -> float:
+    """Mean ROUGE-L F1 (``rouge-score`` package) of the decoded reconstructions against the decoded originals."""
     if len(predicted) != len(target):
         raise ValueError(f"predicted: expected {len(target)} sequences, got {len(predicted)}")
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scorer = _rouge_l_scorer()
     scores = [
         scorer.score(
             tokenizer.decode(list(t), skip_special_tokens=True), tokenizer.decode(list(p), skip_special_tokens=True)

@@ -107,7 +107,7 @@ def _gradients(model, p: int, q: int, batches, settings: AttackSettings) -> list
     """Attack (c): labels (the response tokens) from dL/dh at both cuts, per sigma."""
     parts = split_model(model, p, q)
     rows = []
-    for sigma in settings.gradient_sigmas:
+    for sigma in tqdm(settings.gradient_sigmas, desc="gradients (c)", unit="sigma"):
         totals = {"prior": 0.0, "analytic_cut2": 0.0, "analytic_cut1": 0.0, "matching_cut2": 0.0}
         count = 0
         for i, batch in enumerate(batches[: settings.gradient_batches]):
