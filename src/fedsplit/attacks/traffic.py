@@ -77,7 +77,7 @@ def capture_step(
     tap = _Tap(InProcessTransport(session))
     channel = Channel(tap, client_sealer)
     client = SplitClient(parts.head, parts.tail, channel, cfg, total_steps=1)
-    client.train_step([batch])
+    client.train_step([batch] * cfg.grad_accum)  # one optimizer step, whatever the accumulation
     keep = batch["attention_mask"].bool()
     return CapturedStep(tap.frames, seen[0], batch["input_ids"][keep], keep)
 
