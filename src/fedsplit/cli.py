@@ -159,6 +159,36 @@ def cmd_subserver(args: argparse.Namespace) -> int:
     return run_subserver(read_spec(args.root_config), args.rank)
 
 
+def cmd_attack(args: argparse.Namespace) -> int:
+    import json
+
+    from fedsplit.attacks.config import AttackSettings, quick_settings
+    from fedsplit.recipes.attack import run_attack
+
+    if args.quick and not args.model:
+        args.model = "tiny-llama"
+    cfg = _load_run_config(args)
+    names = ("client", "head_depths", "noise_depths", "sigmas", "public_positions", "private_positions",
+             "softmax_steps", "softmax_sigmas", "gradient_batches", "matching_steps", "gradient_sigmas",
+             "quality_steps", "quality_sigmas", "adversarial_weights", "adversarial_sigma",
+             "extra_points", "threads")
+    flags = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    settings = quick_settings(**flags) if args.quick else AttackSettings(**flags)
+    report = run_attack(cfg, settings, args.out or Path("runs/attack"))
+    best = report["recommended"]
+    print(json.dumps({"recommended": best["name"], "token_recovery": best["token_recovery"],
+                      "quality_cost": best["quality_cost"], "meets_target": best["meets_target"]}))
+    return 0
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v)
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from fedsplit.config import RunConfig, describe
     from fedsplit.configio import dump_config
@@ -235,6 +265,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root-config", type=Path, required=True, help="hierarchy.toml written by the root server")
     p.add_argument("--rank", type=int, required=True, help="this sub-server's rank, 1..K")
     p.set_defaults(func=cmd_subserver)
+
+    p = sub.add_parser("attack", help="privacy attacks on a run's configuration: privacy_report.json, privacy.png")
+    _config_args(p)
+    p.add_argument("--quick", action="store_true", help="seconds on a tiny model (tiny-llama unless --model)")
+    p.add_argument("--client", type=int, help="whose silo is the private data (default 0)")
+    p.add_argument("--head-depths", type=_ints, help="head depths p attacked, e.g. 0,1,2,4")
+    p.add_argument("--noise-depths", type=_ints, help="depths the sigma sweep runs at (default: the run's p)")
+    p.add_argument("--sigmas", type=_floats, help="noise sigmas swept, must include 0")
+    p.add_argument("--public-positions", type=int, help="public tokens the learned inverter is fitted on")
+    p.add_argument("--private-positions", type=int, help="private tokens attacked")
+    p.add_argument("--softmax-steps", type=int, help="softmax inverter steps (0 = ridge only)")
+    p.add_argument("--softmax-sigmas", type=_floats, help="sigmas where the softmax inverter runs (at the run's p)")
+    p.add_argument("--gradient-batches", type=int, help="private batches attacked through their gradients")
+    p.add_argument("--matching-steps", type=int, help="gradient-matching (TAG/LAMP) optimisation steps")
+    p.add_argument("--gradient-sigmas", type=_floats, help="sigmas for the gradient attack")
+    p.add_argument("--quality-steps", type=int, help="LoRA steps per quality-cost fine-tune")
+    p.add_argument("--quality-sigmas", type=_floats, help="noise levels fine-tuned for their quality cost")
+    p.add_argument("--adversarial-weights", type=_floats, help="adversarial head-training weights fine-tuned")
+    p.add_argument("--adversarial-sigma", type=float, help="noise under the adversarial head")
+    p.add_argument("--extra-points", type=lambda t: tuple(t.split(",")),
+                   help="more fine-tuned defences as p:sigma, e.g. 4:2.0,2:8")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("config", help="print the default run configuration as TOML")
     p.add_argument("--describe", action="store_true", help="one line per field with its help text")

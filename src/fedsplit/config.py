@@ -286,6 +286,20 @@ class AggregationConfig:
         if not self.hybrid_encrypt:
             return default_policy(names, self.hybrid_encrypted_mode)
         return HybridPolicy(rules=tuple((p, self.hybrid_encrypted_mode) for p in self.hybrid_encrypt))
+class PrivacyConfig:
+    """Defences and the in-run audit of what the server could read back (docs/privacy.md)."""
+
+    hidden_noise_std: float = field(default=0.0, metadata={"help": "Gaussian noise sigma on the hidden states a client "
+                                                             "sends in training (FedSEA-LLaMA); 0 = off"})
+    audit: bool = field(default=False, metadata={"help": "after each round, each client attacks its own traffic "
+                                                 "(fedsplit.attacks.audit); only the scores leave it"})
+    audit_samples: int = field(default=4, metadata={"help": "batches per client and round the audit attacks"})
+
+    def __post_init__(self) -> None:
+        if not self.hidden_noise_std >= 0.0:
+            raise ValueError(f"privacy.hidden_noise_std: expected >= 0, got {self.hidden_noise_std!r}")
+        if self.audit_samples < 1:
+            raise ValueError(f"privacy.audit_samples: expected >= 1, got {self.audit_samples!r}")
 
 
 @dataclass
@@ -305,6 +319,7 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     contract: DataContract = field(default_factory=DataContract)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     @property
     def lora(self) -> list[LoraSettings]:

@@ -36,9 +36,15 @@ from fedsplit.train.optim import (
 class SplitClient:
     """Owns head + tail + optimizer; talks to the server only through its :class:`Channel`."""
 
-    def __init__(self, head: Head, tail: Tail, channel: Channel, cfg: TrainConfig, total_steps: int) -> None:
+    def __init__(
+        self, head: Head, tail: Tail, channel: Channel, cfg: TrainConfig, total_steps: int,
+        hidden_noise_std: float = 0.0,
+    ) -> None:
+        if not hidden_noise_std >= 0.0:
+            raise ValueError(f"hidden_noise_std: expected >= 0, got {hidden_noise_std!r}")
         self.head, self.tail, self.channel, self.cfg = head, tail, channel, cfg
         self.total_steps = total_steps
+        self.hidden_noise_std = hidden_noise_std  # privacy: Gaussian noise on h_head sent in training
         self.params = trainable_parameters(head) + trainable_parameters(tail)
         self.optimizer = build_optimizer(self.params, cfg)
         self.steps_taken = 0
@@ -54,14 +60,21 @@ class SplitClient:
         """Head forward, then FORWARD to the server: (h_head (B, T, H), trunk output (B, T, H))."""
         with autocast(self.cfg):
             h_head = self.head(ids, mask, positions)  # (B, T, H) -> cut 1
+        sent = self._privatize(h_head) if train else h_head
         forward = pb.Forward(
-            hidden=encode_tensor(h_head),
+            hidden=encode_tensor(sent),
             attention_mask=encode_tensor(mask.bool()),
             position_ids=encode_tensor(positions),
             train=train,
         )
         reply = self.channel.call(pb.FORWARD, forward, round=self.round, step=self.micro_steps)
         return h_head, self._hidden(reply.hidden, h_head, "ForwardResult.hidden")  # <- cut 2
+
+    def _privatize(self, h_head: torch.Tensor) -> torch.Tensor:
+        """FedSEA-LLaMA's defence: h + N(0, sigma^2) on the wire. Additive, so dL/dh_sent = dL/dh_head."""
+        if self.hidden_noise_std == 0.0:
+            return h_head
+        return h_head.detach() + self.hidden_noise_std * torch.randn_like(h_head)  # (B, T, H)
 
     def forward_backward(self, batch: dict[str, torch.Tensor]) -> float:
         """One micro-batch: forward through all three parts, backward through all three."""
