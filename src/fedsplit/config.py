@@ -286,6 +286,9 @@ class AggregationConfig:
         if not self.hybrid_encrypt:
             return default_policy(names, self.hybrid_encrypted_mode)
         return HybridPolicy(rules=tuple((p, self.hybrid_encrypted_mode) for p in self.hybrid_encrypt))
+
+
+@dataclass
 class PrivacyConfig:
     """Defences and the in-run audit of what the server could read back (docs/privacy.md)."""
 

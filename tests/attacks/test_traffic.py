@@ -67,7 +67,7 @@ def test_a_peer_clients_keys_do_not_open_the_frames(captured):
 
 def test_frame_as_hidden_pads_a_short_body_with_zeros():
     frame = pb.Frame(
-        protocol_version=1, kind=pb.FORWARD, seq=1, body=torch.ones(3).numpy().tobytes()
+        protocol_version=pb.PROTOCOL_VERSION_CURRENT, kind=pb.FORWARD, seq=1, body=torch.ones(3).numpy().tobytes()
     ).SerializeToString()
 
     hidden = frame_as_hidden(frame, (1, 1, 5))
