@@ -54,7 +54,7 @@ def _peft_config(part: SplitPart, settings: LoraSettings, names: Sequence[str], 
 
     return LoraConfig(
         r=settings.r,
-        lora_alpha=settings.alpha,
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # PEFT annotates int; it only divides by r
         lora_dropout=settings.dropout,
         # A full-match regex of exact module names: loaded into the unsplit model, the adapter wraps
         # only this part's modules.
@@ -85,9 +85,17 @@ def add_lora(part: SplitPart, settings: LoraSettings, *, seed: int = 0) -> list[
         inject_adapter_in_model(config, part, adapter_name=_ADAPTER)
     for name, param in part.named_parameters():
         param.requires_grad_("lora_" in name)
-    part.lora_settings = settings  # type: ignore[attr-defined]
-    part.lora_names = names  # type: ignore[attr-defined]
+    # plain attributes, set as nn.Module.__setattr__ would (its annotation admits only Tensor | Module)
+    vars(part).update(lora_settings=settings, lora_names=names)
     return names
+
+
+def _lora_of(part: nn.Module) -> tuple[LoraSettings, list[str]]:
+    """The settings and adapted module names :func:`add_lora` recorded on ``part``."""
+    try:
+        return vars(part)["lora_settings"], vars(part)["lora_names"]
+    except KeyError:
+        raise AdapterError(f"the {type(part).__name__.lower()} has no LoRA adapter: call add_lora first") from None
 
 
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -134,10 +142,10 @@ def save_adapter(part: SplitPart, directory: Path, *, base_model: str | None = N
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for one part."""
     from safetensors.torch import save_file
 
-    settings: LoraSettings = part.lora_settings  # type: ignore[attr-defined]
+    settings, names = _lora_of(part)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _peft_config(part, settings, part.lora_names, base_model).save_pretrained(str(directory))  # type: ignore[attr-defined]
+    _peft_config(part, settings, names, base_model).save_pretrained(str(directory))
     save_file(adapter_state_dict(part), str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return directory
 
@@ -167,15 +175,15 @@ def merge_adapters(parts: Sequence[SplitPart], directory: Path, *, base_model: s
     """
     from safetensors.torch import save_file
 
-    first: LoraSettings = parts[0].lora_settings  # type: ignore[attr-defined]
+    first, _ = _lora_of(parts[0])
     names: list[str] = []
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     tensors: dict[str, torch.Tensor] = {}
     for part in parts:
-        settings: LoraSettings = part.lora_settings  # type: ignore[attr-defined]
-        names += part.lora_names  # type: ignore[attr-defined]
-        for name in part.lora_names:  # type: ignore[attr-defined]
+        settings, part_names = _lora_of(part)
+        names += part_names
+        for name in part_names:
             if settings.r != first.r:
                 rank_pattern[re.escape(name)] = settings.r
             if settings.alpha != first.alpha:

@@ -26,8 +26,11 @@ log = logging.getLogger(__name__)
 
 
 class SealedLike(Protocol):
-    seq: int
-    ciphertext: bytes
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def ciphertext(self) -> bytes: ...
 
 
 class Sealer(Protocol):
@@ -35,7 +38,9 @@ class Sealer(Protocol):
 
     def seal(self, kind: int, round: int, step: int, plaintext: bytes) -> SealedLike: ...
 
-    def open(self, kind: int, round: int, step: int, seq: int, ciphertext: bytes) -> bytes: ...
+    def open(self, kind: int, round: int, step: int, seq: int, ciphertext: bytes | memoryview) -> bytes | memoryview:
+        """The plaintext; a writable ``memoryview`` (a reassembled frame) may be opened in place."""
+        ...
 
 
 @dataclass
@@ -55,7 +60,7 @@ class PlainSealer:
         self._send_seq += 1
         return _Sealed(self._send_seq, bytes(plaintext))
 
-    def open(self, kind: int, round: int, step: int, seq: int, ciphertext: bytes) -> bytes:
+    def open(self, kind: int, round: int, step: int, seq: int, ciphertext: bytes | memoryview) -> bytes | memoryview:
         if seq <= self._recv_seq:
             raise ProtocolError(f"{kind_name(kind)}: sequence number {seq} is not after {self._recv_seq}")
         self._recv_seq = seq
@@ -90,10 +95,11 @@ class WireStats:
 
 
 def _frame(kind: int, round: int, step: int, sealed: SealedLike) -> bytes:
-    frame = pb.Frame(
-        protocol_version=PROTOCOL_VERSION, kind=kind, round=round, step=step, seq=sealed.seq, body=sealed.ciphertext
+    frame = pb.Frame(  # the ignore: protoc's .pyi types an enum field as the enum only; protobuf takes its int
+        protocol_version=PROTOCOL_VERSION, kind=kind, round=round, step=step, seq=sealed.seq, body=sealed.ciphertext  # type: ignore[arg-type]
     )
-    return frame.SerializeToString()
+    data: bytes = frame.SerializeToString()
+    return data
 
 
 def parse_frame(data: bytes) -> pb.Frame:
@@ -193,7 +199,8 @@ class ServerSession:
 
     def _reply_error(self, exc: ProtocolError, kind: int, round: int, step: int) -> bytes:
         log.warning("client %s: rejected %s: %s", self.client_id, kind_name(kind), exc)
-        return self._send(pb.ERROR, round, step, pb.Error(code=exc.code, message=str(exc)))
+        error = pb.Error(code=exc.code, message=str(exc))  # type: ignore[arg-type]  # protoc's .pyi takes only the enum type; protobuf takes its int
+        return self._send(pb.ERROR, round, step, error)
 
     def _send(self, kind: int, round: int, step: int, reply: Message) -> bytes:
         out = _frame(kind, round, step, self.sealer.seal(kind, round, step, reply.SerializeToString()))

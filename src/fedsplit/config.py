@@ -340,7 +340,7 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[str]:
 
     lines: list[str] = []
     for f in fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         if dataclasses.is_dataclass(default):
             lines += describe(type(default), f"{prefix}{f.name}.")
         else:

@@ -47,7 +47,7 @@ from fedsplit.train.optim import NonFiniteStepError
 log = logging.getLogger(__name__)
 
 Batch = Mapping[str, Tensor]  # input_ids, attention_mask, labels: each (B, T)
-StepCallback = Callable[[int, int, StepResult], None]  # (round, optimizer steps taken so far, result)
+StepCallback = Callable[[int, int, StepResult], object]  # (round, optimizer steps taken so far, result); return ignored
 
 HEAD_PREFIX = "head/"
 TAIL_PREFIX = "tail/"

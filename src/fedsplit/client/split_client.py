@@ -10,7 +10,7 @@ and per optimizer step OPTIMIZER_STEP(client grad norm) -> clip -> step.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -76,7 +76,7 @@ class SplitClient:
             return h_head
         return h_head.detach() + self.hidden_noise_std * torch.randn_like(h_head)  # (B, T, H)
 
-    def forward_backward(self, batch: dict[str, torch.Tensor]) -> float:
+    def forward_backward(self, batch: Mapping[str, torch.Tensor]) -> float:
         """One micro-batch: forward through all three parts, backward through all three."""
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         positions = positions_from_mask(mask)  # (B, T)
@@ -87,6 +87,7 @@ class SplitClient:
             logits = self.tail(h_trunk, mask, positions)  # (B, T, V)
             loss = causal_lm_loss(logits, labels)
         (loss / self.cfg.grad_accum).backward()
+        assert h_trunk.grad is not None  # h_trunk is a leaf that requires grad, and the loss used it
         reply = self.channel.call(
             pb.BACKWARD, pb.Backward(grad=encode_tensor(h_trunk.grad)), round=self.round, step=self.micro_steps
         )
@@ -113,7 +114,7 @@ class SplitClient:
         self.steps_taken += 1
         return StepResult(loss=math.nan, grad_norm=reply.total_grad_norm, lr=lr)
 
-    def train_step(self, micro_batches: Iterable[dict[str, torch.Tensor]]) -> StepResult:
+    def train_step(self, micro_batches: Iterable[Mapping[str, torch.Tensor]]) -> StepResult:
         """One optimizer step over ``cfg.grad_accum`` micro-batches; returns their mean loss."""
         losses = [self.forward_backward(batch) for batch in micro_batches]
         if len(losses) != self.cfg.grad_accum:
@@ -123,11 +124,11 @@ class SplitClient:
         return result
 
     @torch.no_grad()
-    def eval_loss(self, batches: Iterable[dict[str, torch.Tensor]]) -> float:
+    def eval_loss(self, batches: Iterable[Mapping[str, torch.Tensor]]) -> float:
         """Mean supervised-token loss, through the server without keeping a graph."""
         return token_weighted_loss((self._eval_logits(batch), batch["labels"]) for batch in batches)
 
-    def _eval_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _eval_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         positions = positions_from_mask(mask)
         _, trunk_out = self._through_trunk(ids, mask, positions, train=False)

@@ -138,7 +138,7 @@ def render_response(record: Record, mapping: FieldMapping) -> tuple[str, str]:
         return name, _clean(record.get(name, str))
     raw = record.get(name, (str, int, bool))
     key = label_key(raw, mapping.label_names)
-    if key not in mapping.verbalizer:
+    if key is None or key not in mapping.verbalizer:
         raise record.error(f"unknown label {raw!r}: expected one of {_known_labels(mapping)}", name)
     template = mapping.verbalizer[key]
     return name, _clean(template.format_map({f: record.get(f, str) for f in template_fields(template)}))

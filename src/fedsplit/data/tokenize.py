@@ -89,7 +89,7 @@ def split_prompt_response(example: Example, tokenizer: PreTrainedTokenizerBase) 
     full = _render_ids(tokenizer, example.messages, add_generation_prompt=False)
     start = _common_prefix_length(prompt, full)
     end = len(full)
-    while end > start and not tokenizer.decode(full[end - 1 : end]).strip():
+    while end > start and not tokenizer.decode(full[end - 1 : end]).strip():  # type: ignore[union-attr]  # one id list decodes to a str
         end -= 1
     response = full[start:end]
     if not response:

@@ -109,7 +109,7 @@ def load_smollm2_135m(
     """SmolLM2-135M-Instruct: from the safetensors cache, converting the packaged GGUF on first use."""
     cached = smollm2_cache_dir(cache_dir)
     if cached.is_dir():
-        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
         return model.eval(), AutoTokenizer.from_pretrained(cached)
     gguf_path = find_smollm2_gguf()
     logger.info("Dequantizing %s once; caching the result in %s", gguf_path, cached)
@@ -120,4 +120,4 @@ def load_smollm2_135m(
         tokenizer.save_pretrained(folder)
 
     write_dir_atomically(cached, save)
-    return model.to(dtype), tokenizer
+    return model.to(dtype), tokenizer  # type: ignore[arg-type]  # transformers' @wraps on PreTrainedModel.to loses the bound self

@@ -196,4 +196,4 @@ def load_stories260k(*, dtype: torch.dtype = torch.float32) -> tuple[LlamaForCau
             f"'stories260k' needs {' and '.join(missing)}; point ${SHARED_ENV} at the shared folder "
             "that holds data/models/stories260k"
         )
-    return load_llama2c_model(checkpoint).to(dtype), load_sentencepiece_tokenizer(tokenizer_model)
+    return load_llama2c_model(checkpoint).to(dtype), load_sentencepiece_tokenizer(tokenizer_model)  # type: ignore[arg-type]  # transformers' @wraps on PreTrainedModel.to loses the bound self

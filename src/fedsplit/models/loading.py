@@ -89,7 +89,7 @@ def load_model(
     Raises:
         ModelLoadError: unknown name, missing files or package, hub unreachable or id not found.
     """
-    options = LoadOptions(dtype=dtype, cache_dir=cache_dir, seed=seed)
+    options = LoadOptions(dtype=dtype, cache_dir=None if cache_dir is None else Path(cache_dir), seed=seed)
     model, tokenizer = _resolve(os.fspath(name_or_path))(options)
     return _finish(model, tokenizer, options.dtype)
 
@@ -207,4 +207,4 @@ def _finish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dtype: t
         model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.to(dtype).eval(), tokenizer
+    return model.to(dtype).eval(), tokenizer  # type: ignore[arg-type]  # transformers' @wraps on PreTrainedModel.to loses the bound self

@@ -129,7 +129,7 @@ def load_tiny(
     """Tiny model ``name`` and the byte-level tiny tokenizer."""
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(name, seed=seed, tokenizer=tokenizer)
-    return model.to(dtype), tokenizer
+    return model.to(dtype), tokenizer  # type: ignore[arg-type]  # transformers' @wraps on PreTrainedModel.to loses the bound self
 
 
 def _spec(name: str) -> TinySpec:

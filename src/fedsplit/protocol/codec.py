@@ -124,7 +124,7 @@ def decode_named(items: Sequence[pb.NamedTensor], what: str) -> dict[str, torch.
     return out
 
 
-def decode_payload(kind: int, body: bytes) -> Message:
+def decode_payload(kind: int, body: bytes | memoryview) -> Message:
     """Parse a frame body as the message its kind names."""
     if kind not in PAYLOADS:
         raise ProtocolError(f"unknown message kind {kind}")

@@ -377,7 +377,7 @@ def _finish(procs: dict[str, subprocess.Popen], deadline: float) -> list[tuple[s
     failed: list[tuple[str, int | str]] = []
     for name, proc in procs.items():
         try:
-            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            code: int | str = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
             code = "timeout"

@@ -121,7 +121,7 @@ class SecureSession:
 
     def open(  # noqa: A003
         self, kind: int, round: int, step: int, seq: int, ciphertext: Buffer  # noqa: A002
-    ) -> bytes:
+    ) -> bytes | memoryview:
         """Decrypt a frame from the peer, or raise `ReplayError` / `AuthenticationError`.
 
         The receive counter moves only when a frame is accepted.
@@ -132,13 +132,13 @@ class SecureSession:
         aad = self._aad(self._in, kind, round, step, seq)
         try:
             if isinstance(ciphertext, memoryview) and not ciphertext.readonly:
-                plaintext: Buffer = self._open_in_place(_NONCE.pack(self._in, seq), ciphertext, aad)
+                plaintext: bytes | memoryview = self._open_in_place(_NONCE.pack(self._in, seq), ciphertext, aad)
             else:
                 plaintext = self._recv.decrypt(_NONCE.pack(self._in, seq), ciphertext, aad)
         except InvalidTag as exc:
             raise AuthenticationError(self._describe_failure(kind, round, step, seq)) from exc
         self._accept(seq)
-        return plaintext  # type: ignore[return-value]
+        return plaintext
 
     def _open_in_place(self, nonce: bytes, view: memoryview, aad: bytes) -> memoryview:
         """Decrypt ``view`` (ciphertext || tag) over itself; the plaintext is ``view[:-16]``.

@@ -42,7 +42,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, NoReturn
+from typing import Any, NamedTuple, NoReturn, TypeVar
 
 import torch
 from google.protobuf.message import Message
@@ -130,11 +130,18 @@ _MEMBER_MOVES: dict[MemberStage, frozenset[MemberStage]] = {
     _M.COMMITTED: frozenset({_M.DROPPED}),
     _M.DROPPED: frozenset(),
 }
+_T = TypeVar("_T")
 _DUE = {_M.SERVED: "BACKWARD", _M.IDLE: "next FORWARD or OPTIMIZER_STEP"}  # stages with a deadline
 
 
 def _dropped_error(kind: str, client_id: str, reason: str) -> ProtocolError:
     return ProtocolError(f"{kind}: client {client_id} was dropped from its group step: {reason}", code=pb.ABORTED)
+
+
+def _given(value: _T | None) -> _T:
+    """A member field its stage guarantees is set (inputs once READY, span once forwarded, grad once GRADED)."""
+    assert value is not None
+    return value
 
 
 class _Inputs(NamedTuple):
@@ -245,7 +252,9 @@ class BatchingTrunkServer:
 
     # -- dispatch -----------------------------------------------------------------------------
     def handle(self, client_id: str, kind: int, round: int, step: int, request: Message) -> Message:
-        handlers = {pb.FORWARD: self.forward, pb.BACKWARD: self.backward, pb.OPTIMIZER_STEP: self.optimizer_step}
+        handlers: dict[int, Callable[[str, Any], Message]] = {
+            pb.FORWARD: self.forward, pb.BACKWARD: self.backward, pb.OPTIMIZER_STEP: self.optimizer_step
+        }
         if kind not in handlers:
             raise ProtocolError(f"the trunk does not serve {kind_name(kind)}", code=pb.FAILED_PRECONDITION)
         return handlers[kind](client_id, request)
@@ -402,11 +411,13 @@ class BatchingTrunkServer:
 
     def _lead(self, group: _Group, target: GroupStage) -> None:
         """Run the group's next trunk computation with the lock released: other clients keep being served."""
-        begin, run, end = {
+        phases: dict[GroupStage, tuple[Callable[[_Group], Any], Callable[[_Group, Any], Any], Callable[..., None]]]
+        phases = {
             _G.FORWARDED: (self._begin_forward, self._run_forward, self._end_forward),
             _G.BACKWARDED: (self._begin_backward, self._run_backward, self._end_backward),
             _G.STEPPED: (self._begin_step, self._run_step, self._end_step),
-        }[target]
+        }
+        begin, run, end = phases[target]
         work = begin(group)
         group.busy = True
         self._cond.release()
@@ -437,7 +448,7 @@ class BatchingTrunkServer:
     def _run_forward(self, group: _Group, batch: list[_Member]) -> tuple[list[torch.Tensor], list[Span]]:
         if not batch:
             return [], []
-        (hidden, mask, positions), spans = pack([m.inputs for m in batch])  # (N, T*, H), (N, T*), (N, T*)
+        (hidden, mask, positions), spans = pack([_given(m.inputs) for m in batch])  # (N, T*, H), (N, T*), (N, T*)
         inputs = hidden.requires_grad_()  # (N, T*, H) leaf: its gradient answers the BACKWARDs
         with torch.enable_grad(), autocast(self.cfg):
             outputs = self.trunk(inputs, mask, positions)  # (N, T*, H)
@@ -461,8 +472,8 @@ class BatchingTrunkServer:
         if graph is None or not graded:
             return []
         inputs, outputs = graph
-        spans = [m.span for m in graded]
-        outputs.backward(scatter([m.grad for m in graded], spans, outputs))  # (N, T*, H) -> trunk grads
+        spans = [_given(m.span) for m in graded]
+        outputs.backward(scatter([_given(m.grad) for m in graded], spans, outputs))  # (N, T*, H) -> trunk grads
         assert inputs.grad is not None
         return unpack(inputs.grad, spans)  # (B_i, T_i, H) each
 

@@ -99,7 +99,8 @@ class Checkpoint:
 
 # -- capture and restore ------------------------------------------------------------------------
 def capture_rng() -> RngState:
-    return RngState(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state())
+    # the ignore: numpy's stub gives a bare get_state() its legacy=False overload; the default returns the tuple
+    return RngState(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state())  # type: ignore[arg-type]
 
 
 def restore_rng(state: RngState) -> None:

@@ -28,6 +28,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -111,14 +112,15 @@ def _rebuild_rotary(model: torch.nn.Module) -> None:
     """Rotary embeddings keep computed (non-persistent) buffers: build them for real, on the CPU."""
     from fedsplit.split import arch_spec
 
-    path = arch_spec(model.config.model_type).rotary
+    config: Any = model.config  # a transformers PretrainedConfig
+    path = arch_spec(config.model_type).rotary
     if not path:
         return
     parent_path, _, leaf = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     meta_rotary = parent.get_submodule(leaf)
     try:
-        rotary = type(meta_rotary)(config=model.config)
+        rotary = type(meta_rotary)(config=config)
     except TypeError as exc:
         raise SharedWeightsError(f"cannot rebuild {type(meta_rotary).__name__} from the config: {exc}") from exc
     setattr(parent, leaf, rotary)

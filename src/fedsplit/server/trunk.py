@@ -13,8 +13,9 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from google.protobuf.message import Message
@@ -53,7 +54,10 @@ class TrunkHolder(Protocol):
     """What :func:`commit_step` steps: a trunk's trainable parameters, optimizer and counters."""
 
     params: list[torch.nn.Parameter]
-    optimizer: torch.optim.Optimizer
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer: ...  # read-only, so a subclass (AdamW) fits
+
     cfg: TrainConfig
     total_steps: int
     steps_taken: int
@@ -129,7 +133,9 @@ class TrunkServer:
 
     # -- dispatch -----------------------------------------------------------------------------
     def handle(self, client_id: str, kind: int, round: int, step: int, request: Message) -> Message:
-        handlers = {pb.FORWARD: self.forward, pb.BACKWARD: self.backward, pb.OPTIMIZER_STEP: self.optimizer_step}
+        handlers: dict[int, Callable[[str, Any], Message]] = {
+            pb.FORWARD: self.forward, pb.BACKWARD: self.backward, pb.OPTIMIZER_STEP: self.optimizer_step
+        }
         if kind not in handlers:
             raise ProtocolError(f"the trunk does not serve {kind_name(kind)}", code=pb.FAILED_PRECONDITION)
         return handlers[kind](client_id, request)
@@ -182,6 +188,7 @@ class TrunkServer:
                                  max_abs=self.max_abs)
         del self._pending[client_id]
         pending.outputs.backward(grad)
+        assert pending.inputs.grad is not None  # the inputs are a leaf that requires grad
         return pb.BackwardResult(grad=encode_tensor(pending.inputs.grad))
 
     def optimizer_step(self, client_id: str, request: pb.OptimizerStep) -> pb.OptimizerResult:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
@@ -46,12 +46,21 @@ class ArchSpec:
     fan_in_fan_out: bool = False  # GPT-2 stores Conv1D weights transposed
 
 
-_LLAMA_LIKE = dict(
-    embed="model.embed_tokens",
-    layers="model.layers",
-    norm="model.norm",
-    rotary="model.rotary_emb",
-)
+class _LlamaLike(TypedDict):
+    """The :class:`ArchSpec` fields shared by the Llama-like rows (typed, so ``**`` is checked)."""
+
+    embed: str
+    layers: str
+    norm: str
+    rotary: str
+
+
+_LLAMA_LIKE: _LlamaLike = {
+    "embed": "model.embed_tokens",
+    "layers": "model.layers",
+    "norm": "model.norm",
+    "rotary": "model.rotary_emb",
+}
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": ArchSpec(**_LLAMA_LIKE),

@@ -21,7 +21,9 @@ def vocab_size(model: nn.Module) -> int:
     return int(config.vocab_size)
 
 
-def check_batch(vocab: int, padding_side: str, generator: torch.Generator, batch: int = 3, seq: int = 24) -> dict:
+def check_batch(
+    vocab: int, padding_side: str, generator: torch.Generator, batch: int = 3, seq: int = 24
+) -> dict[str, torch.Tensor]:
     """Random tokens; the rows keep all, 2/3 and 1/3 of ``seq``, padded on ``padding_side``; no loss on padding."""
     ids = torch.randint(0, vocab, (batch, seq), generator=generator)
     mask = torch.ones(batch, seq, dtype=torch.long)
@@ -34,7 +36,7 @@ def check_batch(vocab: int, padding_side: str, generator: torch.Generator, batch
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _split_backward(parts: SplitParts, batch: dict, weights: torch.Tensor) -> torch.Tensor:
+def _split_backward(parts: SplitParts, batch: dict[str, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """Forward and backward across both cuts exactly as client and server do (detach at each cut)."""
     mask = batch["attention_mask"]
     positions = positions_from_mask(mask)
@@ -42,8 +44,8 @@ def _split_backward(parts: SplitParts, batch: dict, weights: torch.Tensor) -> to
     cut1 = h_head.detach().requires_grad_()
     h_trunk = parts.trunk(cut1, mask, positions)
     cut2 = h_trunk.detach().requires_grad_()
-    logits = parts.tail(cut2, mask, positions)
-    (logits * weights).sum().backward()
+    logits: torch.Tensor = parts.tail(cut2, mask, positions)  # (B, T, V)
+    (logits * weights).sum().backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
     h_trunk.backward(cut2.grad)
     h_head.backward(cut1.grad)
     return logits.detach()

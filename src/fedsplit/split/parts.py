@@ -42,7 +42,7 @@ def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
     for name in parents:
         if name not in node._modules:
             node.add_module(name, nn.Module())
-        node = node._modules[name]
+        node = node.get_submodule(name)
     node.add_module(leaf, module)
 
 
@@ -61,6 +61,19 @@ def _build_masks(
     }
 
 
+def _blocks(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
+    """The model's decoder blocks, found at the table's ``layers`` path."""
+    layers = model.get_submodule(spec.layers)
+    if not isinstance(layers, nn.ModuleList):
+        raise SplitError(f"expected {spec.layers} to be an nn.ModuleList of blocks, got {type(layers).__name__}")
+    return layers
+
+
+def _spec(model: nn.Module) -> ArchSpec:
+    config: Any = model.config  # a Hugging Face PretrainedConfig (nn.Module types attributes as Tensor | Module)
+    return arch_spec(config.model_type)
+
+
 @functools.cache
 def _cache_argument(builder: Any) -> str:
     return "cache" if "cache" in inspect.signature(builder).parameters else "past_key_values"
@@ -71,10 +84,10 @@ class SplitPart(nn.Module):
 
     def __init__(self, model: nn.Module, spec: ArchSpec, start: int, stop: int, extras: tuple[str, ...]) -> None:
         super().__init__()
-        self.config = model.config
+        self.config: Any = model.config  # a Hugging Face PretrainedConfig
         self.spec = spec
         self.start, self.stop = start, stop
-        layers = model.get_submodule(spec.layers)
+        layers = _blocks(model, spec)
         for index in range(start, stop):
             _attach(self, f"{spec.layers}.{index}", layers[index])
         for path in extras:
@@ -135,7 +148,7 @@ class Tail(SplitPart):
     """The last ``q`` blocks + final norm + LM head. Runs on the client; owns the labels."""
 
     def __init__(self, model: nn.Module, spec: ArchSpec, tail_layers: int) -> None:
-        n = len(model.get_submodule(spec.layers))
+        n = len(_blocks(model, spec))
         super().__init__(model, spec, n - tail_layers, n, (spec.norm, spec.lm_head))
 
     def forward(
@@ -143,7 +156,8 @@ class Tail(SplitPart):
     ) -> torch.Tensor:
         hidden = self.run_blocks(hidden, attention_mask, position_ids)
         hidden = self.get_submodule(self.spec.norm)(hidden)
-        return self.get_submodule(self.spec.lm_head)(hidden)  # (B, T, V)
+        logits: torch.Tensor = self.get_submodule(self.spec.lm_head)(hidden)  # (B, T, V)
+        return logits
 
 
 class SplitParts(NamedTuple):
@@ -153,7 +167,7 @@ class SplitParts(NamedTuple):
 
 
 def num_blocks(model: nn.Module) -> int:
-    return len(model.get_submodule(arch_spec(model.config.model_type).layers))
+    return len(_blocks(model, _spec(model)))
 
 
 def validate_cut(num_layers: int, head_layers: int, tail_layers: int) -> None:
@@ -175,8 +189,8 @@ def split_model(model: nn.Module, head_layers: int = 1, tail_layers: int = 1) ->
     sees the change. Raises :class:`SplitError` for an impossible cut and
     :class:`~fedsplit.split.arch.UnsupportedArchitectureError` for an unknown architecture.
     """
-    spec = arch_spec(model.config.model_type)
-    n = len(model.get_submodule(spec.layers))
+    spec = _spec(model)
+    n = len(_blocks(model, spec))
     validate_cut(n, head_layers, tail_layers)
     return SplitParts(
         head=Head(model, spec, head_layers),

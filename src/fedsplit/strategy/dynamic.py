@@ -56,7 +56,8 @@ def omega(loss: float, size: int, bandwidth: float, *, alpha: float, loss_term: 
     if size <= 0:
         return 0.0
     term = loss if loss_term == "loss" else 1 / loss
-    return term / (size * bandwidth**alpha)
+    cost: float = size * bandwidth**alpha  # float ** float is typed Any (it may be complex)
+    return term / cost
 
 
 @dataclass(frozen=True)

@@ -177,7 +177,6 @@ class Reassembler:
                 f"{kind_name(frame.kind)} frame of {len(message)} bytes exceeds the limit of {self.max_frame_bytes}",
                 code=pb.RESOURCE_EXHAUSTED,
             )
-        return message
 
     def _check_chunk(self, frame: pb.Frame) -> None:
         if not frame.body:

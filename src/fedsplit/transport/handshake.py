@@ -166,11 +166,12 @@ def server_hello_from_proto(message: pb.ServerHello, pinned_identity_raw: bytes)
 
 def hello_frame(kind: int, body: bytes) -> bytes:
     """A plaintext handshake frame (hellos are signed, there are no keys to seal with yet)."""
-    return pb.Frame(protocol_version=PROTOCOL_VERSION, kind=kind, body=body).SerializeToString()
+    # the ignores: protoc's .pyi types an enum field as the enum only; protobuf takes its int value
+    return pb.Frame(protocol_version=PROTOCOL_VERSION, kind=kind, body=body).SerializeToString()  # type: ignore[arg-type]
 
 
 def error_frame(code: int, message: str) -> bytes:
-    return hello_frame(pb.ERROR, pb.Error(code=code, message=message).SerializeToString())
+    return hello_frame(pb.ERROR, pb.Error(code=code, message=message).SerializeToString())  # type: ignore[arg-type]
 
 
 # --- server side --------------------------------------------------------------------------------
@@ -194,7 +195,9 @@ class GuardedSealer:
     def seal(self, kind: int, round: int, step: int, plaintext: bytes) -> SealedLike:  # noqa: A002
         return self.sealer.seal(kind, round, step, plaintext)
 
-    def open(self, kind: int, round: int, step: int, seq: int, ciphertext: bytes) -> bytes:  # noqa: A002
+    def open(  # noqa: A002
+        self, kind: int, round: int, step: int, seq: int, ciphertext: bytes | memoryview
+    ) -> bytes | memoryview:
         try:
             plaintext = self.sealer.open(kind, round, step, seq, ciphertext)
         except FrameError as exc:
