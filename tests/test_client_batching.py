@@ -113,7 +113,7 @@ def test_pack_pads_right_with_false_and_zero_and_unpack_inverts_it():
 
     assert hidden.shape == (3, 4, 3) and hidden[0, 2:].abs().sum() == 0
     assert mask[0].tolist() == [True, True, False, False] and positions[0].tolist() == [5, 6, 0, 0]
-    assert [torch.equal(x, y) for x, y in zip(unpack(hidden, spans), (a[0], b[0]))] == [True, True]
+    assert [torch.equal(x, y) for x, y in zip(unpack(hidden, spans), (a[0], b[0]), strict=False)] == [True, True]
     assert torch.equal(scatter(unpack(hidden, spans), spans, hidden), hidden)
 
 
@@ -131,7 +131,7 @@ def test_batched_forward_and_backward_equal_per_client_results(model_name):
         out = trunk(leaf, mask, positions)
         out.backward(grads[cid])
         alone[cid] = (out.detach(), leaf.grad)
-        param_grad_sum = [s + p.grad for s, p in zip(param_grad_sum, params)]
+        param_grad_sum = [s + p.grad for s, p in zip(param_grad_sum, params, strict=False)]
         trunk.zero_grad(set_to_none=True)
     server = BatchingTrunkServer(trunk, CFG, total_steps=1, window_s=10.0, max_clients=3)
     channels = {cid: _channel(server, cid) for cid in members}
@@ -147,7 +147,7 @@ def test_batched_forward_and_backward_equal_per_client_results(model_name):
     for cid in members:
         assert torch.allclose(batched[cid][0], alone[cid][0], atol=1e-5), f"{cid}: trunk output"
         assert torch.allclose(batched[cid][1], alone[cid][1], atol=1e-5), f"{cid}: input gradient"
-    for param, expected in zip(params, param_grad_sum):
+    for param, expected in zip(params, param_grad_sum, strict=False):
         assert expected.abs().max() > 1e-3  # every adapter matrix really gets a gradient
         assert torch.allclose(param.grad, expected, atol=1e-5)
 
@@ -166,7 +166,7 @@ def test_three_clients_train_concurrently_with_one_trunk_step_per_group_step():
     assert server.stats.forward_sizes == [3, 3, 3] and server.stats.partial_steps == 0
     assert norms["a"] == norms["b"] == norms["c"]  # one joint norm, one coefficient for all members
     assert all(c.steps_taken == 3 for c in clients.values())
-    assert max(float((p.detach() - q).abs().max()) for p, q in zip(server.params, before)) > 1e-4
+    assert max(float((p.detach() - q).abs().max()) for p, q in zip(server.params, before, strict=False)) > 1e-4
 
 
 def test_gradient_accumulation_batches_every_micro_batch_of_one_group_step():
@@ -205,7 +205,7 @@ def test_member_without_backward_is_dropped_and_the_step_equals_one_without_it()
 
     assert server.stats.forward_sizes == [3] and server.stats.partial_steps == 1 and server.steps_taken == 1
     assert results["a"] == pytest.approx(expected_norms["a"], rel=1e-5) and results["b"] == results["a"]
-    assert max(float((p.detach() - q).abs().max()) for p, q in zip(server.params, expected_params)) <= 1e-5
+    assert max(float((p.detach() - q).abs().max()) for p, q in zip(server.params, expected_params, strict=False)) <= 1e-5
 
 
 def test_member_without_commit_is_dropped_and_its_gradient_is_taken_back():
@@ -222,7 +222,7 @@ def test_member_without_commit_is_dropped_and_its_gradient_is_taken_back():
 
     assert server.stats.backwards == 1 and server.stats.partial_steps == 1
     assert results["a"] == pytest.approx(expected_norms["a"], rel=1e-5)
-    assert max(float((p.detach() - q).abs().max()) for p, q in zip(server.params, expected_params)) <= 1e-5
+    assert max(float((p.detach() - q).abs().max()) for p, q in zip(server.params, expected_params, strict=False)) <= 1e-5
 
 
 def test_abort_drops_a_member_at_once():

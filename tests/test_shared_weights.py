@@ -57,7 +57,7 @@ def _assert_same_trunk(shared: torch.nn.Module, normal: torch.nn.Module, hidden_
     assert a.keys() == b.keys()
     for key in a:
         assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
-    for (name, x), (_, y) in zip(shared.named_buffers(), normal.named_buffers()):  # rotary: rebuilt, not stored
+    for (name, x), (_, y) in zip(shared.named_buffers(), normal.named_buffers(), strict=False):  # rotary: rebuilt, not stored
         assert torch.equal(x, y), name
     hidden = torch.randn(2, 7, hidden_size, generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 7, dtype=torch.bool)

@@ -208,5 +208,5 @@ def add_part_adapters(
     """
     if len(parts) != len(settings):
         raise ValueError(f"expected one LoraSettings per part ({len(parts)}), got {len(settings)}")
-    for index, (part, part_settings) in enumerate(zip(parts, settings)):
+    for index, (part, part_settings) in enumerate(zip(parts, settings, strict=False)):
         add_lora(part, part_settings, seed=seed + index)

@@ -215,7 +215,7 @@ def _coerce_sequence(
     types_ = _item_types(annotation, len(value), keys)
     items = [
         _coerce(item, tp, (*keys, f"[{i}]"), origin)
-        for i, (item, tp) in enumerate(zip(value, types_))
+        for i, (item, tp) in enumerate(zip(value, types_, strict=False))
     ]
     return tuple(items) if (get_origin(annotation) or annotation) is tuple else items
 

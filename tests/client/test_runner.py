@@ -50,7 +50,7 @@ def test_backoff_doubles_up_to_the_cap_with_seeded_jitter():
     again = [backoff.delay(n, random.Random("s")) for n in range(6)]
 
     caps = [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
-    assert all(cap * 0.5 <= d <= cap for d, cap in zip(delays, caps))
+    assert all(cap * 0.5 <= d <= cap for d, cap in zip(delays, caps, strict=False))
     assert delays == again
 
 

@@ -138,8 +138,8 @@ def test_normalize_answer() -> None:
 
 def test_evaluation_through_the_split_equals_the_unsplit_model(tiny_llama, cb_items) -> None:
     # Arrange: a client's head -> server trunk -> tail, over the in-process channel
-    from fedsplit.train.config import TrainConfig
     from fedsplit.recipes.local import local_split
+    from fedsplit.train.config import TrainConfig
 
     model, tokenizer = tiny_llama
     local = local_split(model, TrainConfig(), total_steps=1)

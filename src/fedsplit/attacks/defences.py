@@ -29,10 +29,10 @@ from fedsplit.adapters import LoraSettings, add_part_adapters, trainable_paramet
 from fedsplit.attacks.inversion import RidgeInverter
 from fedsplit.client import SplitClient
 from fedsplit.recipes.evaluate import heldout_loss
+from fedsplit.recipes.local import local_split
 from fedsplit.split import split_model
 from fedsplit.split.parts import positions_from_mask
 from fedsplit.train.config import TrainConfig
-from fedsplit.recipes.local import local_split
 from fedsplit.train.optim import build_optimizer, causal_lm_loss, clip_coefficient, grad_sq_norm, scale_grads, set_lr
 
 Batch = dict[str, torch.Tensor]

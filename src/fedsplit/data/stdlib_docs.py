@@ -163,7 +163,7 @@ def _shards(examples: Sequence[Example], count: int) -> list[list[Example]]:
     """``count`` contiguous, near-equal parts."""
     sizes = [len(examples) // count + (i < len(examples) % count) for i in range(count)]
     starts = itertools.accumulate(sizes, initial=0)
-    return [list(examples[start : start + size]) for start, size in zip(starts, sizes)]
+    return [list(examples[start : start + size]) for start, size in zip(starts, sizes, strict=False)]
 
 
 def _owners(family: int, num_families: int, num_clients: int) -> list[int]:
@@ -184,7 +184,7 @@ def stdlib_docs_silos(num_clients: int = 3, eval_fraction: float = 0.1, seed: in
         train, evaluation = _hold_out(examples, eval_fraction, rng)
         held_out.extend(evaluation)
         owners = _owners(family, len(families), num_clients)
-        for owner, shard in zip(owners, _shards(train, len(owners))):
+        for owner, shard in zip(owners, _shards(train, len(owners)), strict=False):
             silos[owner].extend(shard)
     if not all(silos):
         raise ValueError(f"num_clients: expected few enough clients that each gets an example, got {num_clients}")

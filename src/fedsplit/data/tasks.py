@@ -91,7 +91,7 @@ def _normalized_verbalizer(verbalizer: Mapping[str, str]) -> Mapping[str, str]:
 
 
 def _yes_no_maybe(*names: str) -> dict[str, str]:
-    return dict(zip(names, ("yes", "no", "maybe")))
+    return dict(zip(names, ("yes", "no", "maybe"), strict=False))
 
 
 NLI = "Premise: {premise}\nHypothesis: {hypothesis}\n"

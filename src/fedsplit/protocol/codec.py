@@ -94,7 +94,7 @@ def decode_tensor(
     dims = list(message.shape)
     if any(d < 0 for d in dims):
         raise ProtocolError(f"{name}: negative dimension in shape {dims}")
-    if shape is not None and (len(dims) != len(shape) or any(e is not None and e != d for e, d in zip(shape, dims))):
+    if shape is not None and (len(dims) != len(shape) or any(e is not None and e != d for e, d in zip(shape, dims, strict=False))):
         expected = ", ".join("*" if e is None else str(e) for e in shape)
         raise ProtocolError(f"{name}: expected shape ({expected}), got {tuple(dims)}")
     numel = 1

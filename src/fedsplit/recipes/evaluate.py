@@ -45,5 +45,5 @@ def evaluate(model, tokenizer, examples: Sequence[Example], cfg: RunConfig) -> E
         answers = generate_answers(model, tokenizer, subset, cfg.eval.max_new_tokens)
         references = [example.response for example in subset]
         rouge = mean_rouge_l(answers, references)
-        samples = [(e.prompt_messages[-1].content, r, a) for e, r, a in zip(subset, references, answers)]
+        samples = [(e.prompt_messages[-1].content, r, a) for e, r, a in zip(subset, references, answers, strict=False)]
     return EvalResult(loss, rouge, samples)

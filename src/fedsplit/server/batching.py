@@ -93,7 +93,7 @@ def unpack(batch: torch.Tensor, spans: Sequence[Span]) -> list[torch.Tensor]:
 def scatter(pieces: Sequence[torch.Tensor], spans: Sequence[Span], like: torch.Tensor) -> torch.Tensor:
     """The inverse of :func:`unpack`: zeros shaped ``like`` (N, T*, H) holding each member's piece."""
     out = torch.zeros_like(like)
-    for piece, s in zip(pieces, spans):
+    for piece, s in zip(pieces, spans, strict=False):
         out[s.start : s.stop, : s.length] = piece
     return out
 
@@ -457,7 +457,7 @@ class BatchingTrunkServer:
 
     def _end_forward(self, group: _Group, batch: list[_Member], result: tuple[list[torch.Tensor], list[Span]]) -> None:
         due = time.monotonic() + self.member_timeout_s
-        for member, output, span in zip(batch, *result):
+        for member, output, span in zip(batch, *result, strict=False):
             member.span = span  # also for a member dropped meanwhile: its rows stay in the graph
             if member.stage is _M.READY:
                 member.output = output
@@ -479,7 +479,7 @@ class BatchingTrunkServer:
 
     def _end_backward(self, group: _Group, graded: list[_Member], input_grads: list[torch.Tensor]) -> None:
         due = time.monotonic() + self.member_timeout_s
-        for member, input_grad in zip(graded, input_grads):
+        for member, input_grad in zip(graded, input_grads, strict=False):
             assert member.inputs is not None and member.grad is not None
             share = _Share(member.inputs, member.grad)
             if member.stage is _M.DROPPED:  # dropped while its gradient was being used
@@ -509,7 +509,7 @@ class BatchingTrunkServer:
         with torch.enable_grad(), autocast(self.cfg):
             outputs = self.trunk(*share.inputs)  # (B, T, H)
         grads = torch.autograd.grad(outputs, self.params, share.grad, allow_unused=True)
-        for param, grad in zip(self.params, grads):
+        for param, grad in zip(self.params, grads, strict=False):
             if grad is not None and param.grad is not None:
                 param.grad.sub_(grad)
 

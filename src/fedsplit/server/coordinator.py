@@ -48,7 +48,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +152,7 @@ class RoundCoordinator:
         self._started = False
         # One reentrant lock for the mutable state above: handlers run in one thread per session.
         self._cond = threading.Condition()
-        self._serve = {
+        self._serve: dict[int, Callable[[str, int, int, int, Any], Message]] = {
             pb.JOIN_ROUND: self._join,
             pb.CLIENT_UPDATE: self._receive_update,
             pb.FORWARD: self._serve_trunk,
@@ -494,7 +494,7 @@ class RoundCoordinator:
                 raise ProtocolError(f"the run failed: {self._error}", code=pb.ABORTED)
             r = self._round
             participant = r.participants.get(client_id) if r is not None else None
-            if self._stage is RoundStage.TRAINING and participant is not None:
+            if self._stage is RoundStage.TRAINING and r is not None and participant is not None:
                 if participant.stage is ClientStage.PICKED:
                     participant.move(ClientStage.TRAINING)
                     return r.plan(self._client_steps[client_id])
@@ -538,8 +538,8 @@ class RoundCoordinator:
         self._cond.notify_all()
         r = self._round
         participant = r.participants.get(client_id) if r is not None and r.number == round else None
-        training_now = self._stage is RoundStage.TRAINING and participant is not None
-        if not training_now or participant.stage is not ClientStage.TRAINING:
+        training = self._stage is RoundStage.TRAINING
+        if r is None or participant is None or not training or participant.stage is not ClientStage.TRAINING:
             self.trunk.abort(client_id)  # the call outlived the client's round: drop its partial step
             return True
         if done and kind == pb.OPTIMIZER_STEP:
@@ -554,7 +554,7 @@ class RoundCoordinator:
         with self._cond:
             r = self._round
             participant = r.participants.get(client_id) if r is not None else None
-            if self._stage is not RoundStage.TRAINING or participant is None:
+            if self._stage is not RoundStage.TRAINING or r is None or participant is None:
                 current = r.number if r is not None else self.completed_round
                 raise ProtocolError(
                     f"ClientUpdate: client {client_id} has no open round (round {request.round} sent; "

@@ -108,7 +108,7 @@ class SplitPart(nn.Module):
         extra: dict[str, Any] = {"position_ids": position_ids}
         if self._rotary is not None:
             extra["position_embeddings"] = self._rotary(hidden, position_ids)  # (cos, sin), each (B, T, d)
-        for block, kind in zip(self._blocks, self._kinds):
+        for block, kind in zip(self._blocks, self._kinds, strict=False):
             out = block(hidden, attention_mask=masks[kind], **extra)
             hidden = out[0] if isinstance(out, tuple) else out  # (B, T, H)
         return hidden
