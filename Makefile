@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedsplit-installed
 OUT    ?= runs/demo
 
-.PHONY: setup demo test bench proto clean
+.PHONY: setup demo test lint bench proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,14 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/fedsplit demo --out $(OUT)
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -q
+
+# The lint and type gate: ruff (pyflakes, pycodestyle at 120 columns, isort, pyupgrade, bugbear) and mypy
+# (strict on strategy/, split/, protocol/, channel.py, security/; default flags elsewhere), both clean.
+lint: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy src/fedsplit
 
 bench: setup
 	$(BIN)/python bench/split_overhead.py

@@ -73,7 +73,8 @@ def run_mode(args, out: Path, clients: int, mode: str, subservers: int = 1) -> d
     server_toml, client_tomls = write_federation(cfg, out)
     server = _spawn(["server", "--config", str(server_toml), "--out", str(out / "server")], out / "logs" / "server.log")
     watch = MemoryWatch(server.pid)
-    procs = [server] + [_spawn(["client", "--config", str(p), "--out", str(out / p.stem)], out / "logs" / f"{p.stem}.log")
+    procs = [server] + [_spawn(["client", "--config", str(p), "--out", str(out / p.stem)],
+                               out / "logs" / f"{p.stem}.log")
                         for p in client_tomls]
     codes = [p.wait(timeout=args.timeout) for p in procs]
     watch.stop()
@@ -118,21 +119,23 @@ def main() -> None:
     results = {}
     for name, (clients, mode, k) in runs.items():
         results[name] = run_mode(args, args.out / name, clients, mode, k)
-        print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results[name].items()}), flush=True)
+        rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in results[name].items()}
+        print(name, json.dumps(rounded), flush=True)
 
     def speedup(base: str, other: str) -> float:
         return round(results[base]["seconds"] / results[other]["seconds"], 3)
 
     losses = {name: r["loss"] for name, r in results.items()}
     gaps = [abs(losses[n] / losses[f"sequential_{n[-1]}"] - 1) * 100 for n in losses if not n.startswith("sequential")]
+    k1, k2 = results["hierarchical_k1_2"], results["hierarchical_k2_2"]
     print(json.dumps({
         "bench": "parallel_training",
         "client_batch_speedup_2": speedup("sequential_2", "client_batch_2"),
         "client_batch_speedup_4": speedup("sequential_4", "client_batch_4"),
         "hierarchical_speedup_2": speedup("hierarchical_k1_2", "hierarchical_k2_2"),
         "hierarchical_over_sequential_2": speedup("sequential_2", "hierarchical_k2_2"),
-        "server_rss_ratio_2": round(results["hierarchical_k2_2"]["peak_rss_mb"] / results["hierarchical_k1_2"]["peak_rss_mb"], 3),
-        "server_pss_ratio_2": round(results["hierarchical_k2_2"]["peak_pss_mb"] / results["hierarchical_k1_2"]["peak_pss_mb"], 3),
+        "server_rss_ratio_2": round(k2["peak_rss_mb"] / k1["peak_rss_mb"], 3),
+        "server_pss_ratio_2": round(k2["peak_pss_mb"] / k1["peak_pss_mb"], 3),
         "max_loss_gap_pct": round(max(gaps), 3),
         "seconds": {n: round(r["seconds"], 2) for n, r in results.items()},
         "peak_rss_mb": {n: round(r["peak_rss_mb"]) for n, r in results.items()},

@@ -6,7 +6,9 @@ from fedsplit.cli import main
 
 
 def test_check_split_passes_and_prints_differences(capsys):
-    code = main(["check-split", "--model", "tiny-mistral", "--head-layers", "2", "--tail-layers", "2", "--train-steps", "2"])
+    code = main(
+        ["check-split", "--model", "tiny-mistral", "--head-layers", "2", "--tail-layers", "2", "--train-steps", "2"]
+    )
 
     out = capsys.readouterr().out
     assert code == 0

@@ -57,7 +57,9 @@ def _assert_same_trunk(shared: torch.nn.Module, normal: torch.nn.Module, hidden_
     assert a.keys() == b.keys()
     for key in a:
         assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
-    for (name, x), (_, y) in zip(shared.named_buffers(), normal.named_buffers(), strict=False):  # rotary: rebuilt, not stored
+    for (name, x), (_, y) in zip(
+        shared.named_buffers(), normal.named_buffers(), strict=False
+    ):  # rotary: rebuilt, not stored
         assert torch.equal(x, y), name
     hidden = torch.randn(2, 7, hidden_size, generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 7, dtype=torch.bool)
@@ -92,7 +94,10 @@ def test_smollm2_shared_trunk_equals_the_normally_loaded_trunk_bit_for_bit():
     # what load_model("smollm2-135m") does for the weights, without the tokenizer
     normal = split_model(AutoModelForCausalLM.from_pretrained(smollm2_cache_dir(), dtype=torch.float32), 1, 1).trunk
     shared = load_shared_trunk("smollm2-135m", 1, 1)
-    assert mapped_file(next(iter(shared.state_dict().values()))) == resolve_weights_dir("smollm2-135m") / "model.safetensors"
+    assert (
+        mapped_file(next(iter(shared.state_dict().values())))
+        == resolve_weights_dir("smollm2-135m") / "model.safetensors"
+    )
     _assert_same_trunk(shared, normal, 576)
 
 
@@ -130,8 +135,9 @@ def test_two_processes_share_the_pages_of_the_trunk(tmp_path):
     trunk = load_shared_trunk(directory, 1, 1)
     total = sum(float(t.double().sum()) for t in trunk.state_dict().values())
     trunk_bytes = sum(t.numel() * t.element_size() for t in trunk.state_dict().values())
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(directory)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(directory)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         line = child.stdout.readline().split()  # type: ignore[union-attr]
         assert line[0] == "ready" and float(line[1]) == total

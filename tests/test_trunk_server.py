@@ -40,7 +40,10 @@ def _forward(hidden, mask=None, positions=None, train=True):
         (lambda: _forward(torch.randn(2, 4, 32)), r"expected shape \(\*, \*, 64\), got \(2, 4, 32\)"),
         (lambda: _forward(torch.randn(2, 4, 64, dtype=torch.float64)), "expected dtype float32, got float64"),
         (lambda: _forward(torch.full((2, 4, 64), float("nan"))), "NaN or Inf"),
-        (lambda: _forward(torch.randn(2, 4, 64), mask=torch.ones(2, 5, dtype=torch.bool)), r"attention_mask: expected shape \(2, 4\)"),
+        (
+            lambda: _forward(torch.randn(2, 4, 64), mask=torch.ones(2, 5, dtype=torch.bool)),
+            r"attention_mask: expected shape \(2, 4\)",
+        ),
         (lambda: _forward(torch.randn(4, 32, 64)), "exceed the server limit of 64"),
     ],
 )

@@ -134,7 +134,9 @@ def load_adapter_state_dict(part: nn.Module, tensors: Mapping[str, torch.Tensor]
         for key, param in params.items():
             value = tensors[key]
             if value.shape != param.shape:
-                raise AdapterError(f"adapter tensor {key}: expected shape {tuple(param.shape)}, got {tuple(value.shape)}")
+                raise AdapterError(
+                    f"adapter tensor {key}: expected shape {tuple(param.shape)}, got {tuple(value.shape)}"
+                )
             param.copy_(value)
 
 
@@ -198,9 +200,7 @@ def merge_adapters(parts: Sequence[SplitPart], directory: Path, *, base_model: s
     return directory
 
 
-def add_part_adapters(
-    parts: Sequence[SplitPart], settings: Sequence[LoraSettings], *, seed: int = 0
-) -> None:
+def add_part_adapters(parts: Sequence[SplitPart], settings: Sequence[LoraSettings], *, seed: int = 0) -> None:
     """LoRA on head, trunk and tail with their own settings; part ``i`` is initialized with ``seed + i``.
 
     Because the blocks are shared with the unsplit model, that model now carries the same

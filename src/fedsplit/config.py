@@ -18,7 +18,8 @@ from fedsplit.train.config import LoraSettings, TrainConfig
 
 @dataclass
 class ModelConfig:
-    name: str = field(default="smollm2-135m", metadata={"help": "smollm2-135m, tiny-*, stories260k, a local dir or a hub id"})
+    name: str = field(default="smollm2-135m",
+                      metadata={"help": "smollm2-135m, tiny-*, stories260k, a local dir or a hub id"})
     head_layers: int = field(default=1, metadata={"help": "blocks kept by each client before the trunk (p)"})
     tail_layers: int = field(default=1, metadata={"help": "blocks kept by each client after the trunk (q)"})
 
@@ -35,7 +36,8 @@ class DataConfig:
     dataset: Literal["stdlib-docs", "files"] = field(
         default="stdlib-docs", metadata={"help": "built-in stdlib-docs silos, or your own files (train_path/eval_path)"}
     )
-    task: str = field(default="", metadata={"help": "task template for files: rte, cb, copa, boolq, samsum, alpaca, emotion"})
+    task: str = field(default="",
+                      metadata={"help": "task template for files: rte, cb, copa, boolq, samsum, alpaca, emotion"})
     train_path: str = field(default="", metadata={"help": "training file (jsonl/json/csv/parquet or hf://...)"})
     eval_path: str = field(default="", metadata={"help": "held-out evaluation file"})
     num_clients: int = field(default=3, metadata={"help": "data silos = federated clients"})
@@ -99,8 +101,8 @@ class ServerConfig:
         default="sequential", metadata={"help": "how the trunk serves clients (see docs/parallel.md)"}
     )
     max_message_bytes: int = field(default=4 << 20, metadata={"help": "larger frames are sent in chunks"})
-    max_tokens: int = field(default=0, metadata={"help": "largest batch x sequence a FORWARD may carry "
-                                                 "(0: twice train.batch_size x train.max_length, the evaluation batch)"})
+    max_tokens: int = field(default=0, metadata={"help": "largest batch x sequence a FORWARD may carry (0: twice "
+                                                 "train.batch_size x train.max_length, the evaluation batch)"})
     max_abs_value: float = field(default=65504.0, metadata={"help": "largest magnitude a client's hidden state or "
                                                             "gradient value may have (fp16's range by default)"})
     round_timeout_s: float = field(default=3600.0, metadata={"help": "a round ends this long after it started"})
@@ -128,9 +130,11 @@ class ServerConfig:
 
 @dataclass
 class SecurityConfig:
-    keys_dir: str = field(default="keys", metadata={"help": "directory written by `fedsplit keygen` (relative to the config file)"})
+    keys_dir: str = field(default="keys",
+                          metadata={"help": "directory written by `fedsplit keygen` (relative to the config file)"})
     server_name: str = field(default="server", metadata={"help": "name of the server's identity key pair in keys_dir"})
-    clients: list[str] = field(default_factory=list, metadata={"help": "admitted client ids; public keys at keys_dir/<id>.pub"})
+    clients: list[str] = field(default_factory=list,
+                               metadata={"help": "admitted client ids; public keys at keys_dir/<id>.pub"})
     revoked: list[str] = field(default_factory=list, metadata={"help": "client ids refused even if listed"})
     insecure: bool = field(default=False, metadata={"help": "no TLS (AES-GCM sealing stays); prints a warning"})
     mutual_tls: bool = field(default=False, metadata={"help": "clients present CA-issued certificates too"})
@@ -165,7 +169,8 @@ class HierarchyConfig:
     threads: int = field(default=0, metadata={"help": "torch threads per sub-server (0: cpu_count // subservers)"})
     shared_weights: bool = field(default=True, metadata={"help": "memory-map the frozen trunk (safetensors); "
                                                          "false: a private copy per sub-server"})
-    backend: Literal["auto", "gloo", "nccl"] = field(default="auto", metadata={"help": "auto: nccl with a GPU per rank, else gloo"})
+    backend: Literal["auto", "gloo", "nccl"] = field(default="auto",
+                                                     metadata={"help": "auto: nccl with a GPU per rank, else gloo"})
     startup_timeout_s: float = field(default=180.0, metadata={"help": "wait this long for sub-servers to announce"})
     sync_timeout_s: float = field(default=60.0, metadata={"help": "collective and control-result deadline"})
     drain_timeout_s: float = field(default=120.0, metadata={"help": "then a started step is discarded to sync"})

@@ -95,7 +95,9 @@ def test_runner_waits_as_told_then_loads_the_final_adapters(model_and_parts):
 def test_runner_reconnects_after_connection_errors(model_and_parts):
     # Arrange: the first two connection attempts fail
     _, parts = model_and_parts
-    server = FakeServer([pb.RoundPlan(round=1, finished=True, adapters=encode_named(client_adapters(parts.head, parts.tail)))])
+    server = FakeServer(
+        [pb.RoundPlan(round=1, finished=True, adapters=encode_named(client_adapters(parts.head, parts.tail)))]
+    )
     failures = iter([ConnectionError("refused"), TimeoutError("no answer")])
 
     def flaky_connect():
@@ -166,8 +168,10 @@ def test_a_refused_session_ends_the_run_at_once_saying_retrying_cannot_fix_it(mo
 
 def test_a_server_that_fails_authentication_or_a_wrong_certificate_is_not_retried(model_and_parts):
     _, parts = model_and_parts
-    for error in (ServerAuthenticationError("possible man in the middle"),
-                  ServerCertificateError("the server's certificate does not name 10.0.0.5")):
+    for error in (
+        ServerAuthenticationError("possible man in the middle"),
+        ServerCertificateError("the server's certificate does not name 10.0.0.5"),
+    ):
         attempts: list[int] = []
 
         def connect(error=error, attempts=attempts):
@@ -217,8 +221,9 @@ def test_optimizer_state_is_fresh_every_round_and_the_schedule_continues(model_a
     connect = lambda: in_process_channel("a", coordinator.handler_for("a"))[0]  # noqa: E731
     steps = []
     on_step = lambda round, step, result: steps.append((round, step, result.lr > 0))  # noqa: E731
-    runner = ClientRunner("a", parts.head, parts.tail, token_batches(2, 2, 0), CFG, connect, backoff=FAST,
-                          on_step=on_step)
+    runner = ClientRunner(
+        "a", parts.head, parts.tail, token_batches(2, 2, 0), CFG, connect, backoff=FAST, on_step=on_step
+    )
 
     # Act
     coordinator.start()

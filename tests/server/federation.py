@@ -108,7 +108,9 @@ class DroppingTransport:
     server does it.
     """
 
-    def __init__(self, session: ServerSession, drop: Callable[[int, int], bool], on_disconnect: Callable[[], None]) -> None:
+    def __init__(
+        self, session: ServerSession, drop: Callable[[int, int], bool], on_disconnect: Callable[[], None]
+    ) -> None:
         self.inner = InProcessTransport(session)
         self.drop, self.on_disconnect = drop, on_disconnect
         self.counts: dict[int, int] = {}
@@ -221,7 +223,9 @@ def make_federation(
         run_id="test-run",
         config_hash="0" * 64,
     )
-    fed = Federation(coordinator, {}, Recorder(), server, {k: v.clone() for k, v in coordinator.trunk_adapters().items()})
+    fed = Federation(
+        coordinator, {}, Recorder(), server, {k: v.clone() for k, v in coordinator.trunk_adapters().items()}
+    )
     sizes = batch_sizes or {}
     for index, cid in enumerate(runners_for if runners_for is not None else client_ids):
         _, parts = build_model()

@@ -139,7 +139,8 @@ def test_loading_something_that_is_not_a_checkpoint_says_so(trained, tmp_path):
     # Act / Assert
     with pytest.raises(CheckpointError, match="no state.json; expected a checkpoint directory"):
         load_checkpoint(empty)
-    with pytest.raises(CheckpointError, match="expected format 'fedsplit.checkpoint' version 1, got 'fedsplit.checkpoint' version 99"):
+    expected = "expected format 'fedsplit.checkpoint' version 1, got 'fedsplit.checkpoint' version 99"
+    with pytest.raises(CheckpointError, match=expected):
         load_checkpoint(foreign)
     assert latest_checkpoint(tmp_path / "missing") is None
 
@@ -150,5 +151,7 @@ def test_restore_refuses_a_checkpoint_of_another_run(trained):
     other: Checkpoint = dataclasses.replace(trained.checkpoint(), run_id="other-run")
 
     # Act / Assert
-    with pytest.raises(CheckpointError, match="checkpoint belongs to run 'other-run'.*this coordinator runs 'test-run'"):
+    with pytest.raises(
+        CheckpointError, match="checkpoint belongs to run 'other-run'.*this coordinator runs 'test-run'"
+    ):
         fresh.restore(other)

@@ -135,8 +135,10 @@ def _wrong_shape(round: int, tensors: dict) -> tuple[int, dict]:
     "tamper, code, message",
     [
         (_wrong_round, "FAILED_PRECONDITION", r"ClientUpdate.round: expected 1 \(the current round\), got 2"),
-        (_wrong_keys, "BAD_REQUEST", r"keys do not match the global adapters: missing 1 \['head/.+'\], unexpected 1 \['head/bogus'\]"),
-        (_wrong_shape, "BAD_REQUEST", r"ClientUpdate.adapters\[head/.+lora_A.weight\]: expected shape \(2, 64\), got \(1, 64\)"),
+        (_wrong_keys, "BAD_REQUEST",
+         r"keys do not match the global adapters: missing 1 \['head/.+'\], unexpected 1 \['head/bogus'\]"),
+        (_wrong_shape, "BAD_REQUEST",
+         r"ClientUpdate.adapters\[head/.+lora_A.weight\]: expected shape \(2, 64\), got \(1, 64\)"),
     ],
     ids=["round", "keys", "shape"],
 )
@@ -232,7 +234,8 @@ def test_round_with_too_few_results_is_retried_then_fails_and_leaves_no_trace(tm
 
     # Act
     fed.coordinator.start()
-    with metrics, pytest.raises(RoundFailedError, match=r"round 1: too few results after 2 attempt\(s\); failures: b \(training\): disconnected"):
+    expected = r"round 1: too few results after 2 attempt\(s\); failures: b \(training\): disconnected"
+    with metrics, pytest.raises(RoundFailedError, match=expected):
         fed.coordinator.wait(60)
     for thread in threads:
         thread.join(30)
@@ -276,7 +279,8 @@ def test_trunk_requests_from_a_client_outside_the_round_are_refused_but_evaluati
                           position_ids=encode_tensor(positions), train=train)
 
     # Act / Assert
-    with pytest.raises(RemoteError, match="FAILED_PRECONDITION: FORWARD: client a is not a participant of the current round"):
+    expected = "FAILED_PRECONDITION: FORWARD: client a is not a participant of the current round"
+    with pytest.raises(RemoteError, match=expected):
         channel.call(pb.FORWARD, forward(train=True), round=1, step=1)
     reply = channel.call(pb.FORWARD, forward(train=False))
     assert decode_tensor(reply.hidden, "ForwardResult.hidden").shape == (1, 4, 64)

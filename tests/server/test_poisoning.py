@@ -62,7 +62,9 @@ def test_huge_backward_is_refused_by_the_magnitude_limit(tiny_llama):
     reply = ch["evil"].call(pb.FORWARD, _forward(torch.randn(1, 4, 64)))
 
     with pytest.raises(RemoteError, match=r"Backward.grad: a value of magnitude 3e\+38 exceeds the limit 65504"):
-        ch["evil"].call(pb.BACKWARD, pb.Backward(grad=encode_tensor(torch.full_like(decode_tensor(reply.hidden, "h"), HUGE))))
+        ch["evil"].call(
+            pb.BACKWARD, pb.Backward(grad=encode_tensor(torch.full_like(decode_tensor(reply.hidden, "h"), HUGE)))
+        )
     server.abort("evil")
     _honest_step(ch["honest"])
 
@@ -80,15 +82,20 @@ def test_huge_forward_is_refused_by_the_magnitude_limit(tiny_llama):
 def test_overflowing_step_is_refused_rolled_back_and_the_honest_client_goes_on(tiny_llama, mode):
     # Arrange: no magnitude limit at all, so only the step's own checks stand between the attack and the trunk.
     trunk, cfg = _trunk(tiny_llama), TrainConfig()
-    server = (TrunkServer(trunk, cfg, total_steps=10, max_abs=float("inf")) if mode == "sequential"
-              else BatchingTrunkServer(trunk, cfg, total_steps=10, window_s=0.0, max_clients=1, max_abs=float("inf")))
+    server = (
+        TrunkServer(trunk, cfg, total_steps=10, max_abs=float("inf"))
+        if mode == "sequential"
+        else BatchingTrunkServer(trunk, cfg, total_steps=10, window_s=0.0, max_clients=1, max_abs=float("inf"))
+    )
     ch = _channels(server)
     _honest_step(ch["honest"])
     before, steps = _snapshot(server), server.steps_taken
 
     # Act: the attack of issue 7.
     reply = ch["evil"].call(pb.FORWARD, _forward(torch.randn(1, 4, 64)))
-    ch["evil"].call(pb.BACKWARD, pb.Backward(grad=encode_tensor(torch.full_like(decode_tensor(reply.hidden, "h"), HUGE))))
+    ch["evil"].call(
+        pb.BACKWARD, pb.Backward(grad=encode_tensor(torch.full_like(decode_tensor(reply.hidden, "h"), HUGE)))
+    )
     with pytest.raises(RemoteError, match="OPTIMIZER_STEP refused, the trunk is unchanged: .*not finite"):
         ch["evil"].call(pb.OPTIMIZER_STEP, pb.OptimizerStep(client_grad_sq_norm=0.0))
 
@@ -102,7 +109,9 @@ def test_overflowing_step_is_refused_rolled_back_and_the_honest_client_goes_on(t
 def test_sequence_longer_than_the_run_allows_is_refused(tiny_llama):
     server = TrunkServer(_trunk(tiny_llama), TrainConfig(max_length=16), total_steps=10)
 
-    with pytest.raises(RemoteError, match="RESOURCE_EXHAUSTED: Forward.hidden: sequence length 17 exceeds .*max_length of 16"):
+    with pytest.raises(
+        RemoteError, match="RESOURCE_EXHAUSTED: Forward.hidden: sequence length 17 exceeds .*max_length of 16"
+    ):
         _channels(server)["evil"].call(pb.FORWARD, _forward(torch.randn(1, 17, 64), train=False))
 
 
@@ -172,8 +181,9 @@ def test_client_refuses_a_clip_coefficient_outside_zero_one(tiny_llama):
 
 
 def test_concurrent_attack_and_honest_clients_in_client_batch_mode_leave_the_trunk_finite(tiny_llama):
-    server = BatchingTrunkServer(_trunk(tiny_llama), TrainConfig(), total_steps=10, window_s=0.05, max_clients=2,
-                                 max_abs=float("inf"))
+    server = BatchingTrunkServer(
+        _trunk(tiny_llama), TrainConfig(), total_steps=10, window_s=0.05, max_clients=2, max_abs=float("inf")
+    )
     ch = _channels(server)
     errors: list[BaseException] = []
 

@@ -105,7 +105,9 @@ class SplitClient:
             request = pb.OptimizerStep(client_grad_sq_norm=grad_sq_norm(self.params))
             reply = self.channel.call(pb.OPTIMIZER_STEP, request, round=self.round, step=self.micro_steps)
             if not (math.isfinite(reply.clip_coef) and 0.0 <= reply.clip_coef <= 1.0):
-                raise NonFiniteStepError(f"OptimizerResult.clip_coef: expected a value in [0, 1], got {reply.clip_coef}")
+                raise NonFiniteStepError(
+                    f"OptimizerResult.clip_coef: expected a value in [0, 1], got {reply.clip_coef}"
+                )
             scale_grads(self.params, reply.clip_coef)
             lr = set_lr(self.optimizer, self.steps_taken, self.cfg, self.total_steps)
             guarded_step(self.optimizer, self.params)

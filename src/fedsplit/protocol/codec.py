@@ -94,7 +94,9 @@ def decode_tensor(
     dims = list(message.shape)
     if any(d < 0 for d in dims):
         raise ProtocolError(f"{name}: negative dimension in shape {dims}")
-    if shape is not None and (len(dims) != len(shape) or any(e is not None and e != d for e, d in zip(shape, dims, strict=False))):
+    if shape is not None and (
+        len(dims) != len(shape) or any(e is not None and e != d for e, d in zip(shape, dims, strict=False))
+    ):
         expected = ", ".join("*" if e is None else str(e) for e in shape)
         raise ProtocolError(f"{name}: expected shape ({expected}), got {tuple(dims)}")
     numel = 1
@@ -102,7 +104,9 @@ def decode_tensor(
         numel *= d
     itemsize = torch.empty((), dtype=dtype).element_size()
     if numel * itemsize != len(message.data):
-        raise ProtocolError(f"{name}: shape {tuple(dims)} of {message.dtype} needs {numel * itemsize} bytes, got {len(message.data)}")
+        raise ProtocolError(
+            f"{name}: shape {tuple(dims)} of {message.dtype} needs {numel * itemsize} bytes, got {len(message.data)}"
+        )
     if numel == 0:
         return torch.empty(dims, dtype=dtype)
     tensor = torch.frombuffer(bytearray(message.data), dtype=dtype).reshape(dims)

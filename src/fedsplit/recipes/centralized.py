@@ -47,7 +47,9 @@ def run_centralized(cfg: RunConfig, data: FederatedData, out: Path, metrics: Met
     for step in tqdm(range(steps), desc="centralized", unit="step"):
         result = trainer.train_step(stream.take(cfg.train.grad_accum))
         losses.append((step + 1, result.loss))
-        metrics.write("train_step", mode="centralized", step=step + 1, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm)
+        metrics.write(
+            "train_step", mode="centralized", step=step + 1, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm
+        )
     adapter_dir = merge_adapters(list(parts), Path(out) / "adapters" / "centralized", base_model=cfg.model.name)
     evaluation = evaluate(model, tokenizer, data.eval, cfg)
     metrics.write("eval", mode="centralized", loss=evaluation.loss, rouge_l=evaluation.rouge_l)

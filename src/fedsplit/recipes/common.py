@@ -69,7 +69,9 @@ class BatchStream:
     determines what comes next, so a resumed run replays exactly the same batches.
     """
 
-    def __init__(self, examples: Sequence[EncodedExample], batch_size: int, pad_id: int, padding_side: str, seed: int) -> None:
+    def __init__(
+        self, examples: Sequence[EncodedExample], batch_size: int, pad_id: int, padding_side: str, seed: int
+    ) -> None:
         if not examples:
             raise ValueError("BatchStream: no training examples")
         self.examples, self.batch_size = list(examples), batch_size
@@ -96,9 +98,7 @@ class BatchStream:
 
 
 def eval_batches(examples: Sequence[EncodedExample], batch_size: int, pad_id: int, padding_side: str) -> list[dict]:
-    return [
-        collate(examples[i : i + batch_size], pad_id, padding_side) for i in range(0, len(examples), batch_size)
-    ]
+    return [collate(examples[i : i + batch_size], pad_id, padding_side) for i in range(0, len(examples), batch_size)]
 
 
 def encode(examples: Sequence[Example], tokenizer, cfg: RunConfig) -> list[EncodedExample]:
@@ -111,7 +111,9 @@ def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, examples: Sequence[Example], max_new_tokens: int, batch_size: int = 8) -> list[str]:
+def generate_answers(
+    model, tokenizer, examples: Sequence[Example], max_new_tokens: int, batch_size: int = 8
+) -> list[str]:
     """Greedy answers of an unsplit (or merged-adapter) model to each example's prompt."""
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right

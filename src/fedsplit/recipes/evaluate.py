@@ -37,7 +37,9 @@ def heldout_loss(model, batches: Sequence[dict]) -> float:
 
 def evaluate(model, tokenizer, examples: Sequence[Example], cfg: RunConfig) -> EvalResult:
     model.eval()
-    batches = eval_batches(encode(examples, tokenizer, cfg), cfg.train.batch_size * 2, tokenizer.pad_token_id, cfg.train.padding_side)
+    batches = eval_batches(
+        encode(examples, tokenizer, cfg), cfg.train.batch_size * 2, tokenizer.pad_token_id, cfg.train.padding_side
+    )
     loss = heldout_loss(model, batches)
     rouge, samples = None, []
     subset = list(examples[: cfg.eval.rouge_examples])

@@ -66,7 +66,8 @@ def frame_bound(cfg: RunConfig, parts: SplitParts) -> int:
 
     hidden = int(parts.trunk.config.hidden_size)
     activation = cfg.max_tokens * (hidden * 4 + 1 + 8)  # fp32 hidden, bool mask, int64 positions
-    adapters = sum(t.numel() * t.element_size() + len(k) + 64 for k, t in client_adapters(parts.head, parts.tail).items())
+    tensors = client_adapters(parts.head, parts.tail)
+    adapters = sum(t.numel() * t.element_size() + len(k) + 64 for k, t in tensors.items())
     return max(activation, adapters) + (64 << 10)
 
 

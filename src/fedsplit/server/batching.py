@@ -323,7 +323,8 @@ class BatchingTrunkServer:
         if group is not None:  # the next micro-batch of its group step
             member = group.members[client_id]
             if member.stage is not _M.IDLE:
-                raise ProtocolError(f"FORWARD while the previous one is {member.stage.value}", code=pb.FAILED_PRECONDITION)
+                raise ProtocolError(f"FORWARD while the previous one is {member.stage.value}",
+                                    code=pb.FAILED_PRECONDITION)
             if group.stage is _G.BACKWARDED:
                 group.move(_G.COLLECTING)
         else:
@@ -519,8 +520,13 @@ class BatchingTrunkServer:
         self.stats.steps += 1
         if group.dropped:
             self.stats.partial_steps += 1
-            log.warning("group step %d (server step %d): partial, %d of %d members dropped",
-                        group.number, result.server_step, group.dropped, len(group.members))
+            log.warning(
+                "group step %d (server step %d): partial, %d of %d members dropped",
+                group.number,
+                result.server_step,
+                group.dropped,
+                len(group.members),
+            )
         self._close(group)
 
     # -- dropping, dissolving, closing (lock held) ---------------------------------------------
@@ -531,7 +537,9 @@ class BatchingTrunkServer:
             return
         for member in group.live(*_DUE):
             if now >= member.due:
-                self._drop(group, member, f"no {_DUE[member.stage]} within member_timeout_s={self.member_timeout_s:g} s")
+                self._drop(
+                    group, member, f"no {_DUE[member.stage]} within member_timeout_s={self.member_timeout_s:g} s"
+                )
 
     def _drop(self, group: _Group, member: _Member, reason: str) -> None:
         member.move(_M.DROPPED)

@@ -13,7 +13,8 @@ then it is renamed into place and the parent is fsynced: a crash leaves the comp
 or none (temporary directories a crash left behind are removed by the next save). ``state.json``
 carries the SHA-256 of the tensors file and of its own content, checked on load, so a truncated
 or bit-flipped checkpoint is refused with the file's name instead of loading silently. Only the
-last ``keep_last`` checkpoints are kept. A checkpoint holding a non-finite value is never written. Clients keep no state that a resume needs: they restart their round from the global
+last ``keep_last`` checkpoints are kept. A checkpoint holding a non-finite value is never written.
+Clients keep no state that a resume needs: they restart their round from the global
 adapters the server sends them (their optimizer is fresh every round, see
 :mod:`fedsplit.client.runner`).
 """
@@ -270,16 +271,24 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     try:
         state = json.loads((path / STATE_FILE).read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path / STATE_FILE}: not valid JSON ({exc}); the file is truncated or corrupted") from None
+        raise CheckpointError(
+            f"{path / STATE_FILE}: not valid JSON ({exc}); the file is truncated or corrupted"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("version") != VERSION:
         got = (state.get("format"), state.get("version")) if isinstance(state, dict) else (type(state).__name__, None)
-        raise CheckpointError(f"{path / STATE_FILE}: expected format {FORMAT!r} version {VERSION}, got {got[0]!r} version {got[1]!r}")
+        raise CheckpointError(
+            f"{path / STATE_FILE}: expected format {FORMAT!r} version {VERSION}, got {got[0]!r} version {got[1]!r}"
+        )
     if state.get("state_sha256") != _state_digest(state):
-        raise CheckpointError(f"{path / STATE_FILE}: SHA-256 of its content does not match: the file was altered or corrupted")
+        raise CheckpointError(
+            f"{path / STATE_FILE}: SHA-256 of its content does not match: the file was altered or corrupted"
+        )
     blob = (path / TENSORS_FILE).read_bytes()
     if hashlib.sha256(blob).hexdigest() != state.get("tensors_sha256"):
-        raise CheckpointError(f"{path / TENSORS_FILE}: SHA-256 does not match state.json: the file is truncated, "
-                              "altered or from another checkpoint")
+        raise CheckpointError(
+            f"{path / TENSORS_FILE}: SHA-256 does not match state.json: the file is truncated, "
+            "altered or from another checkpoint"
+        )
     try:
         tensors = load(blob)
         return _decode(state, tensors, path)
@@ -316,7 +325,7 @@ def _decode(state: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> Ch
 
 
 def _with_prefix(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def _unflatten_optimizer(tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:

@@ -96,7 +96,9 @@ def decode_activation(message: pb.Tensor, name: str, *, dtype: torch.dtype, shap
     if tensor.numel():
         peak = float(tensor.abs().max())
         if peak > max_abs:
-            raise ProtocolError(f"{name}: a value of magnitude {peak:.3g} exceeds the limit {max_abs:g} (server.max_abs_value)")
+            raise ProtocolError(
+                f"{name}: a value of magnitude {peak:.3g} exceeds the limit {max_abs:g} (server.max_abs_value)"
+            )
     return tensor
 
 
@@ -134,7 +136,9 @@ class TrunkServer:
     # -- dispatch -----------------------------------------------------------------------------
     def handle(self, client_id: str, kind: int, round: int, step: int, request: Message) -> Message:
         handlers: dict[int, Callable[[str, Any], Message]] = {
-            pb.FORWARD: self.forward, pb.BACKWARD: self.backward, pb.OPTIMIZER_STEP: self.optimizer_step
+            pb.FORWARD: self.forward,
+            pb.BACKWARD: self.backward,
+            pb.OPTIMIZER_STEP: self.optimizer_step,
         }
         if kind not in handlers:
             raise ProtocolError(f"the trunk does not serve {kind_name(kind)}", code=pb.FAILED_PRECONDITION)
@@ -144,7 +148,9 @@ class TrunkServer:
     def decode_forward(self, request: pb.Forward) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Check a FORWARD request against this trunk: (hidden (B, T, H), mask (B, T), positions (B, T))."""
         shape = (None, None, self.hidden_size)
-        hidden = decode_activation(request.hidden, "Forward.hidden", dtype=self.dtype, shape=shape, max_abs=self.max_abs)
+        hidden = decode_activation(
+            request.hidden, "Forward.hidden", dtype=self.dtype, shape=shape, max_abs=self.max_abs
+        )
         batch, seq, _ = hidden.shape
         if seq > self.cfg.max_length:
             raise ProtocolError(
@@ -157,7 +163,9 @@ class TrunkServer:
                 code=pb.RESOURCE_EXHAUSTED,
             )
         mask = decode_tensor(request.attention_mask, "Forward.attention_mask", dtypes=(torch.bool,), shape=(batch, seq))
-        positions = decode_tensor(request.position_ids, "Forward.position_ids", dtypes=(torch.int64,), shape=(batch, seq))
+        positions = decode_tensor(
+            request.position_ids, "Forward.position_ids", dtypes=(torch.int64,), shape=(batch, seq)
+        )
         if positions.numel() and not (0 <= int(positions.min()) and int(positions.max()) < self.max_positions):
             raise ProtocolError(
                 f"Forward.position_ids: expected values in [0, {self.max_positions}), "
@@ -184,8 +192,9 @@ class TrunkServer:
         if pending is None:
             raise ProtocolError("BACKWARD without a training FORWARD", code=pb.FAILED_PRECONDITION)
         outputs = pending.outputs  # a malformed BACKWARD leaves the pending step as it was
-        grad = decode_activation(request.grad, "Backward.grad", dtype=outputs.dtype, shape=tuple(outputs.shape),
-                                 max_abs=self.max_abs)
+        grad = decode_activation(
+            request.grad, "Backward.grad", dtype=outputs.dtype, shape=tuple(outputs.shape), max_abs=self.max_abs
+        )
         del self._pending[client_id]
         pending.outputs.backward(grad)
         assert pending.inputs.grad is not None  # the inputs are a leaf that requires grad
@@ -213,7 +222,9 @@ class TrunkServer:
             while self._owner not in (None, client_id):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise ProtocolError(f"trunk busy with client {self._owner} for {self.lease_timeout_s:.0f} s", code=pb.ABORTED)
+                    raise ProtocolError(
+                        f"trunk busy with client {self._owner} for {self.lease_timeout_s:.0f} s", code=pb.ABORTED
+                    )
                 self._cond.wait(remaining)
             self._owner = client_id
 

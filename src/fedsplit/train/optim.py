@@ -71,7 +71,9 @@ def global_norm(*sq_norms: float) -> float:
     """
     total = math.fsum(sq_norms)
     if not math.isfinite(total):
-        raise NonFiniteStepError(f"the global gradient norm is not finite (squared norms {', '.join(map(repr, sq_norms))})")
+        raise NonFiniteStepError(
+            f"the global gradient norm is not finite (squared norms {', '.join(map(repr, sq_norms))})"
+        )
     return math.sqrt(total)
 
 
@@ -82,8 +84,11 @@ def guarded_step(optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Par
     forward pass. On refusal the gradients are dropped too, so the next step starts clean.
     """
     saved_params = [p.detach().clone() for p in params]
-    saved_state = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
-                   for p in params if p in optimizer.state}
+    saved_state = {
+        id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
+        for p in params
+        if p in optimizer.state
+    }
     optimizer.step()
     if all_finite(params, optimizer):
         return

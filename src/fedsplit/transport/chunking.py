@@ -69,7 +69,9 @@ def split_frame(message: bytes, max_message_bytes: int) -> list[bytes]:
         return [message]
     frame = _parse(message)
     if frame.chunk_count > 1:
-        raise ProtocolError(f"{kind_name(frame.kind)} frame is already a chunk ({frame.chunk_index}/{frame.chunk_count})")
+        raise ProtocolError(
+            f"{kind_name(frame.kind)} frame is already a chunk ({frame.chunk_index}/{frame.chunk_count})"
+        )
     piece = max_message_bytes - HEADER_ROOM
     count = math.ceil(len(frame.body) / piece)
     body = memoryview(frame.body)

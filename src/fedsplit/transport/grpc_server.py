@@ -13,7 +13,8 @@ new stream evicts the oldest waiting one, so a flood of silent streams cannot ke
 client (whose hello follows its stream at once) out. An admitted client holds at most
 ``max_sessions_per_client`` sessions: a newer one (a reconnect) replaces its oldest, so no client
 can use up the slots of the others. At most ``max_streams`` sessions are authenticated at once;
-the pool has room for those plus twice the pending ones, so the eviction always gets to run. When an authenticated stream ends for any reason
+the pool has room for those plus twice the pending ones, so the eviction always gets to run.
+When an authenticated stream ends for any reason
 (goodbye, disconnect, timeout, broken frame, server stop) ``on_disconnect(client_id)`` runs once,
 so the coordinator can drop that client's partial step.
 """
@@ -131,7 +132,9 @@ def _end(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> 
 def _parse_hello(message: bytes) -> pb.ClientHello:
     frame = parse_frame(message)
     if frame.kind != pb.CLIENT_HELLO or frame.chunk_count > 1:
-        raise ProtocolError(f"a session starts with an unchunked CLIENT_HELLO, got {kind_name(frame.kind)}", code=pb.FAILED_PRECONDITION)
+        raise ProtocolError(
+            f"a session starts with an unchunked CLIENT_HELLO, got {kind_name(frame.kind)}", code=pb.FAILED_PRECONDITION
+        )
     return decode_payload(pb.CLIENT_HELLO, frame.body)
 
 
@@ -165,8 +168,11 @@ class GrpcServer:
         for name, value in (("handshake_timeout_s", handshake_timeout_s), ("idle_timeout_s", idle_timeout_s)):
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
-        for name, value in (("max_streams", max_streams), ("max_sessions_per_client", max_sessions_per_client),
-                            ("max_pending_handshakes", max_pending_handshakes)):
+        for name, value in (
+            ("max_streams", max_streams),
+            ("max_sessions_per_client", max_sessions_per_client),
+            ("max_pending_handshakes", max_pending_handshakes),
+        ):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         self.address = address
@@ -191,7 +197,8 @@ class GrpcServer:
         if self._server is not None:
             raise RuntimeError(f"server on {self.address} is already started")
         handler = grpc.method_handlers_generic_handler(
-            SERVICE, {"Session": grpc.stream_stream_rpc_method_handler(self._session)}  # bytes in, bytes out
+            SERVICE,
+            {"Session": grpc.stream_stream_rpc_method_handler(self._session)},  # bytes in, bytes out
         )
         slots = self.max_streams + 2 * self.max_pending_handshakes  # room to evict before gRPC refuses
         server = grpc.server(
@@ -317,7 +324,9 @@ class GrpcServer:
 
     def _accept(self, first: bytes, context: grpc.ServicerContext) -> tuple[pb.ServerHello, ServerSession]:
         if len(first) > _HELLO_MAX_BYTES:
-            raise ProtocolError(f"first frame of {len(first)} bytes is too large for a hello", code=pb.RESOURCE_EXHAUSTED)
+            raise ProtocolError(
+                f"first frame of {len(first)} bytes is too large for a hello", code=pb.RESOURCE_EXHAUSTED
+            )
         hello = _parse_hello(first)
         if self.tls is not None and self.tls.require_client_auth:
             names = _tls_client_names(context)
