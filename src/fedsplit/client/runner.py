@@ -167,6 +167,7 @@ class ClientRunner:
         backoff: Backoff | None = None,
         retry_on: tuple[type[Exception], ...] = (ConnectionError, TimeoutError, ProtocolError),
         on_step: StepCallback | None = None,
+        hidden_noise_std: float = 0.0,
     ) -> None:
         if not batches:
             raise ValueError(f"client {client_id}: expected at least one training batch, got none")
@@ -174,6 +175,7 @@ class ClientRunner:
         self.batches, self.connect = batches, connect
         self.backoff = backoff if backoff is not None else Backoff()
         self.retry_on, self.on_step = retry_on, on_step
+        self.hidden_noise_std = hidden_noise_std  # privacy.hidden_noise_std: noise on the hidden states it sends
         self.result = RunnerResult()
         self.num_examples = sum(int(batch["input_ids"].shape[0]) for batch in batches)  # the data report
         self.client: SplitClient | None = None  # the current round's split client
@@ -253,7 +255,8 @@ class ClientRunner:
                 f"RoundPlan.settings: expected 'total_steps' (LR schedule length), got {dict(plan.settings)}"
             )
         cfg = dataclasses.replace(self.cfg, lr=plan.lr)
-        client = SplitClient(self.head, self.tail, self._channel_or_fail(), cfg, int(plan.settings["total_steps"]))
+        client = SplitClient(self.head, self.tail, self._channel_or_fail(), cfg, int(plan.settings["total_steps"]),
+                             hidden_noise_std=self.hidden_noise_std)
         client.round = plan.round
         client.steps_taken = plan.first_step  # position in the LR schedule
         return client

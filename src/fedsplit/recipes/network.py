@@ -247,6 +247,7 @@ def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
     batches = client_batches(cfg, tokenizer)
     with MetricsWriter(out / "metrics.jsonl") as metrics:
         runner = ClientRunner(cid, parts.head, parts.tail, batches, cfg.train, connect,
+                              hidden_noise_std=cfg.privacy.hidden_noise_std,
                               on_step=lambda rnd, step, result: metrics.write(
                                   "train_step", client=cid, round=rnd, step=step, loss=result.loss,
                                   lr=result.lr, grad_norm=result.grad_norm))
