@@ -13,12 +13,13 @@ import logging
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 from google.protobuf.message import Message
 from torch import Tensor
 
+from fedsplit.config import ServerConfig
 from fedsplit.protocol import ProtocolError, kind_name, pb
 from fedsplit.server.checkpoint import Checkpoint, CheckpointError, TrunkHolder, TrunkState
 from fedsplit.server.stages import StageError, check_transition
@@ -28,6 +29,11 @@ from fedsplit.strategy.bounds import l2_distance, linf_distance
 StageTransitionError = StageError  # the coordinator's name for it
 log = logging.getLogger(__name__)
 _PRECONDITION = pb.FAILED_PRECONDITION
+_SERVER = ServerConfig()
+
+
+def _help(name: str) -> str:
+    return str(next(f for f in fields(ServerConfig) if f.name == name).metadata["help"])
 
 
 class RoundStage(enum.Enum):
@@ -94,10 +100,11 @@ class CoordinatorConfig:
 
     num_rounds: int = field(metadata={"help": "federated rounds to run"})
     min_clients: int = field(default=1, metadata={"help": "fewest clients a round starts with and aggregates"})
-    round_timeout_s: float = field(default=3600.0, metadata={"help": "a round ends this long after it started"})
-    step_timeout_s: float = field(default=120.0, metadata={"help": "a participant with no request this long fails"})
-    join_timeout_s: float = field(default=3600.0, metadata={"help": "longest wait for min_clients to join"})
-    join_grace_s: float = field(default=10.0, metadata={"help": "once min_clients are in, wait this long for the rest"})
+    # The run's timing has one home, the [server] section (fedsplit.config.ServerConfig): its defaults here.
+    round_timeout_s: float = field(default=_SERVER.round_timeout_s, metadata={"help": _help("round_timeout_s")})
+    step_timeout_s: float = field(default=_SERVER.step_timeout_s, metadata={"help": _help("step_timeout_s")})
+    join_timeout_s: float = field(default=_SERVER.join_timeout_s, metadata={"help": _help("join_timeout_s")})
+    join_grace_s: float = field(default=_SERVER.join_grace_s, metadata={"help": _help("join_grace_s")})
     poll_s: float = field(default=0.5, metadata={"help": "the wait_s told to clients that must ask again"})
     max_round_retries: int = field(default=1, metadata={"help": "reruns of a round that got too few results"})
     ordered_steps: bool = field(default=True, metadata={"help": "round-robin trunk step order: reproducible runs"})
