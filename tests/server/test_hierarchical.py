@@ -45,6 +45,8 @@ from fedsplit.transport.grpc_client import connect_grpc
 from fedsplit.transport.grpc_server import GrpcServer
 from fedsplit.transport.handshake import ClientCredentials, SessionFactory
 
+from .federation import token_batches
+
 RUN_ID = "hier-run"
 CONFIG_HASH = hash_run_config({"model": "tiny-llama", "split": [1, 1], "mode": "hierarchical"})
 CLIENTS = ["a", "b", "c", "d"]
@@ -62,17 +64,6 @@ def build_parts() -> SplitParts:
     parts = split_model(model, 1, 1)
     add_part_adapters(parts, LORA, seed=CFG.seed)
     return parts
-
-
-def token_batches(count: int, batch_size: int, seed: int, length: int = 12) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(count):
-        ids = torch.randint(0, 250, (batch_size, length), generator=g)
-        mask = torch.ones(batch_size, length, dtype=torch.long)
-        mask[0, length - 3 :] = 0
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
-    return out
 
 
 @dataclass
