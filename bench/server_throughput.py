@@ -57,7 +57,6 @@ def record(cfg: RunConfig, samples: int, path: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from fedsplit.config import run_config_hash
     from fedsplit.recipes.network import build_parts, client_batches
     from fedsplit.split.parts import positions_from_mask
     from fedsplit.train.optim import causal_lm_loss
@@ -76,14 +75,16 @@ def record(cfg: RunConfig, samples: int, path: Path) -> None:
         tensors.update({f"{i}/hidden": hidden, f"{i}/mask": mask.bool(), f"{i}/positions": positions,
                         f"{i}/grad": out.grad})
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
-    path.with_suffix(".hash").write_text(run_config_hash(cfg, tokenizer).hex())
+    tokenizer.save_pretrained(str(path.with_suffix(".tokenizer")))  # the generators hash their configs with it
 
 
 # -- replay (one load-generator process) ----------------------------------------------------------
 def replay(config: Path, tensors: Path, out: Path) -> None:
     """Take part in the run like a client, sending recorded tensors instead of computing them."""
     from safetensors.torch import load_file
+    from transformers import AutoTokenizer
 
+    from fedsplit.config import run_config_hash, run_config_sections
     from fedsplit.configio import load_config
     from fedsplit.protocol import decode_tensor, encode_tensor, pb
     from fedsplit.recipes.network import keys_dir
@@ -94,9 +95,11 @@ def replay(config: Path, tensors: Path, out: Path) -> None:
 
     cfg = load_config(RunConfig, config, [])
     keys, cid = keys_dir(cfg, config.parent), cfg.client.id
+    tokenizer = AutoTokenizer.from_pretrained(str(tensors.with_suffix(".tokenizer")))
     credentials = ClientCredentials(
         identity=load_private_key(keys / f"{cid}.key"), server_key=load_public_key(keys / "server.pub"),
-        client_id=cid, run_id=cfg.security.run_id, config_hash=bytes.fromhex(tensors.with_suffix(".hash").read_text()))
+        client_id=cid, run_id=cfg.security.run_id, config_hash=run_config_hash(cfg, tokenizer),
+        config_sections=run_config_sections(cfg, tokenizer))
     deadline = time.monotonic() + 300  # the server may still be loading (hierarchical: its sub-servers too)
     while True:
         try:
