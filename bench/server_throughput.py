@@ -34,7 +34,7 @@ from pathlib import Path
 from fedsplit.config import RunConfig
 
 
-def _config(model: str, clients: int, steps: int, mode: str, subservers: int = 1) -> RunConfig:
+def _config(model: str, clients: int, steps: int, mode: str, subservers: int = 1, threads: int = 1) -> RunConfig:
     from fedsplit.recipes.network import free_port
 
     cfg = RunConfig()
@@ -44,7 +44,7 @@ def _config(model: str, clients: int, steps: int, mode: str, subservers: int = 1
         train=replace(cfg.train, batch_size=1, max_length=128, lr=1e-4, schedule="constant"),
         data=replace(cfg.data, num_clients=clients),
         federation=replace(cfg.federation, rounds=1, local_steps=steps, min_clients=clients),
-        server=replace(cfg.server, address=f"127.0.0.1:{free_port()}", mode=mode, threads=1, join_grace_s=600.0,
+        server=replace(cfg.server, address=f"127.0.0.1:{free_port()}", mode=mode, threads=threads, join_grace_s=600.0,
                        join_timeout_s=900.0, step_timeout_s=600.0),
         client=replace(cfg.client, threads=1),
         hierarchy=replace(cfg.hierarchy, subservers=subservers, threads=1, sync_every=8),
@@ -174,7 +174,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--steps", type=int, default=8, help="trunk steps per client")
     parser.add_argument("--clients", default="2,4,8", help="client counts for client-batch vs sequential")
-    parser.add_argument("--hier-clients", type=int, default=4)
+    parser.add_argument("--hier-clients", type=int, default=4, help="clients of the hierarchical runs (0: none)")
+    parser.add_argument("--server-threads", type=int, default=1, help="torch threads of the sequential and "
+                        "client-batch server (hierarchical: 1 per sub-server)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/server_throughput"))
     parser.add_argument("--timeout", type=float, default=1800.0)
@@ -193,24 +195,28 @@ def main() -> None:
     tensors = args.out / "recorded.safetensors"
     record(_config(args.model, max(counts), args.steps, "sequential"), max(counts), tensors)
     plan = [(f"{mode}-{n}", (mode, n, 1)) for n in counts for mode in ("sequential", "client-batch")]
-    plan += [(f"hierarchical-K{k}", ("hierarchical", args.hier_clients, k)) for k in (1, 2)]
+    if args.hier_clients:
+        plan += [(f"hierarchical-K{k}", ("hierarchical", args.hier_clients, k)) for k in (1, 2)]
     rates: dict[str, list[float]] = {name: [] for name, _ in plan}
     for repeat in range(args.repeats):  # interleaved: every mode once per repeat
         for name, (mode, n, k) in plan:
-            cfg = _config(args.model, n, args.steps, mode, subservers=k)
+            threads = 1 if mode == "hierarchical" else args.server_threads
+            cfg = _config(args.model, n, args.steps, mode, subservers=k, threads=threads)
             rate = run_once(cfg, tensors, args.out / f"r{repeat}" / name, args.timeout)
             rates[name].append(rate)
             print(f"repeat {repeat}: {name:>18}  {rate:.3f} steps/s", flush=True)
     result: dict[str, object] = {"model": args.model, "steps_per_client": args.steps, "repeats": args.repeats,
+                                 "server_threads": args.server_threads,
                                  "machine": f"{os.cpu_count()} cores",
                                  "steps_per_s": {k: _summary(v) for k, v in rates.items()}}
     for n in counts:
         ratios = [b / s for b, s in zip(rates[f"client-batch-{n}"], rates[f"sequential-{n}"], strict=True)]
         result[f"server_client_batch_speedup_{n}"] = statistics.median(ratios)
         result[f"server_client_batch_speedup_{n}_spread"] = [min(ratios), max(ratios)]
-    ratios = [two / one for two, one in zip(rates["hierarchical-K2"], rates["hierarchical-K1"], strict=True)]
-    result["server_hierarchical_speedup_2"] = statistics.median(ratios)
-    result["server_hierarchical_speedup_2_spread"] = [min(ratios), max(ratios)]
+    if args.hier_clients:
+        ratios = [two / one for two, one in zip(rates["hierarchical-K2"], rates["hierarchical-K1"], strict=True)]
+        result["server_hierarchical_speedup_2"] = statistics.median(ratios)
+        result["server_hierarchical_speedup_2_spread"] = [min(ratios), max(ratios)]
     (args.out / "result.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
 
