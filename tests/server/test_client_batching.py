@@ -14,7 +14,8 @@ from fedsplit.adapters import LoraSettings, add_lora, add_part_adapters, trainab
 from fedsplit.channel import Channel, RemoteError, in_process_channel
 from fedsplit.client import SplitClient
 from fedsplit.protocol import decode_tensor, encode_tensor, pb
-from fedsplit.server.batching import BatchingTrunkServer, pack, scatter, unpack
+from fedsplit.server.batching import BatchingTrunkServer
+from fedsplit.server.packing import pack, scatter, unpack
 from fedsplit.split import split_model
 from fedsplit.split.parts import positions_from_mask
 from fedsplit.train.config import TrainConfig

@@ -11,6 +11,7 @@ Modules (import them directly; this package imports nothing at import time):
                                   (``fedsplit keygen`` is `fedsplit.recipes.keygen`).
 * `fedsplit.security.pki`       - private CA, server and mutual-TLS client certificates.
 * `fedsplit.security.handshake` - ClientHello / ServerHello, HandshakeVerifier, session keys.
+* `fedsplit.security.replay`    - ReplayGuard: the handshake's freshness window and nonce memory.
 * `fedsplit.security.aead`      - SecureSession: seal / open frames with replay protection.
 * `fedsplit.security.tls`       - PEM bytes for grpc.ssl_server/channel_credentials.
 * `fedsplit.security.errors`    - SecurityError and its specific subclasses.

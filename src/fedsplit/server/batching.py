@@ -40,7 +40,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, NoReturn, TypeVar
 
@@ -48,6 +48,7 @@ import torch
 from google.protobuf.message import Message
 
 from fedsplit.protocol import ProtocolError, encode_tensor, kind_name, pb
+from fedsplit.server.packing import Span, pack, scatter, unpack
 from fedsplit.server.stages import check_transition
 from fedsplit.server.trunk import TrunkServer, check_client_sq_norm, commit_step, decode_activation
 from fedsplit.split.parts import Trunk
@@ -55,47 +56,6 @@ from fedsplit.train.config import TrainConfig
 from fedsplit.train.optim import autocast
 
 log = logging.getLogger(__name__)
-
-
-# -- packing: pure functions over tensors ---------------------------------------------------------
-class Span(NamedTuple):
-    """Where one member sits in the group batch: rows ``[start, stop)``, its first ``length`` positions."""
-
-    start: int
-    stop: int
-    length: int
-
-
-def pad_right(tensor: torch.Tensor, length: int) -> torch.Tensor:
-    """Pad dim 1 with zeros (False for bool) up to ``length``."""
-    out = tensor.new_zeros((tensor.shape[0], length, *tensor.shape[2:]))  # (B, length, ...)
-    out[:, : tensor.shape[1]] = tensor
-    return out
-
-
-def pack(parts: Sequence[Sequence[torch.Tensor]]) -> tuple[list[torch.Tensor], list[Span]]:
-    """Right-pad every member's ``(hidden, mask, positions)`` to the longest T and stack the rows."""
-    length = max(part[0].shape[1] for part in parts)
-    spans, start = [], 0
-    for part in parts:
-        batch, seq = part[0].shape[:2]
-        spans.append(Span(start, start + batch, seq))
-        start += batch
-    columns = [torch.cat([pad_right(part[k], length) for part in parts]) for k in range(len(parts[0]))]
-    return columns, spans  # hidden (N, T*, H), mask (N, T*), positions (N, T*)
-
-
-def unpack(batch: torch.Tensor, spans: Sequence[Span]) -> list[torch.Tensor]:
-    """Each member's rows of ``batch`` (N, T*, ...) cut to its own length: (B_i, T_i, ...)."""
-    return [batch[s.start : s.stop, : s.length] for s in spans]
-
-
-def scatter(pieces: Sequence[torch.Tensor], spans: Sequence[Span], like: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`unpack`: zeros shaped ``like`` (N, T*, H) holding each member's piece."""
-    out = torch.zeros_like(like)
-    for piece, s in zip(pieces, spans, strict=False):
-        out[s.start : s.stop, : s.length] = piece
-    return out
 
 
 # -- the state machines ---------------------------------------------------------------------------
