@@ -16,13 +16,8 @@ from fedsplit.aggregation.errors import (
 )
 from fedsplit.aggregation.keys import SignedKeys
 from fedsplit.aggregation.rounds import Faults, run_round
-from fedsplit.aggregation.secagg import (
-    SecAggClient,
-    SecAggParams,
-    SecAggServer,
-    UnmaskRequest,
-    neighbourhoods,
-)
+from fedsplit.aggregation.secagg import SecAggClient, SecAggParams, UnmaskRequest, neighbourhoods
+from fedsplit.aggregation.secagg_server import SecAggServer
 from fedsplit.strategy import ClientUpdate, weighted_average
 
 NAMES = ("head/layers.0.q.lora_A.weight", "head/layers.0.q.lora_B.weight", "tail/layers.5.v.lora_A.weight")

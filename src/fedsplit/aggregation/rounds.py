@@ -27,7 +27,8 @@ from fedsplit.aggregation.ckks import CkksClient, CkksKeyHolder, CkksParams, Ckk
 from fedsplit.aggregation.codec import TensorLayout
 from fedsplit.aggregation.errors import RoundAbortedError
 from fedsplit.aggregation.hybrid import HybridPolicy
-from fedsplit.aggregation.secagg import EncryptedShare, MaskedInput, SecAggClient, SecAggParams, SecAggServer
+from fedsplit.aggregation.secagg import EncryptedShare, MaskedInput, SecAggClient, SecAggParams
+from fedsplit.aggregation.secagg_server import SecAggServer
 from fedsplit.strategy.aggregate import weighted_average
 from fedsplit.strategy.base import ClientUpdate
 

@@ -32,20 +32,18 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import itertools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedsplit.aggregation import shamir
-from fedsplit.aggregation.codec import Quantizer, pack_ring, unpack_ring
+from fedsplit.aggregation.codec import Quantizer, pack_ring
 from fedsplit.aggregation.errors import (
     MalformedMessageError,
     ProtocolStageError,
-    RoundAbortedError,
     UnmaskRefusedError,
 )
 from fedsplit.aggregation.keys import (
@@ -57,7 +55,6 @@ from fedsplit.aggregation.keys import (
     seal,
     sign_keys,
     verify_keys,
-    x25519_public_raw,
 )
 from fedsplit.security.wire import encode_fields, text, u64
 
@@ -70,12 +67,10 @@ __all__ = [
     "UnmaskResponse",
     "SecAggSum",
     "SecAggClient",
-    "SecAggServer",
     "neighbourhoods",
 ]
 
 PURPOSE = "secagg"
-_MAX_RECOVERY_TRIES = 256  # subsets of t shares tried when some shares are wrong
 
 
 @dataclass(frozen=True)
@@ -183,11 +178,11 @@ def neighbourhoods(ids: Sequence[str], k: int, seed: bytes) -> dict[str, frozens
     return out
 
 
-def _graph_seed(run_id: str, round: int) -> bytes:
+def graph_seed(run_id: str, round: int) -> bytes:
     return hashlib.sha256(encode_fields(b"fedsplit/secagg/graph/v1", text(run_id), u64(round))).digest()
 
 
-def _commitment(run_id: str, round: int, client_id: str, seed: bytes) -> bytes:
+def commitment(run_id: str, round: int, client_id: str, seed: bytes) -> bytes:
     fields = encode_fields(b"fedsplit/secagg/commit/v1", text(run_id), u64(round), text(client_id), seed)
     return hashlib.sha256(fields).digest()
 
@@ -196,7 +191,7 @@ def _share_ad(run_id: str, round: int, sender: str, recipient: str) -> bytes:
     return encode_fields(b"fedsplit/secagg/share/v1", text(run_id), u64(round), text(sender), text(recipient))
 
 
-def _share_points(ids: Sequence[str]) -> dict[str, int]:
+def share_points(ids: Sequence[str]) -> dict[str, int]:
     return {cid: index + 1 for index, cid in enumerate(sorted(ids))}
 
 
@@ -235,7 +230,7 @@ class SecAggClient:
     def advertise(self) -> SignedKeys:
         """Stage 0: fresh X25519 keys and a commitment to the self-mask seed, signed with the identity."""
         self._expect(Stage.ADVERTISE)
-        commit = _commitment(self.run_id, self.round, self.client_id, self._self_seed)
+        commit = commitment(self.run_id, self.round, self.client_id, self._self_seed)
         keys = (self._enc.public_raw, self._mask.public_raw, commit)
         self.stage = Stage.SHARE_KEYS
         return sign_keys(self._identity, self.run_id, self.client_id, PURPOSE, self.round, keys)
@@ -257,11 +252,11 @@ class SecAggClient:
         if self._adverts.get(self.client_id) is None or self._adverts[self.client_id].keys[0] != self._enc.public_raw:
             raise MalformedMessageError(f"client {self.client_id!r}: its own advert is missing or altered")
         ids = sorted(self._adverts)
-        graph = neighbourhoods(ids, self.params.neighbours, _graph_seed(self.run_id, self.round))
+        graph = neighbourhoods(ids, self.params.neighbours, graph_seed(self.run_id, self.round))
         self._neighbours = graph[self.client_id]
         holders = sorted(self._neighbours | {self.client_id})
         self.params.check_group(len(holders))
-        self._points = _share_points(ids)
+        self._points = share_points(ids)
         xs = [self._points[cid] for cid in holders]
         mask_secret = self._mask.private.private_bytes_raw()
         seed_shares = shamir.split(self._self_seed, xs, self.params.threshold)
@@ -292,7 +287,7 @@ class SecAggClient:
             raise MalformedMessageError(f"{who}: a second share from the same sender")
         ad = _share_ad(self.run_id, self.round, message.sender, self.client_id)
         plaintext = open_sealed(self._share_key(message.sender), message.sealed, ad, who)
-        fields = _decode_fields(plaintext, b"fedsplit/secagg/shares/v1", 2, who)
+        fields = decode_fields(plaintext, b"fedsplit/secagg/shares/v1", 2, who)
         try:
             seed_share, key_share = (shamir.Share.from_bytes(f) for f in fields)
         except ValueError as exc:
@@ -313,7 +308,7 @@ class SecAggClient:
                 if message.sender in self._neighbours and message.sender not in self._held:
                     rejected.add(message.sender)
         accepted = sorted(set(self._held) - {self.client_id})
-        quantizer_mask = _ring_mask(self.params.ring_bits)
+        quantizer_mask = ring_mask(self.params.ring_bits)
         masked = np.asarray(encoded, dtype=np.uint64) + expand_mask(self._self_seed, encoded.size, "self")
         for peer in accepted:
             pad = expand_mask(self._pair_seed(peer), encoded.size, "pair")
@@ -367,7 +362,7 @@ class SecAggClient:
         return UnmaskResponse(client_id=self.client_id, self_shares=self_shares, key_shares=key_shares)
 
 
-def _decode_fields(data: bytes, label: bytes, count: int, who: str) -> list[bytes]:
+def decode_fields(data: bytes, label: bytes, count: int, who: str) -> list[bytes]:
     fields, offset = [], 0
     while offset < len(data):
         if offset + 4 > len(data):
@@ -382,225 +377,5 @@ def _decode_fields(data: bytes, label: bytes, count: int, who: str) -> list[byte
     return fields[1:]
 
 
-class SecAggServer:
-    """The server's side: relays keys and shares, collects masked inputs, unmasks the sum of survivors."""
-
-    def __init__(
-        self,
-        client_ids: Sequence[str],
-        identities: Mapping[str, ed25519.Ed25519PublicKey],
-        params: SecAggParams,
-        vector_len: int,
-        *,
-        run_id: str,
-        round: int,
-    ) -> None:
-        if len(set(client_ids)) != len(client_ids) or not client_ids:
-            raise ValueError(f"client_ids: expected unique, non-empty ids, got {list(client_ids)}")
-        missing = sorted(set(client_ids) - set(identities))
-        if missing:
-            raise ValueError(f"identities: expected a public key for every client, missing {missing}")
-        self.client_ids = sorted(client_ids)
-        self.params = params
-        self.vector_len = vector_len  # numel + 1 (the weight)
-        self.run_id = run_id
-        self.round = round
-        self._identities = dict(identities)
-        self.stage = Stage.ADVERTISE
-        self.excluded: dict[str, str] = {}
-        self._adverts: dict[str, SignedKeys] = {}
-        self._neighbours: dict[str, frozenset[str]] = {}
-        self._shares: dict[str, list[EncryptedShare]] = {}
-        self._inputs: dict[str, MaskedInput] = {}
-        self._responses: dict[str, UnmaskResponse] = {}
-        self._request: UnmaskRequest | None = None
-        self._sharing: set[str] = set()
-
-    def _expect(self, stage: Stage) -> None:
-        if self.stage is not stage:
-            raise ProtocolStageError(f"server: expected stage {stage.value}, at {self.stage.value}")
-
-    def _exclude(self, client_id: str, reason: str) -> None:
-        self.excluded.setdefault(client_id, reason)
-
-    def broadcast_keys(self, adverts: Sequence[SignedKeys]) -> list[SignedKeys]:
-        """Close stage 0: keep the verified adverts of planned clients; every client receives this list."""
-        self._expect(Stage.ADVERTISE)
-        for advert in adverts:
-            cid = advert.client_id
-            if cid not in self.client_ids:
-                continue  # not in this round's plan: ignored, not a participant
-            if cid in self._adverts:
-                self._exclude(cid, "advertised keys twice")
-                continue
-            try:
-                verify_keys(advert, self._identities[cid], self.run_id, PURPOSE, self.round, 3)
-            except MalformedMessageError as exc:
-                self._exclude(cid, str(exc))
-                continue
-            self._adverts[cid] = advert
-        for cid in self.excluded:
-            self._adverts.pop(cid, None)
-        ids = sorted(self._adverts)
-        if len(ids) < self.params.threshold:
-            raise RoundAbortedError(
-                f"secagg round {self.round}: {len(ids)} clients advertised keys, fewer than the threshold "
-                f"t = {self.params.threshold}; round aborted"
-            )
-        self._neighbours = neighbourhoods(ids, self.params.neighbours, _graph_seed(self.run_id, self.round))
-        self.stage = Stage.SHARE_KEYS
-        return [self._adverts[cid] for cid in ids]
-
-    def receive_shares(self, sender: str, messages: Sequence[EncryptedShare]) -> None:
-        """Stage 1 input from ``sender``: its sealed shares, one per neighbour (the server cannot open them)."""
-        self._expect(Stage.SHARE_KEYS)
-        if sender not in self._adverts or sender in self.excluded:
-            return
-        if sender in self._shares:
-            self._exclude(sender, "sent its shares twice")
-            return
-        recipients = [m.recipient for m in messages]
-        if any(m.sender != sender for m in messages) or sorted(recipients) != sorted(self._neighbours[sender]):
-            self._exclude(sender, f"shares addressed to {sorted(recipients)}, expected its neighbours")
-            return
-        self._shares[sender] = list(messages)
-
-    def deliver_shares(self) -> dict[str, list[EncryptedShare]]:
-        """Close stage 1: the sealed shares for each client that shared (senders that shared too)."""
-        self._expect(Stage.SHARE_KEYS)
-        sharing = set(self._shares) - set(self.excluded)
-        out: dict[str, list[EncryptedShare]] = {cid: [] for cid in sorted(sharing)}
-        for sender in sorted(sharing):
-            for message in self._shares[sender]:
-                if message.recipient in sharing:
-                    out[message.recipient].append(message)
-        self._sharing = sharing
-        self.stage = Stage.MASKED_INPUT
-        return out
-
-    def receive_masked(self, message: MaskedInput) -> None:
-        """Stage 2 input; a wrong-size or repeated upload excludes its sender (named, before unmasking)."""
-        self._expect(Stage.MASKED_INPUT)
-        cid = message.client_id
-        if cid not in self._sharing:
-            return
-        if cid in self._inputs:
-            self._exclude(cid, "uploaded a masked input twice")
-            return
-        expected = self.vector_len * ((self.params.ring_bits + 7) // 8)
-        if len(message.data) != expected:
-            self._exclude(cid, f"masked input of {len(message.data)} bytes, expected {expected}")
-        unknown = set(message.masked_with) - self._neighbours.get(cid, frozenset())
-        if unknown:
-            self._exclude(cid, f"claims masks with non-neighbours {sorted(unknown)}")
-        self._inputs[cid] = message
-
-    def unmask_request(self) -> UnmaskRequest:
-        """Close stage 2: decide survivors and dropped (exclusions applied); abort below ``t`` survivors."""
-        self._expect(Stage.MASKED_INPUT)
-        for cid, message in self._inputs.items():
-            for peer in message.rejected:
-                if peer in self._neighbours.get(cid, frozenset()):
-                    self._exclude(peer, f"client {cid!r} rejected its key shares as malformed")
-        candidates = set(self._inputs) - set(self.excluded)
-        for cid in sorted(candidates):  # pairwise masks between two summed clients must cancel
-            for peer in sorted(self._neighbours[cid] & candidates):
-                mine, theirs = peer in self._inputs[cid].masked_with, cid in self._inputs[peer].masked_with
-                if mine != theirs:
-                    self._exclude(cid, f"mask graph disagrees with client {peer!r}")
-                    self._exclude(peer, f"mask graph disagrees with client {cid!r}")
-        survivors = sorted(set(self._inputs) - set(self.excluded))
-        dropped = sorted(self._sharing - set(survivors))
-        if len(survivors) < self.params.threshold:
-            raise RoundAbortedError(
-                f"secagg round {self.round}: {len(survivors)} survivors ({', '.join(survivors) or 'none'}), "
-                f"fewer than the threshold t = {self.params.threshold}; dropped or excluded: "
-                f"{', '.join(dropped) or 'none'} ({self.excluded or 'no exclusions'}); "
-                f"round aborted, nothing aggregated"
-            )
-        self._request = UnmaskRequest(survivors=tuple(survivors), dropped=tuple(dropped))
-        self.stage = Stage.UNMASK
-        return self._request
-
-    def receive_unmask(self, response: UnmaskResponse) -> None:
-        self._expect(Stage.UNMASK)
-        assert self._request is not None
-        if response.client_id in self._request.survivors and response.client_id not in self._responses:
-            self._responses[response.client_id] = response
-
-    def finish(self) -> SecAggSum:
-        """Close stage 3: recover the survivors' self-mask seeds and the dropped clients' mask keys, unmask."""
-        self._expect(Stage.UNMASK)
-        assert self._request is not None
-        survivors, dropped = list(self._request.survivors), list(self._request.dropped)
-        seeds = {cid: self._recover(cid, "self") for cid in survivors}
-        cancel = {d: [u for u in survivors if d in self._inputs[u].masked_with] for d in dropped}
-        keys = {d: self._recover(d, "key") for d in dropped if cancel[d]}
-        total = np.zeros(self.vector_len, dtype=np.uint64)
-        for cid in survivors:
-            total += unpack_ring(self._inputs[cid].data, self.params.ring_bits, self.vector_len)
-            total -= expand_mask(seeds[cid], self.vector_len, "self")
-        for d, key in keys.items():
-            private = _x25519_private(key)
-            for u in cancel[d]:
-                seed = pairwise_key(
-                    private, self._adverts[u].keys[1], run_id=self.run_id, purpose="secagg-mask",
-                    round=self.round, ids=(d, u),
-                )
-                pad = expand_mask(seed, self.vector_len, "pair")
-                total = total - pad if u < d else total + pad  # undo u's +-PRG(s_ud)
-        modulus = _ring_mask(self.params.ring_bits)
-        self.stage = Stage.DONE
-        return SecAggSum(ring_sum=total & modulus, clients=survivors, excluded=dict(self.excluded), dropped=dropped)
-
-    def _recover(self, owner: str, kind: str) -> bytes:
-        """Reconstruct ``owner``'s self-mask seed or mask key from the responders' shares, verified."""
-        shares, bad = [], []
-        point_of = _share_points(sorted(self._adverts))
-        group = self._neighbours[owner] | {owner}
-        for responder, response in sorted(self._responses.items()):
-            raw = (response.self_shares if kind == "self" else response.key_shares).get(owner)
-            if raw is None or responder not in group:
-                continue
-            try:
-                share = shamir.Share.from_bytes(raw)
-            except ValueError:
-                bad.append(responder)
-                continue
-            if share.x != point_of[responder]:
-                bad.append(responder)
-                continue
-            shares.append(share)
-        for responder in bad:
-            self._exclude(responder, f"sent a malformed unmask share for {owner!r}")
-        t = self.params.threshold
-        what = "self-mask seed" if kind == "self" else "mask key"
-        if len(shares) < t:
-            raise RoundAbortedError(
-                f"secagg round {self.round}: only {len(shares)} valid shares of the {what} of {owner!r}, "
-                f"threshold t = {t}; round aborted, nothing aggregated"
-            )
-        advert = self._adverts[owner]
-        for tries, subset in enumerate(itertools.combinations(shares, t)):
-            if tries >= _MAX_RECOVERY_TRIES:
-                break
-            try:
-                secret = shamir.combine(subset, t)
-            except ValueError:
-                continue
-            if kind == "self" and _commitment(self.run_id, self.round, owner, secret) == advert.keys[2]:
-                return secret
-            if kind == "key" and x25519_public_raw(secret) == advert.keys[1]:
-                return secret
-        raise RoundAbortedError(
-            f"secagg round {self.round}: no subset of the {len(shares)} shares of the {what} of {owner!r} "
-            f"matches its signed commitment; round aborted, nothing aggregated"
-        )
-
-
-def _ring_mask(bits: int) -> np.uint64:
+def ring_mask(bits: int) -> np.uint64:
     return np.uint64((1 << bits) - 1) if bits < 64 else np.uint64(2**64 - 1)
-
-
-def _x25519_private(raw: bytes) -> x25519.X25519PrivateKey:
-    return x25519.X25519PrivateKey.from_private_bytes(raw)
