@@ -22,6 +22,7 @@ from google.protobuf.message import Message
 
 from fedsplit.adapters import trainable_parameters
 from fedsplit.protocol import ProtocolError, decode_tensor, encode_tensor, kind_name, pb
+from fedsplit.server.checkpoint import TrunkHolder
 from fedsplit.split.parts import Trunk
 from fedsplit.train.config import TrainConfig
 from fedsplit.train.optim import (
@@ -50,20 +51,16 @@ def check_client_sq_norm(value: float) -> None:
         raise ProtocolError(f"OptimizerStep.client_grad_sq_norm: expected a finite value >= 0, got {value}")
 
 
-class TrunkHolder(Protocol):
-    """What :func:`commit_step` steps: a trunk's trainable parameters, optimizer and counters."""
+class StepTarget(TrunkHolder, Protocol):
+    """What :func:`commit_step` steps: a trunk holder (as checkpoints see it) with its trainable
+    parameters, its training configuration and its schedule's length."""
 
     params: list[torch.nn.Parameter]
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer: ...  # read-only, so a subclass (AdamW) fits
-
     cfg: TrainConfig
     total_steps: int
-    steps_taken: int
 
 
-def commit_step(server: TrunkHolder, client_sq_norm: float, lr_scale: float = 1.0) -> pb.OptimizerResult:
+def commit_step(server: StepTarget, client_sq_norm: float, lr_scale: float = 1.0) -> pb.OptimizerResult:
     """Clip by the global norm (trunk + clients' squared norms), step the trunk, count the step.
 
     ``lr_scale`` > 1 when one step stands for several clients' steps (client-batching): the
