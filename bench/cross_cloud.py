@@ -58,6 +58,7 @@ from fedsplit.strategy import (
     ClientUpdate,
     Strategy,
     StrategyConfig,
+    TooFewResults,
     add_proximal_grad_,
     build_strategy,
 )
@@ -215,7 +216,10 @@ def run_federation(
             if bandwidths is not None:
                 metrics[BANDWIDTH_METRIC] = bandwidths[ids.index(cid)]
             updates.append(ClientUpdate(cid, tensors, len(silos[ids.index(cid)]), metrics))
-        global_parts = strategy.aggregate(rnd, updates, [], global_parts).tensors
+        aggregate = strategy.aggregate(rnd, updates, [], global_parts)
+        if isinstance(aggregate, TooFewResults):
+            raise RuntimeError(aggregate.reason)
+        global_parts = aggregate.tensors
         losses_per_round.append(round(float(np.mean(round_losses)), 4))  # the clients' training loss
     return {"final_loss": evaluate(evaluator, parts, global_parts, task), "train_loss": losses_per_round}
 

@@ -217,7 +217,7 @@ def make_federation(
         FedAvg(local_steps=local_steps, lr=cfg.lr, min_clients=min_clients),
         client_adapters(server.head, server.tail),
         list(client_ids),
-        CoordinatorConfig(num_rounds=num_rounds, min_clients=min_clients, **settings),
+        CoordinatorConfig(num_rounds=num_rounds, **settings),
         metrics=metrics,
         checkpoint_dir=checkpoint_dir,
         run_id="test-run",

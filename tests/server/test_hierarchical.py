@@ -124,7 +124,7 @@ def run_federation(hierarchy: Hierarchy, keys: Keys, *, rounds: int, local_steps
         FedAvg(local_steps=local_steps, lr=CFG.lr, min_clients=1),
         client_adapters(*_head_tail()),
         CLIENTS,
-        CoordinatorConfig(num_rounds=rounds, min_clients=1, ordered_steps=False, round_timeout_s=120.0,
+        CoordinatorConfig(num_rounds=rounds, ordered_steps=False, round_timeout_s=120.0,
                           step_timeout_s=60.0, join_timeout_s=60.0, join_grace_s=0.5, poll_s=0.05),
         run_id=RUN_ID,
         config_hash=CONFIG_HASH.hex(),

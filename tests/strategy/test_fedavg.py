@@ -9,8 +9,8 @@ from fedsplit.strategy import (
     Failure,
     FedAvg,
     NotEnoughClientsError,
-    NotEnoughResultsError,
     Strategy,
+    TooFewResults,
     weighted_metrics,
 )
 
@@ -62,15 +62,15 @@ def test_too_few_results_lists_results_and_failure_reasons() -> None:
         Failure(client_id="c", reason="connection reset", stage="upload"),
     ]
 
-    with pytest.raises(NotEnoughResultsError) as caught:
-        strategy.aggregate(4, [_update("a", 1.0, 5)], failures, CURRENT)
+    out = strategy.aggregate(4, [_update("a", 1.0, 5)], failures, CURRENT)
 
-    message = str(caught.value)
+    assert isinstance(out, TooFewResults)
+    message = out.reason
     assert "round 4: expected at least 2 results, got 1" in message
     assert "results: a;" in message
     assert "b at stage 'train': timeout after 30 s" in message
     assert "c at stage 'upload': connection reset" in message
-    assert caught.value.failures == failures
+    assert out.failures == failures
 
 
 def test_result_order_does_not_matter() -> None:

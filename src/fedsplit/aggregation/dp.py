@@ -35,7 +35,15 @@ import torch
 from torch import Tensor
 
 from fedsplit.aggregation.errors import PrivacyBudgetExceededError
-from fedsplit.strategy.base import AggregateResult, ClientUpdate, Failure, RoundPlan, Strategy, check_finite_number
+from fedsplit.strategy.base import (
+    AggregateResult,
+    ClientUpdate,
+    Failure,
+    RoundPlan,
+    Strategy,
+    TooFewResults,
+    check_finite_number,
+)
 
 __all__ = ["clip_update", "privatize_update", "uniform_weight", "PrivacyAccountant", "DPFedAvg", "PrivacyBudgetWarning"]
 
@@ -170,6 +178,10 @@ class DPFedAvg:
         self._rate: dict[int, float] = {}
         self._generator = torch.Generator().manual_seed(seed)
 
+    @property
+    def min_clients(self) -> int:
+        return self.inner.min_clients
+
     def configure_round(self, round: int, available: Sequence[str]) -> RoundPlan:
         if self.on_budget == "stop" and self.accountant.epsilon() > self.epsilon_budget:
             spent = self.accountant.epsilon()
@@ -183,7 +195,7 @@ class DPFedAvg:
 
     def aggregate(
         self, round: int, results: Sequence[ClientUpdate], failures: Sequence[Failure], current: Mapping[str, Tensor]
-    ) -> AggregateResult:
+    ) -> AggregateResult | TooFewResults:
         clipped_count = 0
         if self.noise == "central":
             clipped = []
@@ -193,6 +205,8 @@ class DPFedAvg:
                 clipped.append(replace(update, tensors=tensors))
             results = clipped
         result = self.inner.aggregate(round, results, failures, current)
+        if isinstance(result, TooFewResults):
+            return result  # no round, no noise, nothing spent
         n = len(result.clients)
         multiplier = self.noise_multiplier
         tensors = result.tensors

@@ -32,7 +32,7 @@ from fedsplit.client.runner import client_adapters, data_order, load_client_adap
 from fedsplit.data import Example, collate, encode_examples
 from fedsplit.server import TrunkServer
 from fedsplit.split import SplitParts, split_model
-from fedsplit.strategy import ClientUpdate, FedAvg
+from fedsplit.strategy import ClientUpdate, FedAvg, TooFewResults
 from fedsplit.train.config import TrainConfig
 
 Batch = dict[str, torch.Tensor]
@@ -105,7 +105,10 @@ def train_federated(
                 bar.update()
         updates = [ClientUpdate(cid, states[cid], num_examples=_examples(work[cid]),
                                 metrics={"loss": sum(round_losses[cid]) / local_steps}) for cid in plan.client_ids]
-        global_adapters = strategy.aggregate(number, updates, [], global_adapters).tensors
+        aggregate = strategy.aggregate(number, updates, [], global_adapters)
+        if isinstance(aggregate, TooFewResults):  # every picked client trained: the strategy wants more
+            raise RuntimeError(aggregate.reason)
+        global_adapters = aggregate.tensors
         for cid in plan.client_ids:
             steps_done[cid] += local_steps
         bar.set_postfix(round=number, loss=f"{losses[-1]:.3f}")

@@ -108,7 +108,7 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
                               min_clients=cfg.federation.min_clients, fraction=cfg.federation.fraction,
                               seed=cfg.train.seed)
     coordinator_cfg = CoordinatorConfig(
-        num_rounds=cfg.federation.rounds, min_clients=cfg.federation.min_clients,
+        num_rounds=cfg.federation.rounds,
         round_timeout_s=cfg.server.round_timeout_s, step_timeout_s=cfg.server.step_timeout_s,
         join_timeout_s=cfg.server.join_timeout_s, join_grace_s=cfg.server.join_grace_s,
         ordered_steps=cfg.server.mode == "sequential",

@@ -4,14 +4,16 @@ One round, stage by stage (:class:`RoundStage`, transitions checked)::
 
     WAITING_FOR_CLIENTS  clients send JOIN_ROUND and wait in the lobby (reply ``wait_s > 0``). The
                          round starts when every expected client is in the lobby, or when at least
-                         ``min_clients`` are and ``join_grace_s`` has passed since there were enough.
+                         the strategy's ``min_clients`` are and ``join_grace_s`` has passed since
+                         there were enough.
     TRAINING             the strategy picks the participants. Each collects its RoundPlan at its
                          next JOIN_ROUND (global head/tail adapters, local_steps, lr, ``first_step``),
                          runs ``local_steps`` split steps through the trunk (the trunk's adapter is
                          updated at every step) and sends CLIENT_UPDATE. The round ends when every
                          participant has sent its update or failed, or after ``round_timeout_s``.
     AGGREGATING          the strategy averages exactly the updates that arrived; the failures
-                         arrive as data. The round is checkpointed.
+                         arrive as data, and so does its verdict that they are too few
+                         (``TooFewResults``). The round is checkpointed.
     DONE / FAILED        after ``num_rounds`` rounds; or a round could not be completed.
 
 Failures. A participant fails when its session ends (``on_disconnect``), when it sends JOIN_ROUND
@@ -22,7 +24,7 @@ stay, as every split step updates the server's own adapter. It is readmitted at 
 JOIN_ROUND mid-round gets ``wait_s``). A client may have several sessions at once (a reconnect
 before the old stream is noticed dead): it counts as disconnected when its last session ends.
 
-Too few results (< ``min_clients``): the round leaves no trace (trunk adapter, optimizer and step
+Too few results (< the strategy's ``min_clients``): the round leaves no trace (trunk adapter, optimizer and step
 counters are restored to the round's start) and is retried, at most ``max_round_retries`` times;
 then ``run`` raises :class:`RoundFailedError` naming every failure.
 
@@ -93,8 +95,8 @@ from fedsplit.strategy import (
     ClientUpdate,
     Failure,
     NotEnoughClientsError,
-    NotEnoughResultsError,
     Strategy,
+    TooFewResults,
 )
 
 __all__ = ["ClientStage", "CoordinatorConfig", "RoundCoordinator", "RoundFailedError", "RoundStage", "RunResult",
@@ -127,8 +129,8 @@ class RoundCoordinator:
             raise ValueError("global_adapters: expected the clients' head/tail adapter tensors, got none")
         if not clients or len(set(clients)) != len(clients):
             raise ValueError(f"clients: expected unique client ids, got {list(clients)}")
-        if config.min_clients > len(clients):
-            raise ValueError(f"min_clients: expected <= {len(clients)} (the clients), got {config.min_clients}")
+        if strategy.min_clients > len(clients):
+            raise ValueError(f"min_clients: expected <= {len(clients)} (the clients), got {strategy.min_clients}")
         self.trunk, self.strategy, self.config = trunk, strategy, config
         self.clients = tuple(clients)
         self.metrics = metrics
@@ -179,11 +181,11 @@ class RoundCoordinator:
             self._open_round(number, attempt)  # WAITING_FOR_CLIENTS -> TRAINING
             results, failures = self._collect_updates()  # TRAINING -> AGGREGATING
             self.trunk.end_round(number)  # hierarchical: average the replicas before aggregating and checkpointing
-            aggregate = self._aggregate(results, failures)
-            if aggregate is not None:
+            aggregate = self.strategy.aggregate(number, results, failures, self._global)
+            if isinstance(aggregate, AggregateResult):
                 self._commit(aggregate, results, failures)  # -> WAITING_FOR_CLIENTS or DONE
                 return
-            self._roll_back(failures)  # -> WAITING_FOR_CLIENTS, same round again
+            self._roll_back(aggregate)  # -> WAITING_FOR_CLIENTS, same round again
         raise RoundFailedError(number, self.config.max_round_retries + 1, failures)
 
     def _open_round(self, number: int, attempt: int) -> None:
@@ -217,7 +219,7 @@ class RoundCoordinator:
 
     def _wait_for_clients(self, number: int) -> list[str]:
         """Block until the round may start; the lobby's clients, sorted."""
-        cfg = self.config
+        cfg, least = self.config, self.strategy.min_clients
         deadline = time.monotonic() + cfg.join_timeout_s
         enough_since: float | None = None
         resumed, self._resume_clients = self._resume_clients, frozenset()
@@ -228,7 +230,7 @@ class RoundCoordinator:
                 available = sorted(self._lobby)
                 if len(available) == len(self.clients):
                     return available
-                if len(available) < cfg.min_clients:
+                if len(available) < least:
                     enough_since = None
                 elif enough_since is None:
                     enough_since = now
@@ -241,7 +243,7 @@ class RoundCoordinator:
                     return available
                 if now >= deadline:
                     raise NotEnoughClientsError(
-                        f"round {number}: expected at least {cfg.min_clients} clients to join within "
+                        f"round {number}: expected at least {least} clients to join within "
                         f"{cfg.join_timeout_s} s, got {len(available)} ({', '.join(available) or 'none'})"
                     )
                 wake = deadline if enough_since is None or not back else min(deadline, enough_since + cfg.join_grace_s)
@@ -265,16 +267,6 @@ class RoundCoordinator:
             self._cond.wait_for(lambda: self._trunk_calls == 0)  # late steps are aborted as they return
             results = [p.update for _, p in sorted(r.participants.items()) if p.update is not None]
             return results, list(r.failures)
-
-    def _aggregate(self, results: list[ClientUpdate], failures: list[Failure]) -> AggregateResult | None:
-        """The strategy's aggregate of exactly ``results``, or ``None`` if they are too few."""
-        r = self._current()
-        if len(results) < self.config.min_clients:
-            return None
-        try:
-            return self.strategy.aggregate(r.number, results, failures, self._global)
-        except NotEnoughResultsError:
-            return None
 
     def _commit(self, aggregate: AggregateResult, results: list[ClientUpdate], failures: list[Failure]) -> None:
         r = self._current()
@@ -300,7 +292,7 @@ class RoundCoordinator:
             path = save_checkpoint(self.checkpoint_dir, self.checkpoint(), keep_last=self.config.keep_checkpoints)
             self._log("checkpoint", round=r.number, path=str(path))
 
-    def _roll_back(self, failures: list[Failure]) -> None:
+    def _roll_back(self, too_few: TooFewResults) -> None:
         """Undo a round that got too few results: restore the trunk; the same round runs again."""
         r = self._current()
         restore_trunk(self.trunk, r.start_trunk)
@@ -311,8 +303,9 @@ class RoundCoordinator:
             "round_failed",
             round=r.number,
             attempt=r.attempt,
-            failures=[{"client": f.client_id, "stage": f.stage, "reason": f.reason} for f in failures],
+            failures=[{"client": f.client_id, "stage": f.stage, "reason": f.reason} for f in too_few.failures],
         )
+        log.warning("%s; round %d runs again", too_few.reason, r.number)
 
     def _finish(self) -> None:
         with self._cond:

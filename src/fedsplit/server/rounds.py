@@ -86,7 +86,7 @@ class RunStoppedError(RuntimeError):
 
 
 class RoundFailedError(RuntimeError):
-    """A round got fewer than ``min_clients`` results on every attempt."""
+    """A round got fewer than the strategy's ``min_clients`` results on every attempt."""
 
     def __init__(self, round: int, attempts: int, failures: Sequence[Failure]) -> None:
         self.round, self.attempts, self.failures = round, attempts, list(failures)
@@ -99,7 +99,6 @@ class CoordinatorConfig:
     """How the server runs rounds. Times are seconds."""
 
     num_rounds: int = field(metadata={"help": "federated rounds to run"})
-    min_clients: int = field(default=1, metadata={"help": "fewest clients a round starts with and aggregates"})
     # The run's timing has one home, the [server] section (fedsplit.config.ServerConfig): its defaults here.
     round_timeout_s: float = field(default=_SERVER.round_timeout_s, metadata={"help": _help("round_timeout_s")})
     step_timeout_s: float = field(default=_SERVER.step_timeout_s, metadata={"help": _help("step_timeout_s")})
@@ -122,7 +121,7 @@ class CoordinatorConfig:
                                                           "global parts (0: off)"})
 
     def __post_init__(self) -> None:
-        for name, least in (("num_rounds", 1), ("min_clients", 1), ("max_round_retries", 0),
+        for name, least in (("num_rounds", 1), ("max_round_retries", 0),
                             ("max_examples_per_round", 0), ("max_examples_per_client", 0), ("eval_burst", 1),
                             ("keep_checkpoints", 0)):
             value = getattr(self, name)

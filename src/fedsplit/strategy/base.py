@@ -5,8 +5,9 @@ Each round the loop asks the strategy which clients to train and with what setti
 came back (``ClientUpdate``: PEFT adapter state dicts of the head and tail, keys ``"head/..."``,
 ``"tail/..."``) together with the clients that did not (``Failure``, as data, never as an
 exception) and the current global client parts. The strategy returns the new global client
-parts (``AggregateResult``). The shape follows Flower's ``Strategy`` (``configure_fit`` /
-``aggregate_fit``), cut down to what split fine-tuning needs.
+parts (``AggregateResult``), or ``TooFewResults`` when fewer than its ``min_clients`` came back.
+The shape follows Flower's ``Strategy`` (``configure_fit`` / ``aggregate_fit``), cut down to what
+split fine-tuning needs.
 
 How later work plugs in without changing this interface:
 
@@ -44,23 +45,6 @@ class StrategyError(RuntimeError):
 
 class NotEnoughClientsError(StrategyError):
     """Fewer clients are available than the strategy needs to start a round."""
-
-
-class NotEnoughResultsError(StrategyError):
-    """Fewer clients returned results than the strategy needs to aggregate a round."""
-
-    def __init__(
-        self, round: int, needed: int, results: Sequence[str], failures: Sequence[Failure]
-    ) -> None:
-        self.round = round
-        self.needed = needed
-        self.results = list(results)
-        self.failures = list(failures)
-        reasons = "; ".join(f"{f.client_id} at stage {f.stage!r}: {f.reason}" for f in failures)
-        super().__init__(
-            f"round {round}: expected at least {needed} results, got {len(results)} "
-            f"(results: {', '.join(results) or 'none'}; failures: {reasons or 'none'})"
-        )
 
 
 @dataclass(frozen=True)
@@ -111,6 +95,28 @@ class RoundPlan:
 
 
 @dataclass(frozen=True)
+class TooFewResults:
+    """A round that cannot be aggregated: fewer results than the strategy's ``min_clients``.
+
+    Returned by :meth:`Strategy.aggregate` as data, not raised: the round loop rolls the round
+    back and tries it again, and logs :attr:`reason`.
+    """
+
+    round: int
+    needed: int
+    results: list[str]  # ids of the clients that did send a result
+    failures: list[Failure]
+
+    @property
+    def reason(self) -> str:
+        causes = "; ".join(f"{f.client_id} at stage {f.stage!r}: {f.reason}" for f in self.failures)
+        return (
+            f"round {self.round}: expected at least {self.needed} results, got {len(self.results)} "
+            f"(results: {', '.join(self.results) or 'none'}; failures: {causes or 'none'})"
+        )
+
+
+@dataclass(frozen=True)
 class AggregateResult:
     """The new global client parts and what the round reported."""
 
@@ -131,7 +137,16 @@ def num_examples(update: ClientUpdate) -> float:
 
 @runtime_checkable
 class Strategy(Protocol):
-    """Chooses the clients of each round and merges what they send back."""
+    """Chooses the clients of each round and merges what they send back.
+
+    ``min_clients`` is the one owner of that number: the round loop waits for that many clients
+    before a round starts, and ``aggregate`` returns :class:`TooFewResults` below it.
+    """
+
+    @property
+    def min_clients(self) -> int:
+        """The fewest clients a round starts with and the fewest results it aggregates."""
+        ...
 
     def configure_round(self, round: int, available: Sequence[str]) -> RoundPlan:
         """Pick the clients of ``round`` among ``available`` and the settings they train with."""
@@ -143,8 +158,11 @@ class Strategy(Protocol):
         results: Sequence[ClientUpdate],
         failures: Sequence[Failure],
         current: Mapping[str, Tensor],
-    ) -> AggregateResult:
-        """Merge the updates of ``round`` into new global client parts (``current``: the old)."""
+    ) -> AggregateResult | TooFewResults:
+        """Merge the updates of ``round`` into new global client parts (``current``: the old).
+
+        Fewer than ``min_clients`` results give :class:`TooFewResults` (data, not an exception).
+        """
         ...
 
 

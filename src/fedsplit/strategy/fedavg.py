@@ -19,8 +19,8 @@ from fedsplit.strategy.base import (
     ClientUpdate,
     Failure,
     NotEnoughClientsError,
-    NotEnoughResultsError,
     RoundPlan,
+    TooFewResults,
     WeightFn,
     check_finite_number,
     check_round,
@@ -91,8 +91,10 @@ class FedAvg:
         results: Sequence[ClientUpdate],
         failures: Sequence[Failure],
         current: Mapping[str, Tensor],
-    ) -> AggregateResult:
+    ) -> AggregateResult | TooFewResults:
         ordered = ordered_results(round, results, failures, current, self.min_clients)
+        if isinstance(ordered, TooFewResults):
+            return ordered
         ids = [update.client_id for update in ordered]
         weights = [self.weight_fn(update) for update in ordered]
         if self.max_share < 1:
@@ -110,15 +112,15 @@ def ordered_results(
     failures: Sequence[Failure],
     current: Mapping[str, Tensor],
     min_clients: int,
-) -> list[ClientUpdate]:
-    """``results`` sorted by client id, checked: one per client, enough of them, ``current``'s keys."""
+) -> list[ClientUpdate] | TooFewResults:
+    """``results`` sorted by client id, checked: one per client, ``current``'s keys; or too few of them."""
     check_round(round)
     ordered = sorted(results, key=lambda update: update.client_id)
     ids = [update.client_id for update in ordered]
     if len(set(ids)) != len(ids):
         raise ValueError(f"round {round}: expected one result per client, got {ids}")
     if len(ordered) < min_clients:
-        raise NotEnoughResultsError(round, min_clients, ids, failures)
+        return TooFewResults(round, min_clients, ids, list(failures))
     if current:  # the clients must have trained the parts the server holds
         for update in ordered:
             check_compatible(current, update.tensors, f"client {update.client_id!r}")

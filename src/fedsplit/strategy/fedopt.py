@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from fedsplit.strategy.aggregate import AggregationError, check_compatible, like
-from fedsplit.strategy.base import AggregateResult, ClientUpdate, Failure, RoundPlan, check_finite_number
+from fedsplit.strategy.base import AggregateResult, ClientUpdate, Failure, RoundPlan, TooFewResults, check_finite_number
 from fedsplit.strategy.fedavg import FedAvg
 
 SERVER_OPTIMIZERS = ("adam", "yogi", "adagrad")
@@ -105,6 +105,10 @@ class FedOpt:
     def name(self) -> str:
         return f"fed{self.kind}"
 
+    @property
+    def min_clients(self) -> int:
+        return self.plan.min_clients
+
     def configure_round(self, round: int, available: Sequence[str]) -> RoundPlan:
         return self.plan.configure_round(round, available)
 
@@ -114,10 +118,12 @@ class FedOpt:
         results: Sequence[ClientUpdate],
         failures: Sequence[Failure],
         current: Mapping[str, Tensor],
-    ) -> AggregateResult:
+    ) -> AggregateResult | TooFewResults:
         if not current:
             raise AggregationError(f"{self.name}: expected the current global client parts, got none")
         averaged = self.plan.aggregate(round, results, failures, current)
+        if isinstance(averaged, TooFewResults):
+            return averaged
         tensors = server_opt_step(
             current, averaged.tensors, self.state,
             kind=self.kind, eta=self.eta, beta1=self.beta1, beta2=self.beta2, tau=self.tau,

@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from fedsplit.strategy.base import AggregateResult, ClientUpdate, Failure, RoundPlan, check_finite_number
+from fedsplit.strategy.base import AggregateResult, ClientUpdate, Failure, RoundPlan, TooFewResults, check_finite_number
 from fedsplit.strategy.fedavg import FedAvg
 
 PROXIMAL_MU = "proximal_mu"  # RoundPlan.settings key: the client's proximal coefficient
@@ -72,6 +72,10 @@ class FedProx:
         if self.mu < 0:
             raise ValueError(f"mu: expected >= 0, got {self.mu}")
 
+    @property
+    def min_clients(self) -> int:
+        return self.plan.min_clients
+
     def configure_round(self, round: int, available: Sequence[str]) -> RoundPlan:
         plan = self.plan.configure_round(round, available)
         return RoundPlan(plan.round, plan.client_ids, {**plan.settings, PROXIMAL_MU: float(self.mu)})
@@ -82,5 +86,5 @@ class FedProx:
         results: Sequence[ClientUpdate],
         failures: Sequence[Failure],
         current: Mapping[str, Tensor],
-    ) -> AggregateResult:
+    ) -> AggregateResult | TooFewResults:
         return self.plan.aggregate(round, results, failures, current)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from fedsplit.strategy.aggregate import AggregationError, check_states, like, stacked
-from fedsplit.strategy.base import AggregateResult, ClientUpdate, Failure, RoundPlan
+from fedsplit.strategy.base import AggregateResult, ClientUpdate, Failure, RoundPlan, TooFewResults
 from fedsplit.strategy.fedavg import FedAvg, ordered_results, weighted_metrics
 
 
@@ -102,6 +102,10 @@ class _Robust:
     name: ClassVar[str] = ""
     min_results: int = field(default=1, init=False)  # the rule's own minimum, on top of plan.min_clients
 
+    @property
+    def min_clients(self) -> int:
+        return max(self.plan.min_clients, self.min_results)
+
     def configure_round(self, round: int, available: Sequence[str]) -> RoundPlan:
         return self.plan.configure_round(round, available)
 
@@ -111,9 +115,10 @@ class _Robust:
         results: Sequence[ClientUpdate],
         failures: Sequence[Failure],
         current: Mapping[str, Tensor],
-    ) -> AggregateResult:
-        needed = max(self.plan.min_clients, self.min_results)
-        ordered = ordered_results(round, results, failures, current, needed)
+    ) -> AggregateResult | TooFewResults:
+        ordered = ordered_results(round, results, failures, current, self.min_clients)
+        if isinstance(ordered, TooFewResults):
+            return ordered
         tensors, kept = self.rule([update.tensors for update in ordered])
         weights = [1.0 if index in kept else 0.0 for index in range(len(ordered))]
         metrics = weighted_metrics(ordered, weights)
