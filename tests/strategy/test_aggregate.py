@@ -67,14 +67,15 @@ def test_input_order_does_not_change_the_result() -> None:
 def test_missing_key_names_the_update_and_key() -> None:
     updates = [(_state([1.0, 2.0], 3.0), 1.0), ({"head/lora_A": torch.tensor([1.0, 2.0])}, 1.0)]
 
-    with pytest.raises(AggregationError, match=r"client-b.*missing=\['tail/lora_B'\]"):
+    expected = r"client-b.*: keys do not match the reference: missing 1 \['tail/lora_B'\]"
+    with pytest.raises(AggregationError, match=expected):
         weighted_average(updates, labels=["client-a", "client-b"])
 
 
 def test_shape_mismatch_names_key_expected_and_got() -> None:
     updates = [(_state([1.0, 2.0], 3.0), 1.0), (_state([1.0, 2.0, 3.0], 3.0), 1.0)]
 
-    expected = r"update 1: key 'head/lora_A': expected shape \(2,\), got \(3,\)"
+    expected = r"update 1\[head/lora_A\]: expected shape \(2,\), got \(3,\)"
     with pytest.raises(AggregationError, match=expected):
         weighted_average(updates)
 

@@ -20,6 +20,7 @@ from fedsplit.recipes.common import BatchStream, FederatedData, encode
 from fedsplit.recipes.evaluate import EvalResult, evaluate
 from fedsplit.split import split_model
 from fedsplit.train.centralized import CentralizedTrainer
+from fedsplit.train.optim import schedule_horizon
 
 
 @dataclass
@@ -30,7 +31,7 @@ class CentralizedResult:
 
 
 def total_federated_steps(cfg: RunConfig) -> int:
-    return cfg.federation.rounds * cfg.federation.local_steps * cfg.data.num_clients
+    return schedule_horizon(cfg.federation.rounds, cfg.federation.local_steps, cfg.data.num_clients)
 
 
 def run_centralized(cfg: RunConfig, data: FederatedData, out: Path, metrics: MetricsWriter) -> CentralizedResult:

@@ -34,6 +34,7 @@ from fedsplit.server import TrunkServer
 from fedsplit.split import SplitParts, split_model
 from fedsplit.strategy import ClientUpdate, FedAvg, TooFewResults
 from fedsplit.train.config import TrainConfig
+from fedsplit.train.optim import schedule_horizon
 
 Batch = dict[str, torch.Tensor]
 
@@ -76,7 +77,7 @@ def train_federated(
     parts = split_model(model, head_layers, tail_layers)
     add_part_adapters(parts, lora, seed=cfg.seed)
     ids = [f"client-{k}" for k in range(len(silos))]
-    server = TrunkServer(parts.trunk, cfg, rounds * local_steps * len(ids))
+    server = TrunkServer(parts.trunk, cfg, schedule_horizon(rounds, local_steps, len(ids)))
     channels = {cid: _channel(server, cid) for cid in ids}
     strategy = FedAvg(local_steps=local_steps, lr=cfg.lr, seed=cfg.seed)
     global_adapters = client_adapters(parts.head, parts.tail)
@@ -90,7 +91,8 @@ def train_federated(
         for index, cid in enumerate(ids):
             if cid not in plan.client_ids:
                 continue
-            clients[cid] = SplitClient(parts.head, parts.tail, channels[cid], client_cfg, rounds * local_steps)
+            clients[cid] = SplitClient(parts.head, parts.tail, channels[cid], client_cfg,
+                                       schedule_horizon(rounds, local_steps))
             clients[cid].round, clients[cid].steps_taken = number, steps_done[cid]  # fresh AdamW, schedule position
             states[cid] = global_adapters
             work[cid] = round_steps(silos[index], cfg, steps_done[cid], local_steps)

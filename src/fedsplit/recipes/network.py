@@ -28,6 +28,7 @@ from fedsplit.metrics import MetricsWriter
 from fedsplit.models import load_model
 from fedsplit.recipes.common import encode, load_federated_data
 from fedsplit.split import SplitParts, split_model
+from fedsplit.train.optim import schedule_horizon
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,8 @@ def _threads(count: int) -> None:
 
 def trunk_total_steps(cfg: RunConfig) -> int:
     """Optimizer steps the trunk takes in the whole run (the LR schedule's horizon)."""
-    # client-batch: one trunk step per group of clients; otherwise one per client step.
-    per_round = 1 if cfg.server.mode == "client-batch" else max(1, len(cfg.security.clients))
-    return cfg.federation.rounds * cfg.federation.local_steps * per_round
+    steppers = 1 if cfg.server.mode == "client-batch" else max(1, len(cfg.security.clients))
+    return schedule_horizon(cfg.federation.rounds, cfg.federation.local_steps, steppers)
 
 
 def frame_bound(cfg: RunConfig, parts: SplitParts) -> int:

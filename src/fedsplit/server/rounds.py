@@ -23,8 +23,10 @@ from fedsplit.config import ServerConfig
 from fedsplit.protocol import ProtocolError, kind_name, pb
 from fedsplit.server.checkpoint import Checkpoint, CheckpointError, TrunkHolder, TrunkState
 from fedsplit.server.stages import StageError, check_transition
+from fedsplit.strategy.aggregate import check_compatible
 from fedsplit.strategy.base import ClientUpdate, Failure, RoundPlan, StrategyError
 from fedsplit.strategy.bounds import l2_distance, linf_distance
+from fedsplit.train.optim import schedule_horizon
 
 StageTransitionError = StageError  # the coordinator's name for it
 log = logging.getLogger(__name__)
@@ -221,24 +223,6 @@ class OpenRound:
         return [cid for cid in self.owing() if sessions[cid].in_flight == 0 and now - sessions[cid].last_seen > limit_s]
 
 
-def check_adapters(
-    tensors: Mapping[str, Tensor], reference: Mapping[str, Tensor], what: str, error: type[ValueError]
-) -> None:
-    """Raise ``error`` unless ``tensors`` has exactly ``reference``'s keys, shapes and dtypes."""
-    missing, unexpected = sorted(set(reference) - set(tensors)), sorted(set(tensors) - set(reference))
-    if missing or unexpected:
-        raise error(
-            f"{what}: keys do not match the global adapters: "
-            f"missing {len(missing)} {missing[:3]}, unexpected {len(unexpected)} {unexpected[:3]}"
-        )
-    for key, expected in reference.items():
-        got = tensors[key]
-        if got.shape != expected.shape:
-            raise error(f"{what}[{key}]: expected shape {tuple(expected.shape)}, got {tuple(got.shape)}")
-        if got.dtype != expected.dtype:
-            raise error(f"{what}[{key}]: expected dtype {expected.dtype}, got {got.dtype}")
-
-
 def check_distance(
     tensors: Mapping[str, Tensor], current: Mapping[str, Tensor], *, local_steps: int, lr: float,
     factor: float, max_norm: float,
@@ -286,7 +270,7 @@ def plan_settings(plan: RoundPlan, local_steps: int, num_rounds: int) -> dict[st
     """The settings a participant receives: the strategy's, plus its LR schedule's horizon."""
     settings = {k: str(v) for k, v in plan.settings.items()}
     # The client's LR schedule spans all rounds (assumes the same local_steps every round).
-    settings["total_steps"] = str(num_rounds * local_steps)
+    settings["total_steps"] = str(schedule_horizon(num_rounds, local_steps))
     settings["num_rounds"] = str(num_rounds)
     return settings
 
@@ -339,7 +323,7 @@ def check_update(
     most = config.max_examples_per_round
     if not 1 <= request.num_examples <= (most or request.num_examples):
         raise ProtocolError(f"ClientUpdate.num_examples: expected 1..{most or 'any'}, got {request.num_examples}")
-    check_adapters(tensors, current, "ClientUpdate.adapters", ProtocolError)
+    check_compatible(current, tensors, "ClientUpdate.adapters", against="global adapters", error=ProtocolError)
     check_distance(tensors, current, local_steps=r.local_steps, lr=r.lr, factor=config.update_bound_factor,
                    max_norm=config.max_update_norm)
     return ClientUpdate(client_id, tensors, num_examples=weight, metrics=dict(request.metrics))
@@ -357,7 +341,8 @@ def check_checkpoint(
         )
     if not 0 <= checkpoint.round <= num_rounds:
         raise CheckpointError(f"checkpoint round: expected 0..{num_rounds}, got {checkpoint.round}")
-    check_adapters(checkpoint.global_adapters, global_adapters, "checkpoint global adapters", CheckpointError)
+    check_compatible(global_adapters, checkpoint.global_adapters, "checkpoint global adapters",
+                     against="global adapters", error=CheckpointError)
     unknown = sorted(set(checkpoint.client_steps) - set(clients))
     if unknown:
         raise CheckpointError(f"checkpoint client_steps: clients {unknown} are not expected in this run")

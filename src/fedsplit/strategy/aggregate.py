@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -55,25 +55,32 @@ def weighted_average(
 
 
 def check_compatible(
-    reference: Mapping[str, Tensor], tensors: Mapping[str, Tensor], name: str
+    reference: Mapping[str, Tensor],
+    tensors: Mapping[str, Tensor],
+    name: str,
+    *,
+    against: str = "reference",
+    error: Callable[[str], Exception] = AggregationError,
 ) -> None:
-    """Raise ``AggregationError`` unless ``tensors`` has ``reference``'s keys, shapes and dtypes."""
-    if set(tensors) != set(reference):
-        missing = sorted(set(reference) - set(tensors))
-        extra = sorted(set(tensors) - set(reference))
-        raise AggregationError(
-            f"{name}: expected the same keys as the reference, got missing={missing} extra={extra}"
+    """Raise ``error`` unless ``tensors`` has ``reference``'s keys, shapes and dtypes.
+
+    The one adapter compatibility check: the strategies use it on client updates, the round
+    loop on what a client uploads (``error=ProtocolError``) and on a checkpoint it resumes.
+    """
+    missing, unexpected = sorted(set(reference) - set(tensors)), sorted(set(tensors) - set(reference))
+    if missing or unexpected:
+        raise error(
+            f"{name}: keys do not match the {against}: "
+            f"missing {len(missing)} {missing[:3]}, unexpected {len(unexpected)} {unexpected[:3]}"
         )
     for key, expected in reference.items():
-        got, where = tensors[key], f"{name}: key {key!r}"
+        got, where = tensors[key], f"{name}[{key}]"
         if not isinstance(got, Tensor):
-            raise AggregationError(f"{where}: expected a torch.Tensor, got {type(got).__name__}")
+            raise error(f"{where}: expected a torch.Tensor, got {type(got).__name__}")
         if got.shape != expected.shape:
-            raise AggregationError(
-                f"{where}: expected shape {tuple(expected.shape)}, got {tuple(got.shape)}"
-            )
+            raise error(f"{where}: expected shape {tuple(expected.shape)}, got {tuple(got.shape)}")
         if got.dtype != expected.dtype:
-            raise AggregationError(f"{where}: expected dtype {expected.dtype}, got {got.dtype}")
+            raise error(f"{where}: expected dtype {expected.dtype}, got {got.dtype}")
 
 
 def check_finite(tensors: Mapping[str, Tensor], name: str) -> None:

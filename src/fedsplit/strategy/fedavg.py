@@ -123,7 +123,7 @@ def ordered_results(
         return TooFewResults(round, min_clients, ids, list(failures))
     if current:  # the clients must have trained the parts the server holds
         for update in ordered:
-            check_compatible(current, update.tensors, f"client {update.client_id!r}")
+            check_compatible(current, update.tensors, f"client {update.client_id!r}", against="global client parts")
     return ordered
 
 

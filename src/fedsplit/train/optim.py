@@ -36,6 +36,21 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> t
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
+def schedule_horizon(rounds: int, local_steps: int, steppers: int = 1) -> int:
+    """The length of an LR schedule over a federated run, in optimizer steps.
+
+    A client takes ``local_steps`` steps per round, so its horizon is ``rounds * local_steps``
+    (``steppers = 1``). The trunk takes one step per client step it serves: ``steppers`` is the
+    number of clients stepping it per client step (all of them when served one by one, 1 with
+    client-batching, where one trunk step serves the whole group). Centralized training that sees
+    as many batches as the federation uses ``steppers = num_clients`` too.
+    """
+    for name, value in (("rounds", rounds), ("local_steps", local_steps), ("steppers", steppers)):
+        if value < 1:
+            raise ValueError(f"{name}: expected >= 1, got {value}")
+    return rounds * local_steps * steppers
+
+
 def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
     """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based)."""
     if step < cfg.warmup_steps:
