@@ -5,24 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from fedsplit.attacks.corpus import CutPositions, collect, public_sequences, sequence_batches
-
-
-def token_batch(
-    vocab: int, batch: int = 8, length: int = 32, seed: int = 0, pad_last: int = 0
-) -> dict[str, torch.Tensor]:
-    """Random tokens (B, T), the last ``pad_last`` positions of row 0 padded."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (batch, length), generator=g)
-    mask = torch.ones(batch, length, dtype=torch.long)
-    if pad_last:
-        mask[0, -pad_last:] = 0
-    labels = ids.clone()
-    labels[:, : length // 2] = -100  # the "prompt" carries no loss
-    labels[mask == 0] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 @pytest.fixture(scope="session")

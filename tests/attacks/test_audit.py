@@ -7,7 +7,7 @@ from fedsplit.attacks.audit import audit_batch
 from fedsplit.attacks.hidden import embedding_matrix, head_of
 from fedsplit.attacks.inversion import RidgeInverter
 
-from .conftest import token_batch
+from tiny import token_batch
 
 
 def test_audit_scores_attacks_a_and_b_on_what_the_head_sends(stories, stories_positions):

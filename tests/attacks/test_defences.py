@@ -9,7 +9,7 @@ from fedsplit.attacks.defences import Defence, finetune
 from fedsplit.models import load_model
 from fedsplit.train.config import TrainConfig
 
-from .conftest import token_batch
+from tiny import token_batch
 
 CFG = TrainConfig(lr=5e-3, schedule="constant")
 STEPS = 4

@@ -12,7 +12,7 @@ from fedsplit.split import split_model
 from fedsplit.split.parts import positions_from_mask
 from fedsplit.train.optim import causal_lm_loss
 
-from .conftest import token_batch
+from tiny import token_batch
 
 
 def _parts(model):

@@ -7,7 +7,7 @@ from fedsplit.attacks.hidden import cut_hidden, embedding_matrix, head_of, hidde
 from fedsplit.split import split_model
 from fedsplit.split.parts import positions_from_mask
 
-from .conftest import token_batch
+from tiny import token_batch
 
 
 def test_depth_zero_is_the_embedding_output(tiny_llama):

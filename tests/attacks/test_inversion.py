@@ -13,7 +13,7 @@ from fedsplit.attacks.inversion import (
     token_recovery,
 )
 
-from .conftest import token_batch
+from tiny import token_batch
 
 
 def _flat(model, p, batch, sigma=0.0):

@@ -17,7 +17,7 @@ from fedsplit.security.wire import Role
 from fedsplit.split import split_model
 from fedsplit.train.config import TrainConfig
 
-from .conftest import token_batch
+from tiny import token_batch
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from fedsplit.train.centralized import CentralizedTrainer
 from fedsplit.train.config import TrainConfig
 from fedsplit.transport.errors import HandshakeRefusedError
 
-from .conftest import build_model, token_batches
+from tiny import build_model, token_batches
 
 CFG = TrainConfig(lr=1e-2)
 FAST = Backoff(base_s=0.001, max_s=0.004, max_attempts=3)

@@ -12,7 +12,7 @@ from fedsplit.server import TrunkServer
 from fedsplit.split.parts import positions_from_mask
 from fedsplit.train.config import TrainConfig
 
-from .conftest import build_model, token_batches
+from tiny import build_model, token_batches
 
 
 def _client(noise: float):

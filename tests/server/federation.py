@@ -1,4 +1,4 @@
-"""Test helpers: an in-process federation for the round coordinator: tiny split models, token batches, threads.
+"""Test helpers: an in-process federation for the round coordinator (tiny models and batches: ``tiny``).
 
 Every client session is a real :class:`fedsplit.channel.Channel` over an in-process transport (the
 frames are bytes, as on the network). ``Recorder`` keeps what went over the wire so tests can
@@ -13,47 +13,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
-from fedsplit.adapters import LoraSettings, add_part_adapters
 from fedsplit.channel import Channel, Handler, InProcessTransport, ServerSession
 from fedsplit.client.runner import Backoff, ClientRunner, RunnerResult, client_adapters
 from fedsplit.metrics import MetricsWriter
 from fedsplit.protocol import decode_named, pb
 from fedsplit.server import TrunkServer
 from fedsplit.server.coordinator import CoordinatorConfig, RoundCoordinator, RunResult, TrunkService
-from fedsplit.split import SplitParts, split_model
+from fedsplit.split import SplitParts
 from fedsplit.strategy import FedAvg
 from fedsplit.train.config import TrainConfig
 
-LORA = [LoraSettings(r=2), LoraSettings(r=2), LoraSettings(r=2)]
+from tiny import build_model, token_batches
+
 FAST_BACKOFF = Backoff(base_s=0.01, max_s=0.05, max_attempts=20)
-
-
-def build_model(seed: int = 0) -> tuple[torch.nn.Module, SplitParts]:
-    """A fresh tiny Llama cut 1 | 4 | 1 with LoRA on every part; same seed, same weights.
-
-    The parts share their modules with the returned unsplit model.
-    """
-    from fedsplit.models import load_model
-
-    model, _ = load_model("tiny-llama")
-    parts = split_model(model, 1, 1)
-    add_part_adapters(parts, LORA, seed=seed)
-    return model, parts
-
-
-def token_batches(count: int, batch_size: int, seed: int, length: int = 12) -> list[dict[str, Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(count):
-        ids = torch.randint(0, 250, (batch_size, length), generator=g)
-        mask = torch.ones(batch_size, length, dtype=torch.long)
-        mask[0, length - 3 :] = 0  # some right padding
-        labels = ids.masked_fill(mask == 0, -100)
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-    return out
 
 
 @dataclass

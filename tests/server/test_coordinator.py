@@ -20,7 +20,8 @@ from fedsplit.server.coordinator import RoundFailedError, RoundStage, RunStopped
 from fedsplit.train.centralized import CentralizedTrainer
 from fedsplit.train.config import TrainConfig
 
-from .federation import build_model, join_until_plan, make_federation, token_batches, weighted_mean
+from .federation import join_until_plan, make_federation, weighted_mean
+from tiny import build_model, token_batches
 
 
 def _assert_close(actual: dict, expected: dict, atol: float) -> None:

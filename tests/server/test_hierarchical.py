@@ -45,7 +45,7 @@ from fedsplit.transport.grpc_client import connect_grpc
 from fedsplit.transport.grpc_server import GrpcServer
 from fedsplit.transport.handshake import ClientCredentials, SessionFactory
 
-from .federation import token_batches
+from tiny import token_batches
 
 RUN_ID = "hier-run"
 CONFIG_HASH = hash_run_config({"model": "tiny-llama", "split": [1, 1], "mode": "hierarchical"})

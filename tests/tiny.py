@@ -1,0 +1,54 @@
+"""The test suite's one home for tiny split models and token batches (importable as ``tiny``).
+
+``pyproject.toml`` puts ``tests/`` on the path, so any test module can ``from tiny import ...``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fedsplit.adapters import LoraSettings, add_part_adapters
+from fedsplit.split import SplitParts, split_model
+
+LORA = [LoraSettings(r=2), LoraSettings(r=2), LoraSettings(r=2)]
+
+
+def build_model(seed: int = 0) -> tuple[torch.nn.Module, SplitParts]:
+    """A fresh tiny Llama cut 1 | 4 | 1 with LoRA on every part; same seed, same weights.
+
+    The parts share their modules with the returned unsplit model.
+    """
+    from fedsplit.models import load_model
+
+    model, _ = load_model("tiny-llama")
+    parts = split_model(model, 1, 1)
+    add_part_adapters(parts, LORA, seed=seed)
+    return model, parts
+
+
+def token_batches(count: int, batch_size: int, seed: int, length: int = 12) -> list[dict[str, Tensor]]:
+    """``count`` random batches of tiny-llama tokens, the last 3 positions of row 0 right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(0, 250, (batch_size, length), generator=g)
+        mask = torch.ones(batch_size, length, dtype=torch.long)
+        mask[0, length - 3 :] = 0  # some right padding
+        labels = ids.masked_fill(mask == 0, -100)
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def token_batch(vocab: int, batch: int = 8, length: int = 32, seed: int = 0, pad_last: int = 0) -> dict[str, Tensor]:
+    """Random tokens (B, T) of a chat-like example: the first half is prompt (no loss), the last
+    ``pad_last`` positions of row 0 are padded."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if pad_last:
+        mask[0, -pad_last:] = 0
+    labels = ids.clone()
+    labels[:, : length // 2] = -100  # the "prompt" carries no loss
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
