@@ -33,6 +33,8 @@ from pathlib import Path
 
 from fedsplit.config import RunConfig
 
+from benchlib import summary
+
 
 def _config(model: str, clients: int, steps: int, mode: str, subservers: int = 1, threads: int = 1) -> RunConfig:
     from fedsplit.recipes.network import free_port
@@ -165,10 +167,6 @@ def run_once(cfg: RunConfig, tensors: Path, out: Path, timeout_s: float) -> floa
     return steps / (max(r["last"] for r in results) - min(r["first"] for r in results))
 
 
-def _summary(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -208,7 +206,7 @@ def main() -> None:
     result: dict[str, object] = {"model": args.model, "steps_per_client": args.steps, "repeats": args.repeats,
                                  "server_threads": args.server_threads,
                                  "machine": f"{os.cpu_count()} cores",
-                                 "steps_per_s": {k: _summary(v) for k, v in rates.items()}}
+                                 "steps_per_s": {k: summary(v) for k, v in rates.items()}}
     for n in counts:
         ratios = [b / s for b, s in zip(rates[f"client-batch-{n}"], rates[f"sequential-{n}"], strict=True)]
         result[f"server_client_batch_speedup_{n}"] = statistics.median(ratios)

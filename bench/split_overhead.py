@@ -7,7 +7,6 @@ Prints one JSON line last: {"bench": "split_overhead", "ratio": ..., "split_s": 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import statistics
@@ -22,16 +21,11 @@ from fedsplit.split import split_model
 from fedsplit.train.centralized import CentralizedTrainer
 from fedsplit.train.config import TrainConfig
 
+from benchlib import random_batch, step_parser
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
+    args = step_parser(__doc__).parse_args()
     torch.set_num_threads(args.threads)
 
     base, _ = load_model(args.model)
@@ -48,8 +42,7 @@ def main() -> None:
     vocab = base.config.vocab_size
     times: dict[str, list[float]] = {"split": [], "monolithic": []}
     for step in range(total):
-        ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        batch = random_batch(g, vocab, args.batch, args.seq)
         for name, run in (("split", client.train_step), ("monolithic", trainer.train_step)):
             start = time.perf_counter()
             run([batch])

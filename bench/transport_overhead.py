@@ -10,7 +10,6 @@ Prints one JSON line last with "ratio" and "wire_overhead_pct".
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import json
@@ -35,6 +34,8 @@ from fedsplit.transport.grpc_client import connect_grpc
 from fedsplit.transport.grpc_server import GrpcServer
 from fedsplit.transport.handshake import ClientCredentials, SessionFactory
 
+from benchlib import random_batch, step_parser
+
 
 def _grpc_channel(server: TrunkServer, keys: Path, config_hash: bytes):
     run_keygen(keys, "server", with_ca=True)
@@ -53,14 +54,7 @@ def _grpc_channel(server: TrunkServer, keys: Path, config_hash: bytes):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
+    args = step_parser(__doc__).parse_args()
     torch.set_num_threads(args.threads)
 
     base, _ = load_model(args.model)
@@ -77,8 +71,7 @@ def main() -> None:
     times: dict[str, list[float]] = {"in_process": [], "grpc_tls": []}
     wire_before = 0
     for step in range(total):
-        ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), generator=g)
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        batch = random_batch(g, base.config.vocab_size, args.batch, args.seq)
         if step == args.warmup:
             stats = net_channel.transport.stats
             wire_before = stats.bytes_sent + stats.bytes_received
