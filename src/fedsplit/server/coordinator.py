@@ -73,6 +73,7 @@ from fedsplit.server.rounds import (
     ROUND_NEXT,
     ClientStage,
     CoordinatorConfig,
+    LobbyRule,
     OpenRound,
     Participant,
     RoundFailedError,
@@ -218,36 +219,26 @@ class RoundCoordinator:
         self._log("round_start", round=number, attempt=attempt, clients=picked, local_steps=local_steps, lr=lr)
 
     def _wait_for_clients(self, number: int) -> list[str]:
-        """Block until the round may start; the lobby's clients, sorted."""
-        cfg, least = self.config, self.strategy.min_clients
-        deadline = time.monotonic() + cfg.join_timeout_s
-        enough_since: float | None = None
-        resumed, self._resume_clients = self._resume_clients, frozenset()
+        """Block until the round may start (:class:`LobbyRule`); the lobby's clients, sorted."""
+        cfg = self.config
+        rule = LobbyRule(len(self.clients), self.strategy.min_clients, cfg.join_grace_s,
+                         time.monotonic() + cfg.join_timeout_s, self._resume_clients)
+        self._resume_clients = frozenset()
         with self._cond:
             while True:
                 self._check_not_stopping()
                 now = time.monotonic()
-                available = sorted(self._lobby)
-                if len(available) == len(self.clients):
-                    return available
-                if len(available) < least:
-                    enough_since = None
-                elif enough_since is None:
-                    enough_since = now
-                back = resumed <= self._lobby  # after a restore: the last round's clients are back
-                if back and enough_since is not None and now - enough_since >= cfg.join_grace_s:
-                    return available
-                if not back and enough_since is not None and now >= deadline:
-                    log.warning("round %d: resumed without %s (not back within %s s): the run will differ from an "
-                                "uninterrupted one", number, sorted(resumed - self._lobby), cfg.join_timeout_s)
-                    return available
-                if now >= deadline:
+                if rule.ready(now, self._lobby):
+                    if missing := sorted(rule.resumed - self._lobby):
+                        log.warning("round %d: resumed without %s (not back within %s s): the run will differ "
+                                    "from an uninterrupted one", number, missing, cfg.join_timeout_s)
+                    return sorted(self._lobby)
+                if now >= rule.deadline:
                     raise NotEnoughClientsError(
-                        f"round {number}: expected at least {least} clients to join within "
-                        f"{cfg.join_timeout_s} s, got {len(available)} ({', '.join(available) or 'none'})"
+                        f"round {number}: expected at least {rule.least} clients to join within "
+                        f"{cfg.join_timeout_s} s, got {len(self._lobby)} ({', '.join(sorted(self._lobby)) or 'none'})"
                     )
-                wake = deadline if enough_since is None or not back else min(deadline, enough_since + cfg.join_grace_s)
-                self._cond.wait(timeout=wake - now)
+                self._cond.wait(timeout=rule.wake_at(self._lobby) - now)
 
     def _collect_updates(self) -> tuple[list[ClientUpdate], list[Failure]]:
         """Wait until every participant has sent its update or failed; then quiesce the trunk."""

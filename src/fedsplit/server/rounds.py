@@ -13,6 +13,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
@@ -221,6 +222,43 @@ class OpenRound:
     def idle(self, sessions: Mapping[str, Session], now: float, limit_s: float) -> list[str]:
         """Participants that owe a request, have none in flight, and were silent for ``limit_s``."""
         return [cid for cid in self.owing() if sessions[cid].in_flight == 0 and now - sessions[cid].last_seen > limit_s]
+
+
+@dataclass
+class LobbyRule:
+    """When a round may start, from who is in the lobby (times are ``time.monotonic()``).
+
+    At once when every client is there; when at least ``least`` are, after ``grace_s`` more
+    seconds of there being enough; after a restore, the clients the checkpointed round aggregated
+    (``resumed``) are waited for until ``deadline`` before the grace rule applies. Past the
+    deadline, enough clients start the round (without the resumed ones missing) and too few fail.
+    """
+
+    clients: int  # every client of the run
+    least: int  # the strategy's min_clients
+    grace_s: float
+    deadline: float
+    resumed: frozenset[str] = frozenset()
+    enough_since: float | None = None
+
+    def ready(self, now: float, lobby: AbstractSet[str]) -> bool:
+        """Whether the round may start now; keeps the grace clock."""
+        if len(lobby) == self.clients:
+            return True
+        if len(lobby) < self.least:
+            self.enough_since = None
+            return False
+        if self.enough_since is None:
+            self.enough_since = now
+        if self.resumed <= lobby and now - self.enough_since >= self.grace_s:
+            return True
+        return now >= self.deadline
+
+    def wake_at(self, lobby: AbstractSet[str]) -> float:
+        """When :meth:`ready` may change if nobody joins or leaves."""
+        if self.enough_since is None or not self.resumed <= lobby:
+            return self.deadline
+        return min(self.deadline, self.enough_since + self.grace_s)
 
 
 def check_distance(
