@@ -584,7 +584,11 @@ class RoundCoordinator:
 
     def _move(self, to: RoundStage) -> None:
         check_transition(ROUND_NEXT, "round", self._stage, to)
-        number = self._round.number if self._round is not None else self.completed_round  # the round it concerns
+        # the round it concerns: the open one; else the next (a lobby that failed) or the last (the run is done)
+        if self._round is not None:
+            number = self._round.number
+        else:
+            number = self.completed_round + (to is RoundStage.FAILED)
         log.info("round %d: %s -> %s", number, self._stage.name, to.name)
         self._stage = to
         self._cond.notify_all()
