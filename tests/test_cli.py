@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from fedsplit.cli import main
@@ -93,3 +96,20 @@ def test_keygen_refuses_a_bad_host_before_writing_anything(tmp_path, capsys):
     assert not (tmp_path / "k").exists() or not any((tmp_path / "k").iterdir())
     with pytest.raises(SystemExit, match="needs --ca"):
         main(["keygen", "--out", str(tmp_path / "k2"), "--host", "10.0.0.1"])
+
+
+@pytest.mark.parametrize("command", ["server", "client", "simulate", "centralized", "demo"])
+def test_a_configuration_error_shows_before_torch_is_imported(tmp_path, command):
+    # A fresh interpreter: the suite itself has imported torch long ago.
+    bad = tmp_path / "run.toml"
+    bad.write_text("[train]\nlr = -1.0\n")
+    code = (
+        "import sys\n"
+        "from fedsplit.cli import main\n"
+        f"status = main([{command!r}, '--config', {str(bad)!r}])\n"
+        "print('torch' in sys.modules, status)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+    assert out.stdout.split() == ["False", "2"], out.stdout + out.stderr
+    assert f"fedsplit {command}: error: {bad}: [train] TrainConfig: train.lr: got invalid value -1.0" in out.stderr

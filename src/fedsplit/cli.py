@@ -52,12 +52,12 @@ def cmd_check_split(args: argparse.Namespace) -> int:
 
 
 def cmd_centralized(args: argparse.Namespace) -> int:
+    cfg = _load_run_config(args)  # a configuration error shows before torch is imported
     from fedsplit.metrics import MetricsWriter
     from fedsplit.plots import plot_loss_curves
     from fedsplit.recipes.centralized import run_centralized
     from fedsplit.recipes.common import load_federated_data, prepare_run_dir
 
-    cfg = _load_run_config(args)
     out = prepare_run_dir(args.out or Path("runs/centralized"), cfg)
     data = load_federated_data(cfg.data, cfg.train.seed)
     with MetricsWriter(out / "metrics.jsonl") as metrics:
@@ -69,9 +69,9 @@ def cmd_centralized(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    cfg = _load_run_config(args)
     from fedsplit.recipes.demo import run_demo
 
-    cfg = _load_run_config(args)
     return run_demo(cfg, args.out or Path("runs/demo"))
 
 
@@ -130,23 +130,23 @@ def _network_config(args: argparse.Namespace):
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    cfg, config_dir = _network_config(args)  # a configuration error shows before torch is imported
     from fedsplit.recipes.network import run_server
 
-    cfg, config_dir = _network_config(args)
     return run_server(cfg, config_dir, args.out or Path("runs/server"), resume=args.resume)
 
 
 def cmd_client(args: argparse.Namespace) -> int:
+    cfg, config_dir = _network_config(args)
     from fedsplit.recipes.network import run_client
 
-    cfg, config_dir = _network_config(args)
     return run_client(cfg, config_dir, args.out or Path(f"runs/{cfg.client.id}"))
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    cfg, _ = _network_config(args)
     from fedsplit.recipes.network import simulate
 
-    cfg, _ = _network_config(args)
     server_dir = simulate(cfg, args.out or Path("runs/simulate"))
     print(f"federation complete; adapters in {server_dir / 'adapters'}")
     return 0
