@@ -14,6 +14,7 @@ from typing import Literal
 from fedsplit.data.contract import ClientSource, DataContract
 from fedsplit.strategy.config import StrategyConfig
 from fedsplit.train.config import LoraSettings, TrainConfig
+from fedsplit.transport.shaping import LinkShape
 
 
 @dataclass
@@ -328,6 +329,7 @@ class RunConfig:
     contract: DataContract = field(default_factory=DataContract)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    link: LinkShape = field(default_factory=LinkShape)  # client: shape its own link to the server (simulation)
 
     @property
     def lora(self) -> list[LoraSettings]:
@@ -364,7 +366,7 @@ def run_config_hash(cfg: RunConfig, tokenizer) -> bytes:
 
 
 def run_config_sections(cfg: RunConfig, tokenizer) -> dict[str, bytes]:
-    """One hash per agreed section (protocol, model, lora, train, federation, tokenizer).
+    """One hash per agreed section (protocol, model, lora, train, federation, tokenizer, contract.<field>).
 
     Sent beside :func:`run_config_hash` so that a refused client is told which sections differ.
     """
@@ -388,4 +390,13 @@ def _agreed_sections(cfg: RunConfig, tokenizer) -> dict[str, object]:
         "train": config_to_dict(cfg.train),
         "federation": config_to_dict(cfg.federation),
         "tokenizer": hashlib.sha256(json.dumps(vocab).encode()).hexdigest(),
+        **contract_sections(cfg.contract),
     }
+
+
+def contract_sections(contract: DataContract) -> dict[str, object]:
+    """The data contract, one handshake section per field (``contract.labels``, ...): a client whose
+    contract differs is refused with the names of the fields that differ (``contract_diff``)."""
+    from fedsplit.data.contract import contract_to_dict
+
+    return {f"contract.{name}": value for name, value in contract_to_dict(contract).items()}
