@@ -245,8 +245,8 @@ def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
         tls = load_channel_tls(keys / "ca.crt", *mtls)
 
     # [[client.sources]]: its own files, validated against [contract] before dialling; else a silo of data.*
-    batches, report = (own_client_batches(cfg, config_dir, tokenizer) if cfg.client.sources
-                       else (client_batches(cfg, tokenizer), None))
+    batches, data_report = (own_client_batches(cfg, config_dir, tokenizer) if cfg.client.sources
+                            else (client_batches(cfg, tokenizer), None))
     address, server_name, proxy = shaped_address(cfg.server.address, cfg.link)  # [link]: a shaping proxy
 
     def connect():
@@ -254,10 +254,10 @@ def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
                     deadline_s=cfg.server.deadline_s, server_name=server_name)
 
     with MetricsWriter(out / "metrics.jsonl") as metrics:
-        if report is not None:
-            metrics.write("data_report", client=cid, **report.to_dict())
+        if data_report is not None:
+            metrics.write("data_report", client=cid, **data_report.to_dict())
         runner = ClientRunner(cid, parts.head, parts.tail, batches, cfg.train, connect,
-                              hidden_noise_std=cfg.privacy.hidden_noise_std, data_report=report_message(report),
+                              hidden_noise_std=cfg.privacy.hidden_noise_std, data_report=report_message(data_report),
                               on_step=lambda rnd, step, result: metrics.write(
                                   "train_step", client=cid, round=rnd, step=step, loss=result.loss,
                                   lr=result.lr, grad_norm=result.grad_norm))
