@@ -77,8 +77,17 @@ class FederationConfig:
                                                                "more than this x local_steps x lr (0: off)"})
     max_update_norm: float = field(default=0.0, metadata={"help": "refuse a client update farther than this (L2) "
                                                           "from the global parts (0: off)"})
+    round_mode: Literal["sync", "semi_sync"] = field(
+        default="sync", metadata={"help": "sync: a round waits for every participant (up to server.round_timeout_s); "
+                                          "semi_sync: it aggregates what arrived by round_deadline_s"})
+    round_deadline_s: float = field(default=0.0, metadata={"help": "semi_sync: seconds after a round's start at "
+                                                           "which it aggregates (0: server.round_timeout_s)"})
 
     def __post_init__(self) -> None:
+        if self.round_mode not in ("sync", "semi_sync"):
+            raise ValueError(f"federation.round_mode: expected sync or semi_sync, got {self.round_mode!r}")
+        if not (math.isfinite(self.round_deadline_s) and self.round_deadline_s >= 0):
+            raise ValueError(f"federation.round_deadline_s: expected a finite value >= 0, got {self.round_deadline_s}")
         for key in ("rounds", "local_steps", "min_clients"):
             if getattr(self, key) < 1:
                 raise ValueError(f"federation.{key}: expected >= 1, got {getattr(self, key)}")

@@ -28,6 +28,7 @@ from fedsplit.metrics import MetricsWriter
 from fedsplit.models import load_model
 from fedsplit.recipes.common import encode, load_federated_data
 from fedsplit.recipes.own_data import own_client_batches, report_message
+from fedsplit.recipes.round_mode import round_timing
 from fedsplit.split import SplitParts, split_model
 from fedsplit.transport.shaping import shaped_address
 
@@ -112,9 +113,9 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
                               seed=cfg.train.seed)
     coordinator_cfg = CoordinatorConfig(
         num_rounds=cfg.federation.rounds, min_clients=cfg.federation.min_clients,
-        round_timeout_s=cfg.server.round_timeout_s, step_timeout_s=cfg.server.step_timeout_s,
+        round_timeout_s=round_timing(cfg).round_timeout_s, step_timeout_s=cfg.server.step_timeout_s,
         join_timeout_s=cfg.server.join_timeout_s, join_grace_s=cfg.server.join_grace_s,
-        ordered_steps=cfg.server.mode == "sequential",
+        ordered_steps=round_timing(cfg).ordered_steps,  # [federation] round_mode
         max_examples_per_round=cfg.federation.local_steps * cfg.train.batch_size * cfg.train.grad_accum,
         max_examples_per_client=cfg.federation.max_examples_per_client,
         update_bound_factor=cfg.federation.update_bound_factor, max_update_norm=cfg.federation.max_update_norm,
