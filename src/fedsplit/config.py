@@ -14,6 +14,7 @@ from typing import Literal
 from fedsplit.data.contract import ClientSource, DataContract
 from fedsplit.strategy.config import StrategyConfig
 from fedsplit.train.config import LoraSettings, TrainConfig
+from fedsplit.transport.shaping import LinkShape
 
 
 @dataclass
@@ -76,8 +77,17 @@ class FederationConfig:
                                                                "more than this x local_steps x lr (0: off)"})
     max_update_norm: float = field(default=0.0, metadata={"help": "refuse a client update farther than this (L2) "
                                                           "from the global parts (0: off)"})
+    round_mode: Literal["sync", "semi_sync"] = field(
+        default="sync", metadata={"help": "sync: a round waits for every participant (up to server.round_timeout_s); "
+                                          "semi_sync: it aggregates what arrived by round_deadline_s"})
+    round_deadline_s: float = field(default=0.0, metadata={"help": "semi_sync: seconds after a round's start at "
+                                                           "which it aggregates (0: server.round_timeout_s)"})
 
     def __post_init__(self) -> None:
+        if self.round_mode not in ("sync", "semi_sync"):
+            raise ValueError(f"federation.round_mode: expected sync or semi_sync, got {self.round_mode!r}")
+        if not (math.isfinite(self.round_deadline_s) and self.round_deadline_s >= 0):
+            raise ValueError(f"federation.round_deadline_s: expected a finite value >= 0, got {self.round_deadline_s}")
         for key in ("rounds", "local_steps", "min_clients"):
             if getattr(self, key) < 1:
                 raise ValueError(f"federation.{key}: expected >= 1, got {getattr(self, key)}")
@@ -328,6 +338,7 @@ class RunConfig:
     contract: DataContract = field(default_factory=DataContract)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    link: LinkShape = field(default_factory=LinkShape)  # client: shape its own link to the server (simulation)
 
     @property
     def lora(self) -> list[LoraSettings]:
@@ -364,7 +375,7 @@ def run_config_hash(cfg: RunConfig, tokenizer) -> bytes:
 
 
 def run_config_sections(cfg: RunConfig, tokenizer) -> dict[str, bytes]:
-    """One hash per agreed section (protocol, model, lora, train, federation, tokenizer).
+    """One hash per agreed section (protocol, model, lora, train, federation, tokenizer, contract.<field>).
 
     Sent beside :func:`run_config_hash` so that a refused client is told which sections differ.
     """
@@ -388,4 +399,13 @@ def _agreed_sections(cfg: RunConfig, tokenizer) -> dict[str, object]:
         "train": config_to_dict(cfg.train),
         "federation": config_to_dict(cfg.federation),
         "tokenizer": hashlib.sha256(json.dumps(vocab).encode()).hexdigest(),
+        **contract_sections(cfg.contract),
     }
+
+
+def contract_sections(contract: DataContract) -> dict[str, object]:
+    """The data contract, one handshake section per field (``contract.labels``, ...): a client whose
+    contract differs is refused with the names of the fields that differ (``contract_diff``)."""
+    from fedsplit.data.contract import contract_to_dict
+
+    return {f"contract.{name}": value for name, value in contract_to_dict(contract).items()}

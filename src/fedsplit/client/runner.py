@@ -37,6 +37,7 @@ from torch import Tensor
 
 from fedsplit.adapters import adapter_state_dict, load_adapter_state_dict
 from fedsplit.channel import Channel, RemoteError
+from fedsplit.client.proximal import proximal_hook
 from fedsplit.client.split_client import SplitClient, StepResult
 from fedsplit.protocol import ProtocolError, decode_named, encode_named, pb
 from fedsplit.security.errors import SecurityError
@@ -168,6 +169,7 @@ class ClientRunner:
         retry_on: tuple[type[Exception], ...] = (ConnectionError, TimeoutError, ProtocolError),
         on_step: StepCallback | None = None,
         hidden_noise_std: float = 0.0,
+        data_report: pb.DataReport | None = None,
     ) -> None:
         if not batches:
             raise ValueError(f"client {client_id}: expected at least one training batch, got none")
@@ -178,6 +180,7 @@ class ClientRunner:
         self.hidden_noise_std = hidden_noise_std  # privacy.hidden_noise_std: noise on the hidden states it sends
         self.result = RunnerResult()
         self.num_examples = sum(int(batch["input_ids"].shape[0]) for batch in batches)  # the data report
+        self.data_report = data_report  # the counts of its own data, checked against the run's contract
         self.client: SplitClient | None = None  # the current round's split client
         self._channel: Channel | None = None
         self._jitter = random.Random(f"backoff:{client_id}:{cfg.seed}")
@@ -205,7 +208,8 @@ class ClientRunner:
     def _join(self) -> pb.RoundPlan:
         channel = self._ensure_channel()
         try:
-            report = pb.JoinRound(last_round=self.result.final_round, num_examples=self.num_examples)  # data report
+            report = pb.JoinRound(last_round=self.result.final_round, num_examples=self.num_examples,  # data report
+                                  data_report=self.data_report)
             plan = channel.call(pb.JOIN_ROUND, report)
         except RemoteError as exc:
             raise RunAbortedError(f"client {self.client_id}: the server refused JOIN_ROUND: {exc}") from exc
@@ -214,8 +218,10 @@ class ClientRunner:
 
     def _train_round(self, plan: pb.RoundPlan) -> None:
         """Load the global parts, take ``local_steps`` split steps, send the parts back."""
-        load_client_adapters(self.head, self.tail, decode_named(plan.adapters, "RoundPlan.adapters"))
+        global_parts = decode_named(plan.adapters, "RoundPlan.adapters")
+        load_client_adapters(self.head, self.tail, global_parts)
         self.client = client = self._split_client(plan)  # a fresh optimizer every round (FedAvg)
+        client.before_step = proximal_hook(self.head, self.tail, global_parts, plan.settings)  # FedProx: mu > 0
         steps = self._round_batches(plan)  # local_steps lists of grad_accum micro-batches
         try:
             losses = [self._step(client, micro) for micro in steps]

@@ -10,7 +10,7 @@ and per optimizer step OPTIMIZER_STEP(client grad norm) -> clip -> step.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
@@ -50,6 +50,7 @@ class SplitClient:
         self.steps_taken = 0
         self.micro_steps = 0
         self.round = 0
+        self.before_step: Callable[[], None] | None = None  # e.g. FedProx's proximal gradient, before the clip
 
     def _hidden(self, message: pb.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
         return decode_tensor(message, name, dtypes=(like.dtype,), shape=tuple(like.shape))
@@ -102,6 +103,8 @@ class SplitClient:
         a non-finite parameter or moment is undone. A refused step drops this step's gradients.
         """
         try:
+            if self.before_step is not None:
+                self.before_step()
             request = pb.OptimizerStep(client_grad_sq_norm=grad_sq_norm(self.params))
             reply = self.channel.call(pb.OPTIMIZER_STEP, request, round=self.round, step=self.micro_steps)
             if not (math.isfinite(reply.clip_coef) and 0.0 <= reply.clip_coef <= 1.0):

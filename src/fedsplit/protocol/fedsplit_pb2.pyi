@@ -150,12 +150,44 @@ class ServerHello(_message.Message):
     def __init__(self, ephemeral_key: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., timestamp: _Optional[float] = ..., signature: _Optional[bytes] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class JoinRound(_message.Message):
-    __slots__ = ("last_round", "num_examples")
+    __slots__ = ("last_round", "num_examples", "data_report")
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DATA_REPORT_FIELD_NUMBER: _ClassVar[int]
     last_round: int
     num_examples: int
-    def __init__(self, last_round: _Optional[int] = ..., num_examples: _Optional[int] = ...) -> None: ...
+    data_report: DataReport
+    def __init__(self, last_round: _Optional[int] = ..., num_examples: _Optional[int] = ..., data_report: _Optional[_Union[DataReport, _Mapping]] = ...) -> None: ...
+
+class DataReport(_message.Message):
+    __slots__ = ("num_examples", "label_histogram", "num_truncated", "num_rejected", "rejected", "contract_hash")
+    class LabelHistogramEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class RejectedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LABEL_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    NUM_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    NUM_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    CONTRACT_HASH_FIELD_NUMBER: _ClassVar[int]
+    num_examples: int
+    label_histogram: _containers.ScalarMap[str, int]
+    num_truncated: int
+    num_rejected: int
+    rejected: _containers.ScalarMap[str, int]
+    contract_hash: str
+    def __init__(self, num_examples: _Optional[int] = ..., label_histogram: _Optional[_Mapping[str, int]] = ..., num_truncated: _Optional[int] = ..., num_rejected: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ..., contract_hash: _Optional[str] = ...) -> None: ...
 
 class RoundPlan(_message.Message):
     __slots__ = ("round", "finished", "local_steps", "lr", "adapters", "settings", "first_step", "wait_s")

@@ -27,8 +27,11 @@ from fedsplit.configio import dump_config
 from fedsplit.metrics import MetricsWriter
 from fedsplit.models import load_model
 from fedsplit.recipes.common import encode, load_federated_data
+from fedsplit.recipes.own_data import own_client_batches, report_message
+from fedsplit.recipes.round_mode import round_timing
 from fedsplit.split import SplitParts, split_model
 from fedsplit.train.optim import schedule_horizon
+from fedsplit.transport.shaping import shaped_address
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,7 @@ def make_trunk_server(cfg: RunConfig, parts: SplitParts):
 # -- server --------------------------------------------------------------------------------------
 def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = False) -> int:
     from fedsplit.client.runner import client_adapters, load_client_adapters
+    from fedsplit.data.contract import contract_hash
     from fedsplit.protocol import PROTOCOL_VERSION
     from fedsplit.security.handshake import HandshakeVerifier
     from fedsplit.security.identity import load_private_key, load_public_key
@@ -109,13 +113,14 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
                               seed=cfg.train.seed)
     coordinator_cfg = CoordinatorConfig(
         num_rounds=cfg.federation.rounds,
-        round_timeout_s=cfg.server.round_timeout_s, step_timeout_s=cfg.server.step_timeout_s,
+        round_timeout_s=round_timing(cfg).round_timeout_s, step_timeout_s=cfg.server.step_timeout_s,
         join_timeout_s=cfg.server.join_timeout_s, join_grace_s=cfg.server.join_grace_s,
-        ordered_steps=cfg.server.mode == "sequential",
+        ordered_steps=round_timing(cfg).ordered_steps,  # [federation] round_mode
         max_examples_per_round=cfg.federation.local_steps * cfg.train.batch_size * cfg.train.grad_accum,
         max_examples_per_client=cfg.federation.max_examples_per_client,
         update_bound_factor=cfg.federation.update_bound_factor, max_update_norm=cfg.federation.max_update_norm,
         keep_checkpoints=cfg.server.keep_checkpoints,
+        contract_hash=contract_hash(cfg.contract) if cfg.contract.declared else "",  # the reports must name it
     )
     metrics = MetricsWriter(out / "metrics.jsonl")
     hierarchy = start_hierarchy(cfg, parts, keys, config_hash, out) if cfg.server.mode == "hierarchical" else None
@@ -240,14 +245,20 @@ def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
         mtls = (keys / f"{cid}-tls.key", keys / f"{cid}-tls.crt") if cfg.security.mutual_tls else (None, None)
         tls = load_channel_tls(keys / "ca.crt", *mtls)
 
-    def connect():
-        return dial(cfg.server.address, credentials, tls=tls, max_message_bytes=cfg.server.max_message_bytes,
-                    deadline_s=cfg.server.deadline_s)
+    # [[client.sources]]: its own files, validated against [contract] before dialling; else a silo of data.*
+    batches, data_report = (own_client_batches(cfg, config_dir, tokenizer) if cfg.client.sources
+                            else (client_batches(cfg, tokenizer), None))
+    address, server_name, proxy = shaped_address(cfg.server.address, cfg.link)  # [link]: a shaping proxy
 
-    batches = client_batches(cfg, tokenizer)
+    def connect():
+        return dial(address, credentials, tls=tls, max_message_bytes=cfg.server.max_message_bytes,
+                    deadline_s=cfg.server.deadline_s, server_name=server_name)
+
     with MetricsWriter(out / "metrics.jsonl") as metrics:
+        if data_report is not None:
+            metrics.write("data_report", client=cid, **data_report.to_dict())
         runner = ClientRunner(cid, parts.head, parts.tail, batches, cfg.train, connect,
-                              hidden_noise_std=cfg.privacy.hidden_noise_std,
+                              hidden_noise_std=cfg.privacy.hidden_noise_std, data_report=report_message(data_report),
                               on_step=lambda rnd, step, result: metrics.write(
                                   "train_step", client=cid, round=rnd, step=step, loss=result.loss,
                                   lr=result.lr, grad_norm=result.grad_norm))
@@ -257,12 +268,14 @@ def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
         metrics.write("done", client=cid, final_round=result.final_round, lost_rounds=result.lost_rounds,
                       reconnects=result.reconnects)
     runner.close()
+    if proxy is not None:
+        proxy.close()
     log.info("client %s done after round %d", cid, result.final_round)
     return 0
 
 
 def dial(address: str, credentials, *, tls=None, max_message_bytes: int = 4 << 20, deadline_s: float = 300.0,
-         connect_timeout_s: float = 10.0):
+         connect_timeout_s: float = 10.0, server_name: str | None = None):
     """One session with the server: gRPC stream + handshake. ``tls=None`` is the insecure transport.
 
     gRPC reports any TLS failure as "could not connect"; when the server's certificate is the
@@ -275,7 +288,7 @@ def dial(address: str, credentials, *, tls=None, max_message_bytes: int = 4 << 2
 
     try:
         return connect_grpc(address, credentials, tls=tls, insecure=tls is None, max_message_bytes=max_message_bytes,
-                            deadline_s=deadline_s, connect_timeout_s=connect_timeout_s)
+                            deadline_s=deadline_s, connect_timeout_s=connect_timeout_s, server_name=server_name)
     except TransportError:
         if tls is not None:
             check_server_certificate(address, tls)

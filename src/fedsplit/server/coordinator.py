@@ -69,6 +69,7 @@ from fedsplit.server.checkpoint import (
     restore_trunk,
     save_checkpoint,
 )
+from fedsplit.server.data_reports import announce_data_report, read_data_report
 from fedsplit.server.rounds import (
     ROUND_NEXT,
     ClientStage,
@@ -467,11 +468,13 @@ class RoundCoordinator:
 
     # -- JOIN_ROUND -----------------------------------------------------------------------------
     def _join(self, client_id: str, kind: int, round: int, step: int, request: pb.JoinRound) -> pb.RoundPlan:
+        report = read_data_report(client_id, request, self.config.contract_hash)  # counts only; {} if none
         with self._cond:
             weight = record_data_report(self._data_reports, client_id, int(request.num_examples),
                                         self.config.max_examples_per_client)
             if weight is not None:
-                self._log("data_report", client=client_id, num_examples=int(request.num_examples), weight=weight)
+                self._log("data_report", client=client_id, num_examples=int(request.num_examples), weight=weight,
+                          **announce_data_report(client_id, weight, report))
             if self._stage is RoundStage.DONE:
                 return pb.RoundPlan(round=self.completed_round, finished=True, adapters=encode_named(self._global))
             if self._stage is RoundStage.FAILED:

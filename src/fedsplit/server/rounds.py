@@ -122,6 +122,8 @@ class CoordinatorConfig:
                                                                "than this x local_steps x lr (0: off)"})
     max_update_norm: float = field(default=0.0, metadata={"help": "refuse updates farther than this (L2) from the "
                                                           "global parts (0: off)"})
+    contract_hash: str = field(default="", metadata={"help": "the run's data contract hash: a client's data "
+                                                     "report must name it ('' = unchecked)"})
 
     def __post_init__(self) -> None:
         for name, least in (("num_rounds", 1), ("max_round_retries", 0),
