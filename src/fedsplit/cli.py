@@ -144,12 +144,10 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedsplit.recipes.network import simulate
+    from fedsplit.recipes.simulate import run_simulate  # the federation, then its table, metrics and loss plot
 
     cfg, _ = _network_config(args)
-    server_dir = simulate(cfg, args.out or Path("runs/simulate"))
-    print(f"federation complete; adapters in {server_dir / 'adapters'}")
-    return 0
+    return run_simulate(cfg, args.out or Path("runs/simulate"))
 
 
 def cmd_subserver(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedsplit.adapters import load_adapter_state_dict
-from fedsplit.client.evaluation import LocalEvaluator, local_metrics
+from fedsplit.client.evaluation import LocalEvaluator, PrivacyAudit, local_metrics
 from fedsplit.client.runner import load_client_adapters
 from fedsplit.data import Example
 from fedsplit.eval.evaluator import EvalSettings
@@ -151,3 +151,21 @@ def test_a_possible_report_passes_and_drops_the_perplexity():
     metrics = check_eval_report(report, 3, most_examples=5, max_length=32)
 
     assert metrics == {"n": 5.0, "loss": 1.5, "tokens": 40.0, "accuracy": 0.6, "cm.0.0": 3.0, "cm.1.0": 2.0}
+
+
+def test_the_audit_runs_each_round_in_a_federation_and_only_its_scores_reach_the_server(tmp_path):
+    metrics = MetricsWriter(tmp_path / "metrics.jsonl")
+    fed = make_federation(["a", "b"], num_rounds=2, local_steps=2, metrics=metrics)
+    for runner in fed.runners.values():
+        runner.audit = PrivacyAudit(samples=2)
+
+    fed.run(timeout=120)
+    metrics.close()
+
+    logged = read_metrics(tmp_path / "metrics.jsonl", "privacy_audit")
+    assert sorted((e["round"], e["client"]) for e in logged) == [(1, "a"), (1, "b"), (2, "a"), (2, "b")]
+    for event in logged:
+        own = next(h for h in fed.runners[event["client"]].audit.history if h["round"] == event["round"])
+        assert event["nearest_neighbour"] == own["audit_nearest_neighbour"]
+        assert 0.0 <= event["nearest_neighbour"] <= 1.0
+        assert event["positions"] == own["audit_positions"] == 2 * (2 * 12) - 3 * 2  # 2 batches of 2 x 12, 3 padded
