@@ -17,6 +17,7 @@ from fedsplit.eval.scoring import unsplit_access
 from fedsplit.metrics import MetricsWriter, read_metrics
 from fedsplit.models import load_model
 from fedsplit.protocol import ProtocolError, pb
+from fedsplit.recipes.run_report import report_run
 from fedsplit.server.evaluation import FederatedEvalConfig, check_eval_report
 from fedsplit.server.rounds import ROUND_NEXT, RoundStage
 
@@ -169,3 +170,32 @@ def test_the_audit_runs_each_round_in_a_federation_and_only_its_scores_reach_the
         assert event["nearest_neighbour"] == own["audit_nearest_neighbour"]
         assert 0.0 <= event["nearest_neighbour"] <= 1.0
         assert event["positions"] == own["audit_positions"] == 2 * (2 * 12) - 3 * 2  # 2 batches of 2 x 12, 3 padded
+
+
+def test_a_run_ends_with_a_table_a_summary_and_a_loss_plot(tmp_path, tokenizer):
+    # Arrange: an in-process federation with federated evaluation and the audit, its metrics in tmp_path
+    metrics = MetricsWriter(tmp_path / "metrics.jsonl")
+    fed = make_federation(["a", "b"], num_rounds=2, local_steps=1, metrics=metrics,
+                          evaluation=FederatedEvalConfig(enabled=True, timeout_s=30.0))
+    for k, runner in enumerate(fed.runners.values()):
+        data = [Example.from_pair(f"Say {w}", w * (k + 1), source="t", id=f"{k}-{w}") for w in ("yes", "no", "maybe")]
+        runner.evaluator = LocalEvaluator(tokenizer, data, EvalSettings(max_length=24, batch_size=2, progress=False))
+        runner.audit = PrivacyAudit(samples=1)
+    fed.run(timeout=120)
+    metrics.close()
+
+    # Act
+    report = report_run(tmp_path, "test run", comparison={"zero-shot": {"loss": 6.0, "rouge_l": None}},
+                        print_table=False)
+
+    # Assert
+    table = report["table"]
+    assert table[0].split("|")[1:-1] == [" round ", " clients ", " train loss ", " held-out loss ", " examples ",
+                                         " audit NN "]
+    assert [row["round"] for row in report["rounds"]] == [1, 2]
+    assert all(row["examples"] == 6 and row["heldout_loss"] > 0 for row in report["rounds"])
+    assert any(line.startswith("| zero-shot") and "6.0000" in line for line in table)
+    assert set(report["privacy_audit"]["clients"]) == {"a", "b"}
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    (summary,) = read_metrics(tmp_path / "metrics.jsonl", "summary")
+    assert summary["table"] == table and summary["comparison"]["zero-shot"]["loss"] == 6.0

@@ -102,7 +102,7 @@ class LocalEvaluator:
     data: Sequence[Example] | Sequence[ChoiceExample]
     settings: EvalSettings = field(default_factory=lambda: EvalSettings(progress=False))
     generate: bool = False  # ROUGE / exact match by greedy decoding through the split (slow: no KV cache)
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     @torch.no_grad()
     def evaluate(self, head: Head, tail: Tail, channel: Channel, cfg: TrainConfig, round: int) -> dict[str, float]:
@@ -116,7 +116,7 @@ class LocalEvaluator:
             metrics = local_metrics(access, self.tokenizer, self.data, self.settings, generate=self.generate)
         finally:
             head.train(modes[0]), tail.train(modes[1])
-        self.history.append({"round": float(round), **metrics})
+        self.history.append({"round": round, **metrics})
         return metrics
 
 
@@ -139,7 +139,7 @@ class PrivacyAudit:
     noise_std: float = 0.0  # privacy.hidden_noise_std: the audit scores what went on the wire
     inverter: Any = None  # fedsplit.attacks.inversion.Inverter fitted on public text, or None: attack (a) only
     seed: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.samples < 1:
@@ -172,5 +172,5 @@ class PrivacyAudit:
                / max(1, positions)}
         if self.inverter is not None:
             out[AUDIT_PREFIX + "learned"] = sum((r.learned or 0.0) * r.positions for r in results) / max(1, positions)
-        self.history.append({"round": float(round), **out})
+        self.history.append({"round": round, **out})
         return out

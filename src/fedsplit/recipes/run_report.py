@@ -166,10 +166,13 @@ def report_run(run_dir: Path, title: str, *, comparison: Mapping[str, Mapping[st
     series = {"train loss (clients, per round)": [(r["round"], r["train_loss"]) for r in numbers["rounds"]
                                                    if r["train_loss"] is not None]}
     held = [(r["round"], r["heldout_loss"]) for r in numbers["rounds"] if r["heldout_loss"] is not None]
-    if held and comparison and "zero-shot" in comparison and comparison["zero-shot"].get("loss") is not None:
-        held.insert(0, (0, float(comparison["zero-shot"]["loss"])))  # type: ignore[arg-type]
+    label = "held-out loss (federated evaluation)"
+    zero_shot = (comparison or {}).get("zero-shot", {}).get("loss")
+    if held and zero_shot is not None:
+        held.insert(0, (0, float(zero_shot)))
+        label = "held-out loss (federated evaluation; round 0: zero-shot)"
     if held:
-        series["held-out loss (federated evaluation)"] = held
+        series[label] = held
     plot = None
     if any(series.values()):
         plot = plot_loss_curves({k: v for k, v in series.items() if v}, dest / "loss.png", title=title,
