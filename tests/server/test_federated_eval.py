@@ -199,3 +199,50 @@ def test_a_run_ends_with_a_table_a_summary_and_a_loss_plot(tmp_path, tokenizer):
     assert (tmp_path / "loss.png").stat().st_size > 1000
     (summary,) = read_metrics(tmp_path / "metrics.jsonl", "summary")
     assert summary["table"] == table and summary["comparison"]["zero-shot"]["loss"] == 6.0
+
+
+CB_ROWS = [
+    {"premise": "The cat sat on the mat.", "hypothesis": "A cat sat.", "label": "entailment"},
+    {"premise": "It rained all day.", "hypothesis": "It was sunny.", "label": "contradiction"},
+    {"premise": "She may come later.", "hypothesis": "She will come.", "label": "neutral"},
+    {"premise": "Dogs bark.", "hypothesis": "Dogs make sounds.", "label": "entailment"},
+    {"premise": "The shop is closed.", "hypothesis": "The shop is open.", "label": "contradiction"},
+    {"premise": "He might win.", "hypothesis": "He wins.", "label": "neutral"},
+    {"premise": "Water is wet.", "hypothesis": "Water is dry.", "label": "contradiction"},
+]
+
+
+def test_classification_reports_pool_into_the_accuracy_and_macro_f1_of_all_examples(tmp_path, tokenizer):
+    # Arrange: CB items split 3 / 4 between two clients
+    import json
+
+    from fedsplit.data.harmonize import SourceConfig
+    from fedsplit.eval.choices import load_choice_examples
+    from fedsplit.eval.stats import confusion_from_metrics, macro_f1
+
+    path = tmp_path / "cb.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in CB_ROWS))
+    items = load_choice_examples(SourceConfig(path=str(path), task="cb"))
+    metrics = MetricsWriter(tmp_path / "metrics.jsonl")
+    fed = make_federation(["a", "b"], num_rounds=1, local_steps=1, metrics=metrics,
+                          evaluation=FederatedEvalConfig(enabled=True, timeout_s=30.0))
+    fed.runners["a"].evaluator = LocalEvaluator(tokenizer, items[:3], SETTINGS)
+    fed.runners["b"].evaluator = LocalEvaluator(tokenizer, items[3:], SETTINGS)
+
+    # Act
+    result = fed.run(timeout=120)
+    metrics.close()
+
+    # Assert: counts add up, macro-F1 comes from the summed matrix, and all of it is the unsplit model's
+    (record,) = read_metrics(tmp_path / "metrics.jsonl", "federated_eval")
+    a, b, pooled = record["clients"]["a"], record["clients"]["b"], record["aggregate"]
+    assert pooled["accuracy"] == pytest.approx((3 * a["accuracy"] + 4 * b["accuracy"]) / 7)
+    assert sum(v for k, v in pooled.items() if k.startswith("cm.")) == 7
+    assert pooled["macro_f1"] == pytest.approx(macro_f1(confusion_from_metrics(pooled)))
+    model, parts = build_model()
+    load_client_adapters(parts.head, parts.tail, result.global_adapters)
+    load_adapter_state_dict(parts.trunk, result.trunk_adapters)
+    with torch.no_grad():
+        central = local_metrics(unsplit_access(model.eval(), tokenizer), tokenizer, items, SETTINGS)
+    assert pooled["accuracy"] == central["accuracy"]
+    assert pooled["macro_f1"] == pytest.approx(central["macro_f1"])

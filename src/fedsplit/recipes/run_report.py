@@ -82,7 +82,7 @@ def client_audit(cfg: RunConfig):  # -> PrivacyAudit | None
 def log_client_reports(metrics: MetricsWriter, client_id: str, evaluator: Any, audit: Any) -> None:
     """The client's own record of what it sent: its evaluation metrics and audit scores per round."""
     for entry in evaluator.history if evaluator is not None else ():
-        metrics.write("federated_eval", client=client_id, **entry)
+        metrics.write("eval_report", client=client_id, **entry)
     for entry in audit.history if audit is not None else ():
         metrics.write("privacy_audit", client=client_id, **entry)
 
