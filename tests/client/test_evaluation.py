@@ -56,3 +56,26 @@ def test_a_patient_channel_waits_out_the_rate_limit_but_not_other_refusals():
     assert channel.call(pb.FORWARD, pb.Forward()) == "reply" and len(calls) == 3
     with pytest.raises(RemoteError, match="between rounds only"):
         channel.call(pb.FORWARD, pb.Forward())
+
+
+def test_with_an_inverter_the_audit_scores_the_learned_attack_too(tiny_llama):
+    # Arrange: a ridge inverter fitted on other ("public") batches through the same p = 1 head
+    from fedsplit.attacks.hidden import embedding_matrix
+    from fedsplit.attacks.inversion import RidgeInverter
+    from fedsplit.split.parts import positions_from_mask
+
+    model, _ = tiny_llama
+    head = head_of(model, 1)
+    public = _batches(8, model.config.vocab_size, seed=1)
+    with torch.no_grad():
+        hidden = torch.cat([head(b["input_ids"], b["attention_mask"], positions_from_mask(b["attention_mask"]))
+                            [b["attention_mask"].bool()] for b in public])  # (N, H)
+    tokens = torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in public])  # (N,)
+    inverter = RidgeInverter.fit(hidden, tokens, embedding_matrix(model))
+
+    # Act
+    scores = PrivacyAudit(samples=2, inverter=inverter).scores(head, _batches(4, model.config.vocab_size), round=3)
+
+    # Assert
+    assert 0.0 <= scores["audit_learned"] <= 1.0 and 0.0 <= scores["audit_nearest_neighbour"] <= 1.0
+    assert scores["audit_positions"] == 2 * (64 - 5)
