@@ -116,11 +116,13 @@ def round_table(run_dir: Path) -> tuple[list[str], dict[str, Any]]:
     rows = []
     for number in sorted(ends):
         pooled = evals.get(number, {}).get("aggregate", {})
-        scores = [a["nearest_neighbour"] for a in audits if a["round"] == number and "nearest_neighbour" in a]
-        rows.append({"round": number, "clients": len(ends[number]["clients"]),
-                     "train_loss": ends[number]["metrics"].get("loss"), "heldout_loss": pooled.get("loss"),
-                     "examples": int(pooled.get("n", 0)), "accuracy": pooled.get("accuracy"),
-                     "audit_nearest_neighbour": sum(scores) / len(scores) if scores else None})
+        row = {"round": number, "clients": len(ends[number]["clients"]),
+               "train_loss": ends[number]["metrics"].get("loss"), "heldout_loss": pooled.get("loss"),
+               "examples": int(pooled.get("n", 0)), "accuracy": pooled.get("accuracy")}
+        for attack in ("nearest_neighbour", "learned"):  # mean over the round's clients
+            scores = [a[attack] for a in audits if a["round"] == number and attack in a]
+            row[f"audit_{attack}"] = sum(scores) / len(scores) if scores else None
+        rows.append(row)
     columns = [("round", 5), ("clients", 7), ("train loss", 10), ("held-out loss", 13), ("examples", 8)]
     keys = ["round", "clients", "train_loss", "heldout_loss", "examples"]
     if any(r["accuracy"] is not None for r in rows):
@@ -129,6 +131,9 @@ def round_table(run_dir: Path) -> tuple[list[str], dict[str, Any]]:
     if audits:
         columns.append(("audit NN", 8))
         keys.append("audit_nearest_neighbour")
+    if any(r["audit_learned"] is not None for r in rows):
+        columns.append(("audit learned", 13))
+        keys.append("audit_learned")
     lines = ["| " + " | ".join(f"{name:>{width}}" for name, width in columns) + " |",
              "|" + "|".join("-" * (width + 2) for _, width in columns) + "|"]
     for row in rows:
