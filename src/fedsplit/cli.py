@@ -145,11 +145,9 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     cfg, _ = _network_config(args)
-    from fedsplit.recipes.network import simulate
+    from fedsplit.recipes.simulate import run_simulate  # the federation, then its table, metrics and loss plot
 
-    server_dir = simulate(cfg, args.out or Path("runs/simulate"))
-    print(f"federation complete; adapters in {server_dir / 'adapters'}")
-    return 0
+    return run_simulate(cfg, args.out or Path("runs/simulate"))
 
 
 def cmd_subserver(args: argparse.Namespace) -> int:
@@ -157,6 +155,21 @@ def cmd_subserver(args: argparse.Namespace) -> int:
     from fedsplit.recipes.subserver import run_subserver
 
     return run_subserver(read_spec(args.root_config), args.rank)
+
+
+def cmd_audit_inverter(args: argparse.Namespace) -> int:
+    import json
+
+    from fedsplit.recipes.audit_inverter import fit_audit_inverter
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    cfg = _load_run_config(args)
+    out = args.out or Path("runs/audit-inverter.safetensors")
+    print(json.dumps(fit_audit_inverter(cfg, out, positions=args.positions)))
+    return 0
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
@@ -288,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="more fine-tuned defences as p:sigma, e.g. 4:2.0,2:8")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("audit-inverter", help="fit the learned inverter of the in-run privacy audit on public text "
+                                              "(for [privacy] audit_inverter)")
+    _config_args(p)
+    p.add_argument("--positions", type=int, default=100_000, help="public tokens the ridge map is fitted on")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.set_defaults(func=cmd_audit_inverter)
 
     p = sub.add_parser("config", help="print the default run configuration as TOML")
     p.add_argument("--describe", action="store_true", help="one line per field with its help text")

@@ -102,6 +102,15 @@ class FederationConfig:
 class EvalConfig:
     max_new_tokens: int = field(default=48, metadata={"help": "generation length for ROUGE-L"})
     rouge_examples: int = field(default=32, metadata={"help": "held-out examples generated for ROUGE-L (0 = none)"})
+    federated: bool = field(default=True, metadata={"help": "network runs: after each round its clients score the new "
+                                                    "global parts on their own held-out data (docs/quality.md)"})
+    federated_timeout_s: float = field(default=600.0, metadata={"help": "longest wait for the clients' evaluations"})
+    federated_generate: bool = field(default=False, metadata={"help": "federated evaluation also generates (ROUGE, "
+                                                              "exact match): one FORWARD per new token, slow"})
+
+    def __post_init__(self) -> None:
+        if not self.federated_timeout_s > 0:
+            raise ValueError(f"eval.federated_timeout_s: expected > 0, got {self.federated_timeout_s!r}")
 
 
 @dataclass
@@ -312,6 +321,8 @@ class PrivacyConfig:
     audit: bool = field(default=False, metadata={"help": "after each round, each client attacks its own traffic "
                                                  "(fedsplit.attacks.audit); only the scores leave it"})
     audit_samples: int = field(default=4, metadata={"help": "batches per client and round the audit attacks"})
+    audit_inverter: str = field(default="", metadata={"help": "a RidgeInverter (safetensors) fitted on public text: "
+                                                      "the audit runs attack (b) too; empty = attack (a) only"})
 
     def __post_init__(self) -> None:
         if not self.hidden_noise_std >= 0.0:

@@ -21,6 +21,7 @@ from fedsplit.metrics import MetricsWriter
 from fedsplit.protocol import decode_named, pb
 from fedsplit.server import TrunkServer
 from fedsplit.server.coordinator import CoordinatorConfig, RoundCoordinator, RunResult, TrunkService
+from fedsplit.server.evaluation import FederatedEvalConfig
 from fedsplit.split import SplitParts
 from fedsplit.strategy import FedAvg
 from fedsplit.train.config import TrainConfig
@@ -174,6 +175,7 @@ def make_federation(
     checkpoint_dir: Path | None = None,
     metrics: MetricsWriter | None = None,
     trunk_server: Callable[..., TrunkService] | None = None,
+    evaluation: FederatedEvalConfig | None = None,
     **config: float,
 ) -> Federation:
     """Server + coordinator + one ClientRunner per id in ``runners_for`` (default: every client)."""
@@ -196,6 +198,7 @@ def make_federation(
         checkpoint_dir=checkpoint_dir,
         run_id="test-run",
         config_hash="0" * 64,
+        evaluation=evaluation,
     )
     fed = Federation(
         coordinator, {}, Recorder(), server, {k: v.clone() for k, v in coordinator.trunk_adapters().items()}

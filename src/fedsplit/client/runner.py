@@ -37,6 +37,7 @@ from torch import Tensor
 
 from fedsplit.adapters import adapter_state_dict, load_adapter_state_dict
 from fedsplit.channel import Channel, RemoteError
+from fedsplit.client.evaluation import LocalEvaluator, PrivacyAudit, eval_report
 from fedsplit.client.proximal import proximal_hook
 from fedsplit.client.split_client import SplitClient, StepResult
 from fedsplit.protocol import ProtocolError, decode_named, encode_named, pb
@@ -170,6 +171,8 @@ class ClientRunner:
         on_step: StepCallback | None = None,
         hidden_noise_std: float = 0.0,
         data_report: pb.DataReport | None = None,
+        evaluator: LocalEvaluator | None = None,
+        audit: PrivacyAudit | None = None,
     ) -> None:
         if not batches:
             raise ValueError(f"client {client_id}: expected at least one training batch, got none")
@@ -178,6 +181,7 @@ class ClientRunner:
         self.backoff = backoff if backoff is not None else Backoff()
         self.retry_on, self.on_step = retry_on, on_step
         self.hidden_noise_std = hidden_noise_std  # privacy.hidden_noise_std: noise on the hidden states it sends
+        self.evaluator, self.audit = evaluator, audit  # federated evaluation, privacy audit (client/evaluation.py)
         self.result = RunnerResult()
         self.num_examples = sum(int(batch["input_ids"].shape[0]) for batch in batches)  # the data report
         self.data_report = data_report  # the counts of its own data, checked against the run's contract
@@ -197,6 +201,9 @@ class ClientRunner:
                     load_client_adapters(self.head, self.tail, decode_named(plan.adapters, "RoundPlan.adapters"))
                     self.result.final_round = plan.round
                     return self.result
+                if plan.evaluate:
+                    self._evaluate_round(plan)
+                    continue
                 if plan.wait_s > 0:
                     self._stop.wait(plan.wait_s)
                     continue
@@ -226,6 +233,8 @@ class ClientRunner:
         try:
             losses = [self._step(client, micro) for micro in steps]
             update = self._update(plan, steps, losses)
+            if self.audit is not None:  # attack this round's own traffic; only the scores leave
+                update.metrics.update(self.audit.scores(self.head, [b for micro in steps for b in micro], plan.round))
             self._channel_or_fail().call(pb.CLIENT_UPDATE, update, round=plan.round)
         except (RemoteError, NonFiniteStepError) as exc:  # dropped from the round, or a step refused: rejoin
             log.warning("client %s: round %d lost: %s", self.client_id, plan.round, exc)
@@ -234,6 +243,15 @@ class ClientRunner:
         report = RoundReport(plan.round, update.metrics["loss"], update.num_examples, plan.first_step)
         self.result.rounds.append(report)
         self.result.final_round = plan.round
+
+    def _evaluate_round(self, plan: pb.RoundPlan) -> None:
+        """Federated evaluation of the round's global parts on this client's own held-out data."""
+        load_client_adapters(self.head, self.tail, decode_named(plan.adapters, "RoundPlan.adapters"))
+        try:
+            report = eval_report(self.evaluator, self.head, self.tail, self._channel_or_fail(), self.cfg, plan.round)
+            self._channel_or_fail().call(pb.EVAL_REPORT, report, round=plan.round)
+        except RemoteError as exc:  # the stage ended, or the report was refused: the run goes on
+            log.warning("client %s: evaluation of round %d not counted: %s", self.client_id, plan.round, exc)
 
     def _step(self, client: SplitClient, micro: list[Batch]) -> float:
         result = client.train_step(micro)

@@ -42,6 +42,8 @@ PAYLOADS: dict[int, type[Message]] = {
     pb.BACKWARD_RESULT: pb.BackwardResult,
     pb.OPTIMIZER_STEP: pb.OptimizerStep,
     pb.OPTIMIZER_RESULT: pb.OptimizerResult,
+    pb.EVAL_REPORT: pb.EvalReport,
+    pb.EVAL_ACK: pb.EvalAck,
     pb.ERROR: pb.Error,
     pb.GOODBYE: pb.Goodbye,
 }
@@ -52,6 +54,7 @@ REPLY_TO: dict[int, int] = {
     pb.FORWARD: pb.FORWARD_RESULT,
     pb.BACKWARD: pb.BACKWARD_RESULT,
     pb.OPTIMIZER_STEP: pb.OPTIMIZER_RESULT,
+    pb.EVAL_REPORT: pb.EVAL_ACK,
     pb.GOODBYE: pb.GOODBYE,
 }
 

@@ -27,6 +27,8 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BACKWARD_RESULT: _ClassVar[Kind]
     OPTIMIZER_STEP: _ClassVar[Kind]
     OPTIMIZER_RESULT: _ClassVar[Kind]
+    EVAL_REPORT: _ClassVar[Kind]
+    EVAL_ACK: _ClassVar[Kind]
     ERROR: _ClassVar[Kind]
     GOODBYE: _ClassVar[Kind]
 
@@ -55,6 +57,8 @@ BACKWARD: Kind
 BACKWARD_RESULT: Kind
 OPTIMIZER_STEP: Kind
 OPTIMIZER_RESULT: Kind
+EVAL_REPORT: Kind
+EVAL_ACK: Kind
 ERROR: Kind
 GOODBYE: Kind
 ERROR_CODE_UNSPECIFIED: ErrorCode
@@ -190,7 +194,7 @@ class DataReport(_message.Message):
     def __init__(self, num_examples: _Optional[int] = ..., label_histogram: _Optional[_Mapping[str, int]] = ..., num_truncated: _Optional[int] = ..., num_rejected: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ..., contract_hash: _Optional[str] = ...) -> None: ...
 
 class RoundPlan(_message.Message):
-    __slots__ = ("round", "finished", "local_steps", "lr", "adapters", "settings", "first_step", "wait_s")
+    __slots__ = ("round", "finished", "local_steps", "lr", "adapters", "settings", "first_step", "wait_s", "evaluate")
     class SettingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +210,7 @@ class RoundPlan(_message.Message):
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     FIRST_STEP_FIELD_NUMBER: _ClassVar[int]
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_FIELD_NUMBER: _ClassVar[int]
     round: int
     finished: bool
     local_steps: int
@@ -214,7 +219,8 @@ class RoundPlan(_message.Message):
     settings: _containers.ScalarMap[str, str]
     first_step: int
     wait_s: float
-    def __init__(self, round: _Optional[int] = ..., finished: _Optional[bool] = ..., local_steps: _Optional[int] = ..., lr: _Optional[float] = ..., adapters: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., settings: _Optional[_Mapping[str, str]] = ..., first_step: _Optional[int] = ..., wait_s: _Optional[float] = ...) -> None: ...
+    evaluate: bool
+    def __init__(self, round: _Optional[int] = ..., finished: _Optional[bool] = ..., local_steps: _Optional[int] = ..., lr: _Optional[float] = ..., adapters: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., settings: _Optional[_Mapping[str, str]] = ..., first_step: _Optional[int] = ..., wait_s: _Optional[float] = ..., evaluate: _Optional[bool] = ...) -> None: ...
 
 class ClientUpdate(_message.Message):
     __slots__ = ("round", "adapters", "num_examples", "metrics")
@@ -244,6 +250,31 @@ class UpdateAck(_message.Message):
     accepted: bool
     reason: str
     def __init__(self, round: _Optional[int] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class EvalReport(_message.Message):
+    __slots__ = ("round", "num_examples", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    num_examples: int
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, round: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class EvalAck(_message.Message):
+    __slots__ = ("round", "accepted")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    accepted: bool
+    def __init__(self, round: _Optional[int] = ..., accepted: _Optional[bool] = ...) -> None: ...
 
 class Forward(_message.Message):
     __slots__ = ("hidden", "attention_mask", "position_ids", "train")

@@ -29,6 +29,13 @@ from fedsplit.models import load_model
 from fedsplit.recipes.common import encode, load_federated_data
 from fedsplit.recipes.own_data import own_client_batches, report_message
 from fedsplit.recipes.round_mode import round_timing
+from fedsplit.recipes.run_report import (
+    client_audit,
+    client_evaluator,
+    federated_eval_config,
+    log_client_reports,
+    report_run,
+)
 from fedsplit.split import SplitParts, split_model
 from fedsplit.train.optim import schedule_horizon
 from fedsplit.transport.shaping import shaped_address
@@ -128,7 +135,7 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
         hierarchy.router if hierarchy else make_trunk_server(cfg, parts), strategy,
         client_adapters(parts.head, parts.tail), cfg.security.clients,
         coordinator_cfg, metrics=metrics, checkpoint_dir=out / "checkpoints",
-        run_id=cfg.security.run_id, config_hash=config_hash.hex(),
+        run_id=cfg.security.run_id, config_hash=config_hash.hex(), evaluation=federated_eval_config(cfg),
     )
     if resume:
         found = latest_checkpoint(out / "checkpoints")
@@ -166,6 +173,7 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
     load_client_adapters(parts.head, parts.tail, result.global_adapters)
     _save_final_adapters(parts, out / "adapters", cfg.model.name)
     log.info("run complete: %d rounds; adapters in %s", result.rounds_completed, out / "adapters")
+    report_run(out, f"federated split fine-tuning of {cfg.model.name}")  # table, summary event, loss.png
     return 0
 
 
@@ -259,10 +267,12 @@ def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
             metrics.write("data_report", client=cid, **data_report.to_dict())
         runner = ClientRunner(cid, parts.head, parts.tail, batches, cfg.train, connect,
                               hidden_noise_std=cfg.privacy.hidden_noise_std, data_report=report_message(data_report),
+                              evaluator=client_evaluator(cfg, tokenizer), audit=client_audit(cfg),
                               on_step=lambda rnd, step, result: metrics.write(
                                   "train_step", client=cid, round=rnd, step=step, loss=result.loss,
                                   lr=result.lr, grad_norm=result.grad_norm))
         result = runner.run()
+        log_client_reports(metrics, cid, runner.evaluator, runner.audit)
         for report in result.rounds:
             metrics.write("round", client=cid, round=report.round, loss=report.loss, examples=report.num_examples)
         metrics.write("done", client=cid, final_round=result.final_round, lost_rounds=result.lost_rounds,

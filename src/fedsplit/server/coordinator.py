@@ -70,6 +70,7 @@ from fedsplit.server.checkpoint import (
     save_checkpoint,
 )
 from fedsplit.server.data_reports import announce_data_report, read_data_report
+from fedsplit.server.evaluation import FederatedEvalConfig, RoundEvaluation
 from fedsplit.server.rounds import (
     ROUND_NEXT,
     ClientStage,
@@ -126,6 +127,7 @@ class RoundCoordinator:
         checkpoint_dir: Path | str | None = None,
         run_id: str = "",
         config_hash: str = "",
+        evaluation: FederatedEvalConfig | None = None,
     ) -> None:
         if not global_adapters:
             raise ValueError("global_adapters: expected the clients' head/tail adapter tensors, got none")
@@ -149,19 +151,21 @@ class RoundCoordinator:
         self._lobby: set[str] = set()
         self._resume_clients: frozenset[str] = frozenset()  # the first round after restore waits for them
         self._trunk_calls = 0
-        self._evals = 0  # evaluation FORWARDs being served: a round starts only when none is
         self._error: BaseException | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._started = False
         # One reentrant lock for the mutable state above: handlers run in one thread per session.
         self._cond = threading.Condition()
+        self._evaluation = RoundEvaluation(evaluation or FederatedEvalConfig(), self._cond, self._log,
+                                           eval_burst=config.eval_burst, eval_per_s=config.eval_per_s)
         self._serve: dict[int, Callable[[str, int, int, int, Any], Message]] = {
             pb.JOIN_ROUND: self._join,
             pb.CLIENT_UPDATE: self._receive_update,
             pb.FORWARD: self._serve_trunk,
             pb.BACKWARD: self._serve_trunk,
             pb.OPTIMIZER_STEP: self._serve_trunk,
+            pb.EVAL_REPORT: self._receive_eval,
         }
 
     # -- the round loop -----------------------------------------------------------------------
@@ -185,7 +189,8 @@ class RoundCoordinator:
             self.trunk.end_round(number)  # hierarchical: average the replicas before aggregating and checkpointing
             aggregate = self.strategy.aggregate(number, results, failures, self._global)
             if isinstance(aggregate, AggregateResult):
-                self._commit(aggregate, results, failures)  # -> WAITING_FOR_CLIENTS or DONE
+                self._commit(aggregate, results, failures)  # -> EVALUATING, WAITING_FOR_CLIENTS or DONE
+                self._evaluate(number, aggregate.clients, results)  # EVALUATING -> WAITING_FOR_CLIENTS or DONE
                 return
             self._roll_back(aggregate)  # -> WAITING_FOR_CLIENTS, same round again
         raise RoundFailedError(number, self.config.max_round_retries + 1, failures)
@@ -195,7 +200,7 @@ class RoundCoordinator:
         plan = self.strategy.configure_round(number, available)
         local_steps, lr = check_plan(plan, available)
         with self._cond:
-            self._cond.wait_for(lambda: self._evals == 0)  # no evaluation may see a training step
+            self._cond.wait_for(lambda: self._evaluation.in_flight == 0)  # no evaluation may see a training step
             now = time.monotonic()
             picked = sorted(plan.client_ids)
             self._round = OpenRound(
@@ -268,7 +273,8 @@ class RoundCoordinator:
                 self._client_steps[update.client_id] += r.local_steps
             self.completed_round = r.number
             last = r.number == self.config.num_rounds
-            self._move(RoundStage.DONE if last else RoundStage.WAITING_FOR_CLIENTS)
+            self._move(RoundStage.EVALUATING if self._evaluation.enabled else
+                       RoundStage.DONE if last else RoundStage.WAITING_FOR_CLIENTS)
             self._round = None
         record = {
             "round": r.number,
@@ -298,6 +304,13 @@ class RoundCoordinator:
             failures=[{"client": f.client_id, "stage": f.stage, "reason": f.reason} for f in too_few.failures],
         )
         log.warning("%s; round %d runs again", too_few.reason, r.number)
+
+    def _evaluate(self, number: int, clients: Sequence[str], results: list[ClientUpdate]) -> None:
+        self._evaluation.log_audit(number, results)  # then federated evaluation, if on (server/evaluation.py)
+        with self._cond:
+            if self._stage is RoundStage.EVALUATING:
+                self._evaluation.run(number, clients, self._global, self._sessions, self._check_not_stopping)
+                self._move(RoundStage.DONE if number == self.config.num_rounds else RoundStage.WAITING_FOR_CLIENTS)
 
     def _finish(self) -> None:
         with self._cond:
@@ -426,32 +439,10 @@ class RoundCoordinator:
         if serve is None:
             raise ProtocolError(f"the coordinator does not serve {kind_name(kind)}", code=pb.FAILED_PRECONDITION)
         if kind == pb.FORWARD and not request.train:  # evaluation: changes nothing, keeps nobody alive
-            with self._evaluating(client_id):
+            with self._evaluation.forward(self._sessions[client_id], lambda: (self._stage, self.completed_round)):
                 return self.trunk.handle(client_id, kind, round, step, request)
         with self._in_flight(client_id):
             return serve(client_id, kind, round, step, request)
-
-    @contextlib.contextmanager
-    def _evaluating(self, client_id: str) -> Iterator[None]:
-        """Evaluation sees the trunk only between rounds, and at a bounded rate per client.
-
-        Mid-round every trunk step changes the trunk, so an evaluation request would show a client
-        outside the round each individual update of the others (an oracle); between rounds the
-        trunk is the aggregate everyone receives anyway.
-        """
-        with self._cond:
-            if self._stage in (RoundStage.TRAINING, RoundStage.AGGREGATING):
-                raise ProtocolError(
-                    f"evaluation is served between rounds only; round {self.completed_round + 1} is "
-                    f"{self._stage.value}, ask again after it", code=pb.FAILED_PRECONDITION)
-            self._sessions[client_id].take_eval_token(self.config.eval_burst, self.config.eval_per_s, time.monotonic())
-            self._evals += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._evals -= 1
-                self._cond.notify_all()
 
     @contextlib.contextmanager
     def _in_flight(self, client_id: str) -> Iterator[None]:
@@ -479,6 +470,8 @@ class RoundCoordinator:
                 return pb.RoundPlan(round=self.completed_round, finished=True, adapters=encode_named(self._global))
             if self._stage is RoundStage.FAILED:
                 raise ProtocolError(f"the run failed: {self._error}", code=pb.ABORTED)
+            if self._stage is RoundStage.EVALUATING and (evaluate := self._evaluation.plan_for(client_id)):
+                return evaluate
             r = self._round
             participant = r.participants.get(client_id) if r is not None else None
             if self._stage is RoundStage.TRAINING and r is not None and participant is not None:
@@ -561,6 +554,10 @@ class RoundCoordinator:
         self._log("client_update", round=r.number, client=client_id, num_examples=update.num_examples,
                   metrics=update.metrics)
         return pb.UpdateAck(round=r.number, accepted=True)
+
+    def _receive_eval(self, client_id: str, kind: int, round: int, step: int, request: pb.EvalReport) -> pb.EvalAck:
+        with self._cond:
+            return self._evaluation.receive(client_id, request, self._stage, self._data_reports.get(client_id, 0))
 
     # -- failures -------------------------------------------------------------------------------
     def _fail_participant(self, client_id: str, reason: str) -> None:

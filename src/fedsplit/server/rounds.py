@@ -43,6 +43,7 @@ class RoundStage(enum.Enum):
     WAITING_FOR_CLIENTS = "waiting_for_clients"
     TRAINING = "training"
     AGGREGATING = "aggregating"
+    EVALUATING = "evaluating"  # federated evaluation of the new global parts (server/evaluation.py)
     DONE = "done"
     FAILED = "failed"
 
@@ -50,7 +51,9 @@ class RoundStage(enum.Enum):
 ROUND_NEXT: dict[RoundStage, frozenset[RoundStage]] = {
     RoundStage.WAITING_FOR_CLIENTS: frozenset({RoundStage.TRAINING, RoundStage.DONE, RoundStage.FAILED}),
     RoundStage.TRAINING: frozenset({RoundStage.AGGREGATING, RoundStage.FAILED}),
-    RoundStage.AGGREGATING: frozenset({RoundStage.WAITING_FOR_CLIENTS, RoundStage.DONE, RoundStage.FAILED}),
+    RoundStage.AGGREGATING: frozenset({RoundStage.WAITING_FOR_CLIENTS, RoundStage.EVALUATING, RoundStage.DONE,
+                                       RoundStage.FAILED}),
+    RoundStage.EVALUATING: frozenset({RoundStage.WAITING_FOR_CLIENTS, RoundStage.DONE, RoundStage.FAILED}),
     RoundStage.DONE: frozenset(),
     RoundStage.FAILED: frozenset(),
 }
