@@ -37,6 +37,7 @@ from torch import Tensor
 
 from fedsplit.adapters import adapter_state_dict, load_adapter_state_dict
 from fedsplit.channel import Channel, RemoteError
+from fedsplit.client.private_update import PrivateRoundError, PrivateUpdate
 from fedsplit.client.split_client import SplitClient, StepResult
 from fedsplit.protocol import ProtocolError, decode_named, encode_named, pb
 from fedsplit.security.errors import SecurityError
@@ -168,6 +169,7 @@ class ClientRunner:
         retry_on: tuple[type[Exception], ...] = (ConnectionError, TimeoutError, ProtocolError),
         on_step: StepCallback | None = None,
         hidden_noise_std: float = 0.0,
+        private: PrivateUpdate | None = None,
     ) -> None:
         if not batches:
             raise ValueError(f"client {client_id}: expected at least one training batch, got none")
@@ -176,6 +178,7 @@ class ClientRunner:
         self.backoff = backoff if backoff is not None else Backoff()
         self.retry_on, self.on_step = retry_on, on_step
         self.hidden_noise_std = hidden_noise_std  # privacy.hidden_noise_std: noise on the hidden states it sends
+        self.private = private  # [aggregation] secagg / ckks / hybrid: the update goes out masked or encrypted
         self.result = RunnerResult()
         self.num_examples = sum(int(batch["input_ids"].shape[0]) for batch in batches)  # the data report
         self.client: SplitClient | None = None  # the current round's split client
@@ -220,8 +223,11 @@ class ClientRunner:
         try:
             losses = [self._step(client, micro) for micro in steps]
             update = self._update(plan, steps, losses)
-            self._channel_or_fail().call(pb.CLIENT_UPDATE, update, round=plan.round)
-        except (RemoteError, NonFiniteStepError) as exc:  # dropped from the round, or a step refused: rejoin
+            if self.private is not None:  # client/private_update.py: plaintext part, then the encrypted phases
+                self.private.submit(self._channel_or_fail(), plan, update, self.num_examples)
+            else:
+                self._channel_or_fail().call(pb.CLIENT_UPDATE, update, round=plan.round)
+        except (RemoteError, NonFiniteStepError, PrivateRoundError) as exc:  # dropped, step or phase refused: rejoin
             log.warning("client %s: round %d lost: %s", self.client_id, plan.round, exc)
             self.result.lost_rounds += 1
             return

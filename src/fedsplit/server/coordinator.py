@@ -69,6 +69,7 @@ from fedsplit.server.checkpoint import (
     restore_trunk,
     save_checkpoint,
 )
+from fedsplit.server.private_round import PrivateAggregator
 from fedsplit.server.rounds import (
     ROUND_NEXT,
     ClientStage,
@@ -161,6 +162,8 @@ class RoundCoordinator:
             pb.BACKWARD: self._serve_trunk,
             pb.OPTIMIZER_STEP: self._serve_trunk,
         }
+        if isinstance(strategy, PrivateAggregator):  # secagg / ckks / hybrid: its phases' requests (private_round.py)
+            strategy.attach(self._serve, lambda cid: self._sessions[cid].open > 0)
 
     # -- the round loop -----------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -554,8 +557,9 @@ class RoundCoordinator:
                     f"round {current} is {self._stage.value})",
                     code=pb.ABORTED if request.round == current else pb.FAILED_PRECONDITION,
                 )
-            try:
-                update = check_update(client_id, r, participant, request, tensors, self._global, self.config,
+            try:  # a PrivateAggregator's reference: the plaintext tensors an update carries; else all (dict: a copy)
+                reference = getattr(self.strategy, "reference", dict)(self._global)
+                update = check_update(client_id, r, participant, request, tensors, reference, self.config,
                                       weight=self._data_reports.get(client_id, int(request.num_examples)))
             except ProtocolError as exc:
                 if participant.stage in (ClientStage.PICKED, ClientStage.TRAINING):

@@ -128,6 +128,9 @@ class PrivateAggregator:
         self._round: _Round | None = None
         self._submitted: dict[str, int] = {}  # client -> round whose aggregation its accepted update waits for
         self._ckks = _CkksKey()
+        self.exclusions: dict[int, dict[str, str]] = {}  # round -> participant left out of the sum -> why
+        if "ckks" in (cfg.mode, cfg.hybrid_encrypted_mode if cfg.mode == "hybrid" else ""):
+            cfg.ckks_params()  # fail now, not at the first round
 
     # -- Strategy ------------------------------------------------------------------------------
     @property
@@ -166,12 +169,18 @@ class PrivateAggregator:
         finally:
             with self._cond:
                 self._close(round)
-        lost += [Failure(cid, f"{mode}: {why}", _STAGE) for cid, why in sorted(excluded.items())]
-        lost += [Failure(cid, f"{mode}: not in the sum (dropped)", _STAGE)
-                 for cid in participants if cid not in summed and cid not in excluded]
+        named = {cid: f"excluded: {why}" for cid, why in excluded.items() if cid in participants}
+        named.update({cid: "dropped: not in the sum" for cid in participants if cid not in summed and cid not in named})
+        for cid, why in sorted(named.items()):
+            log.warning("round %d: client %s is not in the %s sum (%s)", round, cid, mode, why)
+        self.exclusions[round] = named
+        lost += [Failure(cid, f"{mode}: {why}", _STAGE) for cid, why in sorted(named.items())]
         merged = [ClientUpdate(cid, {**mean, **updates[cid].tensors}, weights[cid], dict(updates[cid].metrics))
                   for cid in summed]
-        return self.inner.aggregate(round, merged, lost, current)
+        result = self.inner.aggregate(round, merged, lost, current)
+        if isinstance(result, AggregateResult):
+            result.metrics.update(private_summed=float(len(summed)), private_left_out=float(len(named)))
+        return result
 
     def _close(self, round: int) -> None:
         if self._round is not None and self._round.number == round:
