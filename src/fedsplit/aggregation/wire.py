@@ -26,7 +26,7 @@ __all__ = ["WireBounds", "keys_to_pb", "keys_from_pb", "shares_to_pb", "shares_f
 
 _SIGNATURE_LEN = 64  # Ed25519
 _KEY_LEN = 32  # X25519 public keys, SHA-256 commitments
-_MAX_ID_LEN = 128
+MAX_ID_LEN = 128
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ def _fail(what: str, message: str) -> ProtocolError:
 
 
 def _check_id(value: str, what: str) -> str:
-    if not value or len(value) > _MAX_ID_LEN:
-        raise _fail(what, f"expected a client id of 1..{_MAX_ID_LEN} characters, got {len(value)}")
+    if not value or len(value) > MAX_ID_LEN:
+        raise _fail(what, f"expected a client id of 1..{MAX_ID_LEN} characters, got {len(value)}")
     return value
 
 

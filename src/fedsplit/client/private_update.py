@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,10 +39,10 @@ from fedsplit.aggregation.dp import privatize_update
 from fedsplit.aggregation.errors import PrivateAggregationError
 from fedsplit.aggregation.secagg import EncryptedShare, SecAggClient, UnmaskRequest
 from fedsplit.channel import Channel
-from fedsplit.config import AggregationConfig
+from fedsplit.config import AggregationConfig, RunConfig
 from fedsplit.protocol import ProtocolError, decode_named, encode_named, encode_tensor, pb
 
-__all__ = ["PrivateRoundError", "PrivateUpdate"]
+__all__ = ["PrivateRoundError", "PrivateUpdate", "private_update_for"]
 
 log = logging.getLogger(__name__)
 CKKS_KEY_ROUND = 0  # as fedsplit.server.private_round: the key hand-off is signed for round 0
@@ -242,3 +243,21 @@ class PrivateUpdate:
             if not sealed:
                 self.sleep(reply.wait_s or 0.05)
         raise PrivateRoundError(f"client {self.client_id}: the peers did not all receive the CKKS key in time")
+
+
+def private_update_for(cfg: RunConfig, keys: Path, identity: ed25519.Ed25519PrivateKey) -> PrivateUpdate | None:
+    """The client's private-aggregation side for ``[aggregation] mode`` (None in plain mode).
+
+    It needs every admitted client's identity (``security.clients``, ``keys/<id>.pub``): the peers' keys are
+    checked against them, so that the relaying server cannot substitute its own.
+    """
+    if cfg.aggregation.mode == "plain":
+        return None
+    if cfg.client.id not in cfg.security.clients:
+        raise ValueError(f"security.clients: mode {cfg.aggregation.mode!r} needs the admitted clients' ids (and their "
+                         f".pub files in {keys}) on every client, including this one ({cfg.client.id!r})")
+    from fedsplit.security.identity import load_public_key
+
+    peers = {cid: load_public_key(keys / f"{cid}.pub") for cid in cfg.security.clients}
+    return PrivateUpdate(cfg.client.id, cfg.aggregation, identity, peers, run_id=cfg.security.run_id,
+                         max_wait_s=cfg.server.round_timeout_s)

@@ -25,10 +25,12 @@ returns ``TooFewResults`` naming the cause, so the coordinator keeps the global 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,15 +42,17 @@ from fedsplit.aggregation import wire
 from fedsplit.aggregation.ckks import PURPOSE as CKKS_PURPOSE
 from fedsplit.aggregation.ckks import CkksServer, CkksSum, SealedKey
 from fedsplit.aggregation.codec import TensorLayout
+from fedsplit.aggregation.dp import DPFedAvg, uniform_weight
 from fedsplit.aggregation.errors import MalformedMessageError, RoundAbortedError
 from fedsplit.aggregation.keys import SignedKeys, verify_keys
 from fedsplit.aggregation.secagg_server import SecAggServer
-from fedsplit.config import AggregationConfig
+from fedsplit.config import AggregationConfig, RunConfig
 from fedsplit.protocol import ProtocolError, decode_tensor, pb
 from fedsplit.strategy.base import AggregateResult, ClientUpdate, Failure, RoundPlan, Strategy, TooFewResults
 from fedsplit.strategy.build import check_aggregation_mode
+from fedsplit.strategy.fedavg import FedAvg
 
-__all__ = ["AGG_REQUESTS", "PrivateAggregator", "CKKS_KEY_ROUND"]
+__all__ = ["AGG_REQUESTS", "CKKS_KEY_ROUND", "PrivateAggregator", "build_private_strategy", "private_frame_bound"]
 
 log = logging.getLogger(__name__)
 
@@ -517,3 +521,43 @@ _WAIT: dict[int, Callable[[float], Message]] = {
     pb.AGG_CKKS_HOLDER: lambda s: pb.AggCkksPending(wait_s=s),
     pb.AGG_CKKS_UPLOAD: lambda s: pb.AggCkksSum(wait_s=s),
 }
+
+
+def build_private_strategy(cfg: RunConfig, strategy: Strategy, keys: Path) -> Strategy:
+    """``[aggregation]`` around the run's strategy: DP-FedAvg when ``dp_noise`` is set, then the private phases.
+
+    The clients' identities are their admitted ``keys/<id>.pub`` files (the same the handshake checks).
+    """
+    agg = cfg.aggregation
+    if agg.dp_noise != "none":
+        if not isinstance(strategy, FedAvg):
+            raise ValueError(f"aggregation.dp_noise: DP-FedAvg wraps strategy 'fedavg', got {cfg.strategy.name!r}")
+        clients = max(1, len(cfg.security.clients))
+        strategy = DPFedAvg(replace(strategy, weight_fn=uniform_weight), clip=agg.dp_clip,
+                            noise_multiplier=agg.dp_noise_multiplier, delta=agg.dp_delta,
+                            epsilon_budget=agg.dp_epsilon_budget or math.inf, noise=agg.dp_noise,
+                            expected_clients=clients if agg.dp_noise == "distributed" else 0,
+                            on_budget=agg.dp_on_budget, seed=cfg.train.seed)
+    if agg.mode == "plain":
+        return strategy
+    from fedsplit.security.identity import load_public_key
+
+    identities = {cid: load_public_key(keys / f"{cid}.pub") for cid in cfg.security.clients}
+    return PrivateAggregator(strategy, agg, identities, run_id=cfg.security.run_id,
+                             phase_timeout_s=cfg.server.step_timeout_s, poll_s=0.1)
+
+
+def private_frame_bound(agg: AggregationConfig, numel: int, clients: int) -> int:
+    """The largest Agg* request frame of a run whose client parts hold ``numel`` values (0 in plain mode)."""
+    if agg.mode == "plain":
+        return 0
+    bounds = wire.WireBounds(participants=max(1, clients))
+    masked = (numel + 1) * ((agg.ring_bits + 7) // 8)  # secagg
+    shares = clients * (bounds.max_share_bytes + 2 * wire.MAX_ID_LEN + 16)
+    largest = max(masked, shares)
+    if "ckks" in (agg.mode, agg.hybrid_encrypted_mode):
+        params = agg.ckks_params()
+        upload = params.num_blocks(numel + 1) * (wire.WireBounds.block_bytes(params) + 8)
+        sealed = clients * (2 * wire.WireBounds.block_bytes(params) + 512) + bounds.max_context_bytes  # key holder
+        largest = max(largest, upload, sealed)
+    return largest + (64 << 10)
