@@ -7,9 +7,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
+from fedsplit.aggregation.ckks import CkksKeyHolder, CkksUpload
 from fedsplit.aggregation.dp import DPFedAvg, uniform_weight
 from fedsplit.aggregation.secagg import EncryptedShare
 from fedsplit.channel import Channel
@@ -18,7 +20,7 @@ from fedsplit.protocol import pb
 from fedsplit.server.coordinator import RoundFailedError
 from fedsplit.strategy import FedAvg
 
-from .private_federation import RecordingUpdate, make_private_federation
+from .private_federation import RUN_ID, RecordingUpdate, make_private_federation
 
 CLIENTS = ["a", "b", "c"]
 SIZES = {"a": 2, "b": 3, "c": 1}  # data reports 4, 6, 2: FedAvg weights that differ
@@ -59,6 +61,24 @@ class BadShare(RecordingUpdate):
         shares = [EncryptedShare(first.sender, first.recipient, first.sealed[:-1] + bytes([first.sealed[-1] ^ 1])),
                   *shares[1:]]
         return super().send_shares(channel, round, shares)
+
+
+class ShortMaskedInput(RecordingUpdate):
+    """Uploads a masked vector one ring element short."""
+
+    def _poll(self, channel: Channel, kind: int, message: Any, round: int) -> Any:
+        if kind == pb.AGG_MASKED_INPUT:
+            message.data = message.data[: -((self.cfg.ring_bits + 7) // 8)]
+        return super()._poll(channel, kind, message, round)
+
+
+class ForeignKey(RecordingUpdate):
+    """Encrypts under a CKKS key of its own making (signed with its identity), not the run's key."""
+
+    def encrypt(self, vector: np.ndarray, round: int) -> CkksUpload:
+        holder = CkksKeyHolder(self.client_id, self.identity, self.peers, self.cfg.ckks_params(), run_id=RUN_ID,
+                               round=0)
+        return holder.client().encrypt(vector, round)
 
 
 def test_secagg_over_grpc_equals_fedavg_within_the_quantization_bound(tmp_path):
@@ -138,6 +158,40 @@ def test_secagg_too_many_drops_abort_the_round_and_keep_the_global_parts(tmp_pat
 def test_ckks_over_grpc_equals_fedavg_within_1e_6_relative(tmp_path):
     pytest.importorskip("tenseal")
     fed = make_private_federation(tmp_path, AggregationConfig(mode="ckks"), CLIENTS, batch_sizes=SIZES)
+
+    result = fed.run()
+
+    assert result.history[0]["clients"] == CLIENTS
+    assert_fedavg(result.global_adapters, fed.fedavg(1, CLIENTS), atol=1e-7, rtol=1e-6)
+
+
+def test_secagg_wrong_size_masked_input_excludes_only_its_sender(tmp_path):
+    fed = make_private_federation(tmp_path, AggregationConfig(mode="secagg"), CLIENTS, batch_sizes=SIZES,
+                                  update_cls={"b": ShortMaskedInput})
+
+    result = fed.run()
+
+    assert result.history[0]["clients"] == ["a", "c"]
+    assert "masked input of" in fed.coordinator.strategy.exclusions[1]["b"]
+    assert_fedavg(result.global_adapters, fed.fedavg(1, ["a", "c"]), atol=secagg_bound() + 1e-9, rtol=2e-7)
+
+
+def test_ckks_upload_under_another_key_excludes_only_its_sender(tmp_path):
+    pytest.importorskip("tenseal")
+    fed = make_private_federation(tmp_path, AggregationConfig(mode="ckks"), CLIENTS, batch_sizes=SIZES,
+                                  update_cls={"c": ForeignKey})
+
+    result = fed.run()
+
+    assert result.history[0]["clients"] == ["a", "b"]
+    assert "another CKKS key" in fed.coordinator.strategy.exclusions[1]["c"]
+    assert_fedavg(result.global_adapters, fed.fedavg(1, ["a", "b"]), atol=1e-7, rtol=1e-6)
+
+
+def test_hybrid_with_ckks_over_grpc_equals_fedavg(tmp_path):
+    pytest.importorskip("tenseal")
+    agg = AggregationConfig(mode="hybrid", hybrid_encrypt=["tail/*"], hybrid_encrypted_mode="ckks")
+    fed = make_private_federation(tmp_path, agg, CLIENTS, batch_sizes=SIZES)
 
     result = fed.run()
 

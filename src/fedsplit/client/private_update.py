@@ -33,7 +33,7 @@ from google.protobuf.message import Message
 from torch import Tensor
 
 from fedsplit.aggregation import wire
-from fedsplit.aggregation.ckks import CkksClient, CkksKeyHolder, CkksSum, SealedKey
+from fedsplit.aggregation.ckks import CkksClient, CkksKeyHolder, CkksSum, CkksUpload, SealedKey
 from fedsplit.aggregation.codec import TensorLayout
 from fedsplit.aggregation.dp import privatize_update
 from fedsplit.aggregation.errors import PrivateAggregationError
@@ -180,13 +180,19 @@ class PrivateUpdate:
         assert self._ckks is not None
         layout = TensorLayout.of(secret)
         vector = np.append(layout.flatten(secret) * weight, float(weight))  # (numel + 1,): [w x ..., w]
-        upload = self._ckks.encrypt(vector, round)
+        upload = self.encrypt(vector, round)
         message = pb.AggCkksUpload(round=round, key_id=upload.key, blocks=list(upload.blocks),
                                    signature=upload.signature)
         total = self._poll(channel, pb.AGG_CKKS_UPLOAD, message, round)
         summed = self._ckks.decrypt(CkksSum(tuple(total.blocks), list(total.clients)), vector.size)
         decrypted = pb.AggCkksDecrypted(round=round, sum=encode_tensor(torch.from_numpy(summed)))
         channel.call(pb.AGG_CKKS_DECRYPTED, decrypted, round=round)
+
+    def encrypt(self, vector: np.ndarray, round: int) -> CkksUpload:
+        """The signed, block-wise encryption of ``vector`` under the run's key."""
+        if self._ckks is None:
+            raise PrivateRoundError(f"client {self.client_id}: no CKKS key")
+        return self._ckks.encrypt(vector, round)
 
     def _ckks_key(self, channel: Channel, round: int) -> pb.AggCkksKey:
         """Hold the run's current CKKS key: make it (key holder), or receive it sealed from the holder."""
