@@ -36,7 +36,7 @@ from fedsplit.aggregation import wire
 from fedsplit.aggregation.ckks import CkksClient, CkksKeyHolder, CkksSum, CkksUpload, SealedKey
 from fedsplit.aggregation.codec import TensorLayout
 from fedsplit.aggregation.dp import privatize_update
-from fedsplit.aggregation.errors import PrivateAggregationError
+from fedsplit.aggregation.errors import PrivateAggregationError, UnmaskRefusedError
 from fedsplit.aggregation.secagg import EncryptedShare, SecAggClient, UnmaskRequest
 from fedsplit.channel import Channel
 from fedsplit.config import AggregationConfig, RunConfig
@@ -159,6 +159,9 @@ class PrivateUpdate:
                                     rejected=list(masked.rejected))
         request = self._poll(channel, pb.AGG_MASKED_INPUT, message, round)
         try:
+            if len(request.survivors) < 2:  # the "sum" would be one client's input
+                raise UnmaskRefusedError(f"client {self.client_id}: unmask request for {len(request.survivors)} "
+                                         f"survivor(s); a private sum needs at least 2")
             response = client.unmask(UnmaskRequest(tuple(request.survivors), tuple(request.dropped)))
         except PrivateAggregationError as exc:  # UnmaskRefusedError: say so, then lose the round
             channel.call(pb.AGG_UNMASK_RESPONSE, pb.AggUnmaskResponse(round=round, refused=str(exc)), round=round)
@@ -184,6 +187,9 @@ class PrivateUpdate:
         message = pb.AggCkksUpload(round=round, key_id=upload.key, blocks=list(upload.blocks),
                                    signature=upload.signature)
         total = self._poll(channel, pb.AGG_CKKS_UPLOAD, message, round)
+        if len(set(total.clients)) < 2:
+            raise PrivateRoundError(f"client {self.client_id}: a sum of {len(total.clients)} client(s) is not private; "
+                                    f"not decrypted")
         summed = self._ckks.decrypt(CkksSum(tuple(total.blocks), list(total.clients)), vector.size)
         decrypted = pb.AggCkksDecrypted(round=round, sum=encode_tensor(torch.from_numpy(summed)))
         channel.call(pb.AGG_CKKS_DECRYPTED, decrypted, round=round)

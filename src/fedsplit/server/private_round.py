@@ -346,7 +346,9 @@ class PrivateAggregator:
             server.receive_masked(masked)
         for cid, why in r.excluded.items():
             server.excluded.setdefault(cid, why)  # named at the wire: handled as dropped
-        self._advance(r, "unmask", request=server.unmask_request())
+        request = server.unmask_request()
+        _check_several(r.number, request.survivors)  # before any share is revealed
+        self._advance(r, "unmask", request=request)
         for response in self._collect(r, "unmask", list(r.request.survivors)).values():
             if response is not None:
                 server.receive_unmask(response)
@@ -457,9 +459,10 @@ class PrivateAggregator:
                             layout.numel + 1, run_id=self.run_id, round=r.number)
         for upload in uploads.values():
             server.receive(upload)
-        self._advance(r, "decrypt", total=server.finish())
-        assert r.total is not None
-        decrypted = self._collect(r, "decrypt", r.total.clients)
+        total = server.finish()
+        _check_several(r.number, total.clients)  # before any client decrypts it
+        self._advance(r, "decrypt", total=total)
+        decrypted = self._collect(r, "decrypt", total.clients)
         if not decrypted:
             raise RoundAbortedError(f"round {r.number}: no summed client returned the decrypted sum")
         first = next(iter(decrypted.values()))
@@ -467,9 +470,9 @@ class PrivateAggregator:
             if not np.allclose(values, first, rtol=_DECRYPT_RTOL, atol=_DECRYPT_RTOL * max(1.0, np.abs(first).max())):
                 raise RoundAbortedError(f"round {r.number}: client {cid}'s decryption of the sum disagrees with the "
                                         f"others'; nothing aggregated")
-        self._check_weight(r, r.total.clients, float(first[-1]))
+        self._check_weight(r, total.clients, float(first[-1]))
         mean = first[:-1] / first[-1]
-        return layout.unflatten(mean), r.total.clients, {**server.excluded, **r.excluded}
+        return layout.unflatten(mean), total.clients, {**server.excluded, **r.excluded}
 
     # -- phases ----------------------------------------------------------------------------------
     def _current(self) -> _Round:
@@ -500,6 +503,13 @@ class PrivateAggregator:
                 setattr(r, name, value)
             r.phase = phase
             self._cond.notify_all()
+
+
+def _check_several(round: int, summed: Sequence[str]) -> None:
+    """A sum of one client is that client's update: never released."""
+    if len(summed) < 2:
+        raise RoundAbortedError(f"round {round}: the sum would hold {len(summed)} client(s) ({', '.join(summed)}); "
+                                f"a private sum needs at least 2; round aborted, nothing aggregated")
 
 
 def _check_keyless(context: bytes, holder: str) -> None:
