@@ -69,7 +69,6 @@ from fedsplit.server.checkpoint import (
     restore_trunk,
     save_checkpoint,
 )
-from fedsplit.server.private_round import PrivateAggregator
 from fedsplit.server.rounds import (
     ROUND_NEXT,
     ClientStage,
@@ -162,7 +161,7 @@ class RoundCoordinator:
             pb.BACKWARD: self._serve_trunk,
             pb.OPTIMIZER_STEP: self._serve_trunk,
         }
-        if isinstance(strategy, PrivateAggregator):  # secagg / ckks / hybrid: its phases' requests (private_round.py)
+        if hasattr(strategy, "attach"):  # secagg / ckks / hybrid: server/private_round.py serves its phases' requests
             strategy.attach(self._serve, lambda cid: self._sessions[cid].open > 0)
 
     # -- the round loop -----------------------------------------------------------------------
