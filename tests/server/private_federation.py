@@ -60,6 +60,7 @@ class PrivateFederation:
     privates: dict[str, RecordingUpdate]
     reports: dict[str, int]
     initial: dict[str, Tensor]
+    identities: dict[str, Any]
     outcomes: dict[str, Any] = field(default_factory=dict)
 
     def run(self, timeout: float = 60.0) -> RunResult:
@@ -101,13 +102,17 @@ def make_private_federation(
     strategy: Callable[[FedAvg], Strategy] | None = None,
     num_rounds: int = 1,
     phase_timeout_s: float = 5.0,
+    identities: dict[str, Any] | None = None,
+    privates: dict[str, RecordingUpdate] | None = None,
     **config: Any,
 ) -> PrivateFederation:
+    """``identities`` and ``privates``: the clients of an earlier federation (a restarted server, same clients)."""
     torch.manual_seed(0)
     cfg = TrainConfig(lr=1e-2, schedule="constant", warmup_steps=0)
     keys = tmp_path / "keys"
-    run_keygen(keys, "server", with_ca=True)
-    identities = {cid: generate_identity() for cid in client_ids}
+    if not (keys / "server.key").exists():
+        run_keygen(keys, "server", with_ca=True)
+    identities = identities or {cid: generate_identity() for cid in client_ids}
     publics = {cid: key.public_key() for cid, key in identities.items()}
     _, server_parts = build_model()
     trunk = TrunkServer(server_parts.trunk, cfg, total_steps=num_rounds * len(client_ids), lease_timeout_s=5.0)
@@ -128,7 +133,7 @@ def make_private_federation(
                         max_streams=4 * len(client_ids), on_disconnect=coordinator.on_disconnect).start()
     tls = load_channel_tls(keys / "ca.crt")
     server_key = load_private_key(keys / "server.key").public_key()
-    fed = PrivateFederation(coordinator, server, {}, {}, {}, {k: v.clone() for k, v in initial.items()})
+    fed = PrivateFederation(coordinator, server, {}, {}, {}, {k: v.clone() for k, v in initial.items()}, identities)
     for index, cid in enumerate(client_ids):
         _, parts = build_model()
         batches = token_batches(2, (batch_sizes or {}).get(cid, 2), seed=100 + index)
@@ -139,7 +144,7 @@ def make_private_federation(
             return connect_grpc(f"127.0.0.1:{server.port}", creds, tls=tls, connect_timeout_s=5.0)
 
         make = (update_cls or {}).get(cid, RecordingUpdate)
-        private = make(cid, agg, identities[cid], publics, run_id=RUN_ID, max_wait_s=30.0)
+        private = (privates or {}).get(cid) or make(cid, agg, identities[cid], publics, run_id=RUN_ID, max_wait_s=30.0)
         runner = ClientRunner(cid, parts.head, parts.tail, batches, cfg, connect, backoff=FAST_BACKOFF, private=private)
         fed.runners[cid], fed.privates[cid], fed.reports[cid] = runner, private, runner.num_examples
     return fed

@@ -188,6 +188,26 @@ def test_ckks_upload_under_another_key_excludes_only_its_sender(tmp_path):
     assert_fedavg(result.global_adapters, fed.fedavg(1, ["a", "b"]), atol=1e-7, rtol=1e-6)
 
 
+def test_ckks_clients_keep_working_after_a_server_restart_that_forgot_the_key(tmp_path):
+    pytest.importorskip("tenseal")
+    agg = AggregationConfig(mode="ckks")
+    first = make_private_federation(tmp_path, agg, CLIENTS, batch_sizes=SIZES)
+    first.run()
+    old_key = {cid: p._ckks.key_id for cid, p in first.privates.items()}
+
+    # Act: a new server process (no CKKS key state), the same client processes with their keys
+    second = make_private_federation(tmp_path, agg, CLIENTS, batch_sizes=SIZES, identities=first.identities,
+                                     privates=first.privates)
+    for private in first.privates.values():
+        private.trained.clear()
+    result = second.run()
+
+    assert result.history[0]["clients"] == CLIENTS
+    assert_fedavg(result.global_adapters, second.fedavg(1, CLIENTS), atol=1e-7, rtol=1e-6)
+    new_key = {cid: p._ckks.key_id for cid, p in second.privates.items()}
+    assert len(set(new_key.values())) == 1 and set(new_key.values()) != set(old_key.values())  # re-keyed
+
+
 def test_hybrid_with_ckks_over_grpc_equals_fedavg(tmp_path):
     pytest.importorskip("tenseal")
     agg = AggregationConfig(mode="hybrid", hybrid_encrypt=["tail/*"], hybrid_encrypted_mode="ckks")

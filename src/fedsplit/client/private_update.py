@@ -223,7 +223,7 @@ class PrivateUpdate:
                     raise PrivateRoundError(f"client {self.client_id}: the sealed key is not the announced key")
                 self._ckks, self._holder = asking, None
                 return reply
-            if have and reply.key_id and reply.key_id != have:  # the holder made a new key: ask for it
+            if have and reply.holder and reply.key_id != have:  # a new key (or a restarted server): ask for it
                 self._ckks, self._holder = None, None
                 continue
             if have and reply.key_id == have and not reply.wait_s > 0:

@@ -378,8 +378,9 @@ class PrivateAggregator:
         if key.key_id and bytes(request.key_id) == key.key_id:
             r.keyed.add(cid)
             return reply
-        if not request.HasField("advert"):
-            raise ProtocolError(f"AggCkksAdvertise from {cid!r}: expected its signed key (it holds no current key)")
+        if not request.HasField("advert"):  # it holds no key or an old one: it asks again with a signed key
+            reply.wait_s = self.poll_s
+            return reply
         advert = wire.keys_from_pb(request.advert, f"AggCkksAdvertise from {cid!r}", count=1)
         try:
             verify_keys(advert, self.identities[cid], self.run_id, CKKS_PURPOSE, CKKS_KEY_ROUND, 1)
