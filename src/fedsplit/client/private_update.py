@@ -83,6 +83,10 @@ class PrivateUpdate:
         if mode != self.cfg.mode:
             raise PrivateRoundError(f"client {self.client_id}: the server aggregates round {plan.round} with "
                                     f"{mode!r}, this client is configured for {self.cfg.mode!r}")
+        uniform = self.cfg.dp_noise == "distributed"
+        if (plan.settings.get("dp_noise") == "distributed") != uniform:
+            raise PrivateRoundError(f"client {self.client_id}: the plan's dp_noise {plan.settings.get('dp_noise')!r} "
+                                    f"differs from this client's {self.cfg.dp_noise!r}")
         tensors = self._privatize(plan, decode_named(update.adapters, "ClientUpdate.adapters"))
         groups = wire.partition(self.cfg, tensors)
         plain = {k: tensors[k] for k in groups.get("plain", [])}
@@ -91,13 +95,12 @@ class PrivateUpdate:
         channel.call(pb.CLIENT_UPDATE, clear, round=plan.round)
         encrypted_mode = "ckks" if "ckks" in groups else "secagg"
         secret = {k: tensors[k] for k in groups[encrypted_mode]}
-        uniform = plan.settings.get("dp_noise") == "distributed"
         try:
             if encrypted_mode == "secagg":
                 self._secagg(channel, plan.round, secret, data_report, uniform)
             else:
                 self._ckks_round(channel, plan.round, secret, data_report, uniform)
-        except (PrivateAggregationError, ProtocolError, ValueError) as exc:
+        except (PrivateAggregationError, ProtocolError, ValueError, RuntimeError, TypeError) as exc:  # TenSEAL: any
             raise PrivateRoundError(f"client {self.client_id}: {encrypted_mode} round {plan.round}: {exc}") from exc
 
     def _privatize(self, plan: pb.RoundPlan, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
