@@ -182,6 +182,11 @@ class DPFedAvg:
     def min_clients(self) -> int:
         return self.inner.min_clients
 
+    @property
+    def linear(self) -> bool:
+        """Distributed noise on a linear rule needs only the sum (secagg / ckks); central clipping sees each update."""
+        return self.noise == "distributed" and bool(getattr(self.inner, "linear", False))
+
     def configure_round(self, round: int, available: Sequence[str]) -> RoundPlan:
         if self.on_budget == "stop" and self.accountant.epsilon() > self.epsilon_budget:
             spent = self.accountant.epsilon()

@@ -38,6 +38,7 @@ from torch import Tensor
 from fedsplit.adapters import adapter_state_dict, load_adapter_state_dict
 from fedsplit.channel import Channel, RemoteError
 from fedsplit.client.evaluation import LocalEvaluator, PrivacyAudit, eval_report
+from fedsplit.client.private_update import PrivateRoundError, PrivateUpdate
 from fedsplit.client.proximal import proximal_hook
 from fedsplit.client.split_client import SplitClient, StepResult
 from fedsplit.protocol import ProtocolError, decode_named, encode_named, pb
@@ -173,6 +174,7 @@ class ClientRunner:
         data_report: pb.DataReport | None = None,
         evaluator: LocalEvaluator | None = None,
         audit: PrivacyAudit | None = None,
+        private: PrivateUpdate | None = None,
     ) -> None:
         if not batches:
             raise ValueError(f"client {client_id}: expected at least one training batch, got none")
@@ -182,6 +184,7 @@ class ClientRunner:
         self.retry_on, self.on_step = retry_on, on_step
         self.hidden_noise_std = hidden_noise_std  # privacy.hidden_noise_std: noise on the hidden states it sends
         self.evaluator, self.audit = evaluator, audit  # federated evaluation, privacy audit (client/evaluation.py)
+        self.private = private  # [aggregation] secagg / ckks / hybrid: the update goes out masked or encrypted
         self.result = RunnerResult()
         self.num_examples = sum(int(batch["input_ids"].shape[0]) for batch in batches)  # the data report
         self.data_report = data_report  # the counts of its own data, checked against the run's contract
@@ -235,8 +238,11 @@ class ClientRunner:
             update = self._update(plan, steps, losses)
             if self.audit is not None:  # attack this round's own traffic; only the scores leave
                 update.metrics.update(self.audit.scores(self.head, [b for micro in steps for b in micro], plan.round))
-            self._channel_or_fail().call(pb.CLIENT_UPDATE, update, round=plan.round)
-        except (RemoteError, NonFiniteStepError) as exc:  # dropped from the round, or a step refused: rejoin
+            if self.private is not None:  # client/private_update.py: plaintext part, then the encrypted phases
+                self.private.submit(self._channel_or_fail(), plan, update, self.num_examples)
+            else:
+                self._channel_or_fail().call(pb.CLIENT_UPDATE, update, round=plan.round)
+        except (RemoteError, NonFiniteStepError, PrivateRoundError) as exc:  # dropped, step or phase refused: rejoin
             log.warning("client %s: round %d lost: %s", self.client_id, plan.round, exc)
             self.result.lost_rounds += 1
             return

@@ -46,6 +46,22 @@ PAYLOADS: dict[int, type[Message]] = {
     pb.EVAL_ACK: pb.EvalAck,
     pb.ERROR: pb.Error,
     pb.GOODBYE: pb.Goodbye,
+    # private aggregation (fedsplit.server.private_round, fedsplit.client.private_update)
+    pb.AGG_ADVERTISE: pb.AggAdvertiseKeys,
+    pb.AGG_KEYS_BROADCAST: pb.AggKeysBroadcast,
+    pb.AGG_SHARE_KEYS: pb.AggShareKeys,
+    pb.AGG_SHARES: pb.AggShares,
+    pb.AGG_MASKED_INPUT: pb.AggMaskedInput,
+    pb.AGG_UNMASK_REQUEST: pb.AggUnmaskRequest,
+    pb.AGG_UNMASK_RESPONSE: pb.AggUnmaskResponse,
+    pb.AGG_ACK: pb.AggAck,
+    pb.AGG_CKKS_ADVERTISE: pb.AggCkksAdvertise,
+    pb.AGG_CKKS_KEY: pb.AggCkksKey,
+    pb.AGG_CKKS_HOLDER: pb.AggCkksHolder,
+    pb.AGG_CKKS_PENDING: pb.AggCkksPending,
+    pb.AGG_CKKS_UPLOAD: pb.AggCkksUpload,
+    pb.AGG_CKKS_SUM: pb.AggCkksSum,
+    pb.AGG_CKKS_DECRYPTED: pb.AggCkksDecrypted,
 }
 REPLY_TO: dict[int, int] = {
     pb.CLIENT_HELLO: pb.SERVER_HELLO,
@@ -56,6 +72,14 @@ REPLY_TO: dict[int, int] = {
     pb.OPTIMIZER_STEP: pb.OPTIMIZER_RESULT,
     pb.EVAL_REPORT: pb.EVAL_ACK,
     pb.GOODBYE: pb.GOODBYE,
+    pb.AGG_ADVERTISE: pb.AGG_KEYS_BROADCAST,
+    pb.AGG_SHARE_KEYS: pb.AGG_SHARES,
+    pb.AGG_MASKED_INPUT: pb.AGG_UNMASK_REQUEST,
+    pb.AGG_UNMASK_RESPONSE: pb.AGG_ACK,
+    pb.AGG_CKKS_ADVERTISE: pb.AGG_CKKS_KEY,
+    pb.AGG_CKKS_HOLDER: pb.AGG_CKKS_PENDING,
+    pb.AGG_CKKS_UPLOAD: pb.AGG_CKKS_SUM,
+    pb.AGG_CKKS_DECRYPTED: pb.AGG_ACK,
 }
 
 

@@ -29,6 +29,21 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OPTIMIZER_RESULT: _ClassVar[Kind]
     EVAL_REPORT: _ClassVar[Kind]
     EVAL_ACK: _ClassVar[Kind]
+    AGG_ADVERTISE: _ClassVar[Kind]
+    AGG_KEYS_BROADCAST: _ClassVar[Kind]
+    AGG_SHARE_KEYS: _ClassVar[Kind]
+    AGG_SHARES: _ClassVar[Kind]
+    AGG_MASKED_INPUT: _ClassVar[Kind]
+    AGG_UNMASK_REQUEST: _ClassVar[Kind]
+    AGG_UNMASK_RESPONSE: _ClassVar[Kind]
+    AGG_ACK: _ClassVar[Kind]
+    AGG_CKKS_ADVERTISE: _ClassVar[Kind]
+    AGG_CKKS_KEY: _ClassVar[Kind]
+    AGG_CKKS_HOLDER: _ClassVar[Kind]
+    AGG_CKKS_PENDING: _ClassVar[Kind]
+    AGG_CKKS_UPLOAD: _ClassVar[Kind]
+    AGG_CKKS_SUM: _ClassVar[Kind]
+    AGG_CKKS_DECRYPTED: _ClassVar[Kind]
     ERROR: _ClassVar[Kind]
     GOODBYE: _ClassVar[Kind]
 
@@ -59,6 +74,21 @@ OPTIMIZER_STEP: Kind
 OPTIMIZER_RESULT: Kind
 EVAL_REPORT: Kind
 EVAL_ACK: Kind
+AGG_ADVERTISE: Kind
+AGG_KEYS_BROADCAST: Kind
+AGG_SHARE_KEYS: Kind
+AGG_SHARES: Kind
+AGG_MASKED_INPUT: Kind
+AGG_UNMASK_REQUEST: Kind
+AGG_UNMASK_RESPONSE: Kind
+AGG_ACK: Kind
+AGG_CKKS_ADVERTISE: Kind
+AGG_CKKS_KEY: Kind
+AGG_CKKS_HOLDER: Kind
+AGG_CKKS_PENDING: Kind
+AGG_CKKS_UPLOAD: Kind
+AGG_CKKS_SUM: Kind
+AGG_CKKS_DECRYPTED: Kind
 ERROR: Kind
 GOODBYE: Kind
 ERROR_CODE_UNSPECIFIED: ErrorCode
@@ -335,3 +365,211 @@ class Goodbye(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     reason: str
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class AggSignedKeys(_message.Message):
+    __slots__ = ("client_id", "purpose", "round", "keys", "signature")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    purpose: str
+    round: int
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    signature: bytes
+    def __init__(self, client_id: _Optional[str] = ..., purpose: _Optional[str] = ..., round: _Optional[int] = ..., keys: _Optional[_Iterable[bytes]] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class AggAdvertiseKeys(_message.Message):
+    __slots__ = ("round", "advert")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ADVERT_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    advert: AggSignedKeys
+    def __init__(self, round: _Optional[int] = ..., advert: _Optional[_Union[AggSignedKeys, _Mapping]] = ...) -> None: ...
+
+class AggKeysBroadcast(_message.Message):
+    __slots__ = ("wait_s", "adverts", "num_clients", "weight")
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    ADVERTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    wait_s: float
+    adverts: _containers.RepeatedCompositeFieldContainer[AggSignedKeys]
+    num_clients: int
+    weight: int
+    def __init__(self, wait_s: _Optional[float] = ..., adverts: _Optional[_Iterable[_Union[AggSignedKeys, _Mapping]]] = ..., num_clients: _Optional[int] = ..., weight: _Optional[int] = ...) -> None: ...
+
+class AggShare(_message.Message):
+    __slots__ = ("sender", "recipient", "sealed")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    RECIPIENT_FIELD_NUMBER: _ClassVar[int]
+    SEALED_FIELD_NUMBER: _ClassVar[int]
+    sender: str
+    recipient: str
+    sealed: bytes
+    def __init__(self, sender: _Optional[str] = ..., recipient: _Optional[str] = ..., sealed: _Optional[bytes] = ...) -> None: ...
+
+class AggShareKeys(_message.Message):
+    __slots__ = ("round", "shares")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    shares: _containers.RepeatedCompositeFieldContainer[AggShare]
+    def __init__(self, round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[AggShare, _Mapping]]] = ...) -> None: ...
+
+class AggShares(_message.Message):
+    __slots__ = ("wait_s", "shares")
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    wait_s: float
+    shares: _containers.RepeatedCompositeFieldContainer[AggShare]
+    def __init__(self, wait_s: _Optional[float] = ..., shares: _Optional[_Iterable[_Union[AggShare, _Mapping]]] = ...) -> None: ...
+
+class AggMaskedInput(_message.Message):
+    __slots__ = ("round", "data", "masked_with", "rejected")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    MASKED_WITH_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    data: bytes
+    masked_with: _containers.RepeatedScalarFieldContainer[str]
+    rejected: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round: _Optional[int] = ..., data: _Optional[bytes] = ..., masked_with: _Optional[_Iterable[str]] = ..., rejected: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AggUnmaskRequest(_message.Message):
+    __slots__ = ("wait_s", "survivors", "dropped")
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    wait_s: float
+    survivors: _containers.RepeatedScalarFieldContainer[str]
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, wait_s: _Optional[float] = ..., survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AggUnmaskResponse(_message.Message):
+    __slots__ = ("round", "self_shares", "key_shares", "refused")
+    class SelfSharesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    class KeySharesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SELF_SHARES_FIELD_NUMBER: _ClassVar[int]
+    KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    self_shares: _containers.ScalarMap[str, bytes]
+    key_shares: _containers.ScalarMap[str, bytes]
+    refused: str
+    def __init__(self, round: _Optional[int] = ..., self_shares: _Optional[_Mapping[str, bytes]] = ..., key_shares: _Optional[_Mapping[str, bytes]] = ..., refused: _Optional[str] = ...) -> None: ...
+
+class AggAck(_message.Message):
+    __slots__ = ("accepted", "reason")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    reason: str
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AggCkksAdvertise(_message.Message):
+    __slots__ = ("round", "advert", "key_id")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ADVERT_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    advert: AggSignedKeys
+    key_id: bytes
+    def __init__(self, round: _Optional[int] = ..., advert: _Optional[_Union[AggSignedKeys, _Mapping]] = ..., key_id: _Optional[bytes] = ...) -> None: ...
+
+class AggCkksKey(_message.Message):
+    __slots__ = ("wait_s", "holder", "holder_advert", "sealed", "key_id", "num_clients", "weight")
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_ADVERT_FIELD_NUMBER: _ClassVar[int]
+    SEALED_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    wait_s: float
+    holder: str
+    holder_advert: AggSignedKeys
+    sealed: bytes
+    key_id: bytes
+    num_clients: int
+    weight: int
+    def __init__(self, wait_s: _Optional[float] = ..., holder: _Optional[str] = ..., holder_advert: _Optional[_Union[AggSignedKeys, _Mapping]] = ..., sealed: _Optional[bytes] = ..., key_id: _Optional[bytes] = ..., num_clients: _Optional[int] = ..., weight: _Optional[int] = ...) -> None: ...
+
+class AggSealedKey(_message.Message):
+    __slots__ = ("holder", "recipient", "sealed")
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    RECIPIENT_FIELD_NUMBER: _ClassVar[int]
+    SEALED_FIELD_NUMBER: _ClassVar[int]
+    holder: str
+    recipient: str
+    sealed: bytes
+    def __init__(self, holder: _Optional[str] = ..., recipient: _Optional[str] = ..., sealed: _Optional[bytes] = ...) -> None: ...
+
+class AggCkksHolder(_message.Message):
+    __slots__ = ("round", "advert", "public_context", "key_id", "sealed")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ADVERT_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SEALED_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    advert: AggSignedKeys
+    public_context: bytes
+    key_id: bytes
+    sealed: _containers.RepeatedCompositeFieldContainer[AggSealedKey]
+    def __init__(self, round: _Optional[int] = ..., advert: _Optional[_Union[AggSignedKeys, _Mapping]] = ..., public_context: _Optional[bytes] = ..., key_id: _Optional[bytes] = ..., sealed: _Optional[_Iterable[_Union[AggSealedKey, _Mapping]]] = ...) -> None: ...
+
+class AggCkksPending(_message.Message):
+    __slots__ = ("wait_s", "adverts", "done")
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    ADVERTS_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    wait_s: float
+    adverts: _containers.RepeatedCompositeFieldContainer[AggSignedKeys]
+    done: bool
+    def __init__(self, wait_s: _Optional[float] = ..., adverts: _Optional[_Iterable[_Union[AggSignedKeys, _Mapping]]] = ..., done: _Optional[bool] = ...) -> None: ...
+
+class AggCkksUpload(_message.Message):
+    __slots__ = ("round", "key_id", "blocks", "signature")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    key_id: bytes
+    blocks: _containers.RepeatedScalarFieldContainer[bytes]
+    signature: bytes
+    def __init__(self, round: _Optional[int] = ..., key_id: _Optional[bytes] = ..., blocks: _Optional[_Iterable[bytes]] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class AggCkksSum(_message.Message):
+    __slots__ = ("wait_s", "blocks", "clients")
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    wait_s: float
+    blocks: _containers.RepeatedScalarFieldContainer[bytes]
+    clients: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, wait_s: _Optional[float] = ..., blocks: _Optional[_Iterable[bytes]] = ..., clients: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AggCkksDecrypted(_message.Message):
+    __slots__ = ("round", "sum")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SUM_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    sum: Tensor
+    def __init__(self, round: _Optional[int] = ..., sum: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...

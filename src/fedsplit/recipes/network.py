@@ -103,6 +103,7 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
     from fedsplit.security.tls import load_server_tls
     from fedsplit.server.checkpoint import latest_checkpoint, load_checkpoint
     from fedsplit.server.coordinator import CoordinatorConfig, RoundCoordinator
+    from fedsplit.server.private_round import build_private_strategy, private_frame_bound
     from fedsplit.strategy.build import build_strategy
     from fedsplit.transport.grpc_server import GrpcServer
     from fedsplit.transport.handshake import SessionFactory
@@ -118,6 +119,7 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
     strategy = build_strategy(cfg.strategy, local_steps=cfg.federation.local_steps, lr=cfg.train.lr,
                               min_clients=cfg.federation.min_clients, fraction=cfg.federation.fraction,
                               seed=cfg.train.seed)
+    strategy = build_private_strategy(cfg, strategy, keys)  # [aggregation]: DP-FedAvg, secagg / ckks / hybrid
     coordinator_cfg = CoordinatorConfig(
         num_rounds=cfg.federation.rounds,
         round_timeout_s=round_timing(cfg).round_timeout_s, step_timeout_s=cfg.server.step_timeout_s,
@@ -150,9 +152,11 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
                                  run_id=cfg.security.run_id, config_sections=run_config_sections(cfg, tokenizer))
     tls = None if cfg.security.insecure else load_server_tls(
         keys / "server-tls.key", keys / "server-tls.crt", keys / "ca.crt" if cfg.security.mutual_tls else None)
+    numel = sum(t.numel() for t in client_adapters(parts.head, parts.tail).values())
+    agg_frame = private_frame_bound(cfg.aggregation, numel, len(cfg.security.clients))  # ckks uploads: ~8x adapters
     server = GrpcServer(cfg.server.address, SessionFactory(verifier, coordinator.handler_for, cfg.security.run_id),
                         tls=tls, insecure=cfg.security.insecure, max_message_bytes=cfg.server.max_message_bytes,
-                        max_frame_bytes=max(frame_bound(cfg, parts), cfg.server.max_message_bytes),
+                        max_frame_bytes=max(frame_bound(cfg, parts), cfg.server.max_message_bytes, agg_frame),
                         max_streams=2 * len(cfg.security.clients) + 4, on_disconnect=coordinator.on_disconnect)
     server.start()
     log.info("serving %s on %s (%s, %s)", cfg.security.run_id, cfg.server.address, cfg.server.mode,
@@ -232,6 +236,7 @@ def client_batches(cfg: RunConfig, tokenizer) -> list[dict]:
 
 
 def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
+    from fedsplit.client.private_update import private_update_for
     from fedsplit.client.runner import ClientRunner
     from fedsplit.security.identity import load_private_key, load_public_key
     from fedsplit.security.tls import load_channel_tls
@@ -262,12 +267,13 @@ def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
         return dial(address, credentials, tls=tls, max_message_bytes=cfg.server.max_message_bytes,
                     deadline_s=cfg.server.deadline_s, server_name=server_name)
 
+    private = private_update_for(cfg, keys, credentials.identity)  # [aggregation] secagg / ckks / hybrid; None: plain
     with MetricsWriter(out / "metrics.jsonl") as metrics:
         if data_report is not None:
             metrics.write("data_report", client=cid, **data_report.to_dict())
         runner = ClientRunner(cid, parts.head, parts.tail, batches, cfg.train, connect,
                               hidden_noise_std=cfg.privacy.hidden_noise_std, data_report=report_message(data_report),
-                              evaluator=client_evaluator(cfg, tokenizer), audit=client_audit(cfg),
+                              evaluator=client_evaluator(cfg, tokenizer), audit=client_audit(cfg), private=private,
                               on_step=lambda rnd, step, result: metrics.write(
                                   "train_step", client=cid, round=rnd, step=step, loss=result.loss,
                                   lr=result.lr, grad_norm=result.grad_norm))

@@ -37,7 +37,7 @@ __all__ = [
     "check_uint",
 ]
 
-PROTOCOL_VERSION = 3  # 2: the client hello carries per-section configuration hashes; 3: JoinRound.data_report
+PROTOCOL_VERSION = 3  # 2: per-section configuration hashes in the hello; 3: data reports, EVAL_REPORT, Agg*
 
 KEY_LEN = 32  # raw Ed25519 / X25519 public keys, AES-256 keys
 NONCE_LEN = 32  # handshake nonces

@@ -167,6 +167,8 @@ class RoundCoordinator:
             pb.OPTIMIZER_STEP: self._serve_trunk,
             pb.EVAL_REPORT: self._receive_eval,
         }
+        if hasattr(strategy, "attach"):  # secagg / ckks / hybrid: server/private_round.py serves its phases' requests
+            strategy.attach(self._serve, lambda cid: self._sessions[cid].open > 0)
 
     # -- the round loop -----------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -541,8 +543,9 @@ class RoundCoordinator:
                     f"round {current} is {self._stage.value})",
                     code=pb.ABORTED if request.round == current else pb.FAILED_PRECONDITION,
                 )
-            try:
-                update = check_update(client_id, r, participant, request, tensors, self._global, self.config,
+            try:  # a PrivateAggregator's reference: the plaintext tensors an update carries; else all (dict: a copy)
+                reference = getattr(self.strategy, "reference", dict)(self._global)
+                update = check_update(client_id, r, participant, request, tensors, reference, self.config,
                                       weight=self._data_reports.get(client_id, int(request.num_examples)))
             except ProtocolError as exc:
                 if participant.stage in (ClientStage.PICKED, ClientStage.TRAINING):
