@@ -184,7 +184,7 @@ class RoundCoordinator:
         return self.result()
 
     def _run_round(self, number: int) -> None:
-        failures: list[Failure] = []
+        too_few: list[Failure] = []  # why the last attempt could not be aggregated
         for attempt in range(1, self.config.max_round_retries + 2):
             self._open_round(number, attempt)  # WAITING_FOR_CLIENTS -> TRAINING
             results, failures = self._collect_updates()  # TRAINING -> AGGREGATING
@@ -195,7 +195,8 @@ class RoundCoordinator:
                 self._evaluate(number, aggregate.clients, results)  # EVALUATING -> WAITING_FOR_CLIENTS or DONE
                 return
             self._roll_back(aggregate)  # -> WAITING_FOR_CLIENTS, same round again
-        raise RoundFailedError(number, self.config.max_round_retries + 1, failures)
+            too_few = aggregate.failures
+        raise RoundFailedError(number, self.config.max_round_retries + 1, too_few)
 
     def _open_round(self, number: int, attempt: int) -> None:
         available = self._wait_for_clients(number)
@@ -278,14 +279,9 @@ class RoundCoordinator:
             self._move(RoundStage.EVALUATING if self._evaluation.enabled else
                        RoundStage.DONE if last else RoundStage.WAITING_FOR_CLIENTS)
             self._round = None
-        record = {
-            "round": r.number,
-            "attempt": r.attempt,
-            "clients": aggregate.clients,
-            "failures": [f.client_id for f in failures],
-            "num_examples": aggregate.num_examples,
-            "metrics": dict(aggregate.metrics),
-        }
+        record = {"round": r.number, "attempt": r.attempt, "clients": aggregate.clients,
+                  "failures": [f.client_id for f in failures], "num_examples": aggregate.num_examples,
+                  "metrics": dict(aggregate.metrics)}
         self.history.append(record)
         self._log("round_end", **record)
         if self.checkpoint_dir is not None:
@@ -299,12 +295,8 @@ class RoundCoordinator:
         with self._cond:
             self._move(RoundStage.WAITING_FOR_CLIENTS)
             self._round = None
-        self._log(
-            "round_failed",
-            round=r.number,
-            attempt=r.attempt,
-            failures=[{"client": f.client_id, "stage": f.stage, "reason": f.reason} for f in too_few.failures],
-        )
+        self._log("round_failed", round=r.number, attempt=r.attempt,
+                  failures=[{"client": f.client_id, "stage": f.stage, "reason": f.reason} for f in too_few.failures])
         log.warning("%s; round %d runs again", too_few.reason, r.number)
 
     def _evaluate(self, number: int, clients: Sequence[str], results: list[ClientUpdate]) -> None:
