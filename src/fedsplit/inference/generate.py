@@ -18,7 +18,7 @@ The trunk is reached through a :class:`TrunkLink`: :class:`LocalTrunk` in this p
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -108,7 +108,7 @@ class Generation:
 def iter_tokens(
     head: Head, tail: Tail, trunk: TrunkLink, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     settings: SamplingSettings, *, eos_token_ids: Sequence[int] = (), pad_token_id: int = 0,
-) -> Iterator[torch.Tensor]:
+) -> Generator[torch.Tensor, None, None]:
     """The next token of every prompt ``(B,)``, step by step, for a left-padded batch ``(B, T)``.
 
     Rows that ended (EOS) get ``pad_token_id``; the iteration ends when all rows ended or after

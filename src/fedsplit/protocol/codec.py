@@ -44,6 +44,11 @@ PAYLOADS: dict[int, type[Message]] = {
     pb.OPTIMIZER_RESULT: pb.OptimizerResult,
     pb.ERROR: pb.Error,
     pb.GOODBYE: pb.Goodbye,
+    pb.GENERATE_PREFILL: pb.GeneratePrefill,
+    pb.GENERATE_STEP: pb.GenerateStep,
+    pb.GENERATE_RESULT: pb.GenerateResult,
+    pb.GENERATE_END: pb.GenerateEnd,
+    pb.GENERATE_ENDED: pb.GenerateEnded,
 }
 REPLY_TO: dict[int, int] = {
     pb.CLIENT_HELLO: pb.SERVER_HELLO,
@@ -53,6 +58,9 @@ REPLY_TO: dict[int, int] = {
     pb.BACKWARD: pb.BACKWARD_RESULT,
     pb.OPTIMIZER_STEP: pb.OPTIMIZER_RESULT,
     pb.GOODBYE: pb.GOODBYE,
+    pb.GENERATE_PREFILL: pb.GENERATE_RESULT,
+    pb.GENERATE_STEP: pb.GENERATE_RESULT,
+    pb.GENERATE_END: pb.GENERATE_ENDED,
 }
 
 

@@ -92,6 +92,7 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
     from fedsplit.security.tls import load_server_tls
     from fedsplit.server.checkpoint import latest_checkpoint, load_checkpoint
     from fedsplit.server.coordinator import CoordinatorConfig, RoundCoordinator
+    from fedsplit.server.generation import attach_generation
     from fedsplit.strategy.build import build_strategy
     from fedsplit.transport.grpc_server import GrpcServer
     from fedsplit.transport.handshake import SessionFactory
@@ -125,6 +126,7 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
         coordinator_cfg, metrics=metrics, checkpoint_dir=out / "checkpoints",
         run_id=cfg.security.run_id, config_hash=config_hash.hex(),
     )
+    attach_generation(coordinator)  # split generation between rounds (fedsplit generate --server)
     if resume:
         found = latest_checkpoint(out / "checkpoints")
         if found is None:

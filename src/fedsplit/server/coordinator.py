@@ -158,7 +158,11 @@ class RoundCoordinator:
             pb.FORWARD: self._serve_trunk,
             pb.BACKWARD: self._serve_trunk,
             pb.OPTIMIZER_STEP: self._serve_trunk,
+            pb.GENERATE_PREFILL: self._serve_generation,
+            pb.GENERATE_STEP: self._serve_generation,
+            pb.GENERATE_END: self._serve_generation,
         }
+        self.generation: Any = None  # a server.generation.GenerationService: split generation between rounds
 
     # -- the round loop -----------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -429,6 +433,8 @@ class RoundCoordinator:
             if session.open > 0:
                 return
             self._lobby.discard(client_id)
+            if self.generation is not None:
+                self.generation.drop_client(client_id)
             r = self._round
             if r is not None and client_id in r.owing() and self._stage is RoundStage.TRAINING:
                 self._fail_participant(client_id, "disconnected")
@@ -463,6 +469,22 @@ class RoundCoordinator:
             self._evals += 1
         try:
             yield
+        finally:
+            with self._cond:
+                self._evals -= 1
+                self._cond.notify_all()
+
+    def _serve_generation(self, client_id: str, kind: int, round: int, step: int, request: Message) -> Message:
+        """GENERATE_*: between rounds only (as evaluation; a round waits for it), never on a training trunk."""
+        if self.generation is None:
+            raise ProtocolError("this server does not serve generation", code=pb.FAILED_PRECONDITION)
+        with self._cond:
+            if kind != pb.GENERATE_END and self._stage in (RoundStage.TRAINING, RoundStage.AGGREGATING):
+                raise ProtocolError(f"generation is served between rounds only; round {self.completed_round + 1} "
+                                    f"is {self._stage.value}, ask again after it", code=pb.FAILED_PRECONDITION)
+            self._evals += 1
+        try:
+            return self.generation.handle(client_id, kind, round, step, request)  # type: ignore[no-any-return]
         finally:
             with self._cond:
                 self._evals -= 1
