@@ -76,15 +76,18 @@ class LocalTrunk:
 
 @contextlib.contextmanager
 def eval_mode(*modules: nn.Module) -> Iterator[None]:
-    """Dropout off while generating; each module's training flag restored afterwards."""
-    before = [m.training for m in modules]
-    for m in modules:
-        m.eval()
+    """Dropout off while generating; the submodules that were training are put back afterwards.
+
+    Flips only the flags that are set (no recursive ``train()`` calls: this runs at every step).
+    """
+    training = [m for root in modules for m in root.modules() if m.training]
+    for m in training:
+        m.training = False
     try:
         yield
     finally:
-        for m, mode in zip(modules, before, strict=True):
-            m.train(mode)
+        for m in training:
+            m.training = True
 
 
 def context_length(config: Any) -> int | None:
