@@ -12,6 +12,7 @@ from fedsplit.inference import (
     LocalTrunk,
     SamplingSettings,
     SplitGenerator,
+    encode_prompt,
     generate_ids,
     iter_tokens,
 )
@@ -163,3 +164,30 @@ def test_streaming_yields_words_as_they_come_and_a_stop_string_ends_it_unshown(s
 
     assert len(pieces) > 10
     assert cut == full[: full.index(stop)]
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_answer_equals_unsplit_generate_with_merged_adapters(tmp_path):
+    from fedsplit.models.errors import ModelLoadError
+
+    try:
+        model, tokenizer = load_model("smollm2-135m")
+        base, _ = load_model("smollm2-135m")
+    except ModelLoadError as exc:
+        pytest.skip(f"SmolLM2 not in the local cache: {exc}")
+    parts = split_model(model, 2, 2)
+    add_part_adapters(parts, [LoraSettings(r=4)] * 3, seed=0)
+    with torch.no_grad():
+        for part in parts:
+            for p in trainable_parameters(part):
+                p.normal_(0, 0.02)
+    merge_adapters(list(parts), tmp_path / "merged", base_model="smollm2-135m")
+    unsplit = PeftModel.from_pretrained(base, str(tmp_path / "merged")).eval()
+    generator = SplitGenerator(parts.head, parts.tail, LocalTrunk(parts.trunk), tokenizer, eos_token_ids=())
+    ids = torch.tensor([encode_prompt(tokenizer, "What is the capital of France?")])
+
+    tokens = generate_ids(parts.head, parts.tail, LocalTrunk(parts.trunk), ids, None,
+                          SamplingSettings(max_new_tokens=20)).tokens[0]
+
+    assert tokens == reference(unsplit, ids, torch.ones_like(ids), 20)[0].tolist()
+    assert generator.decode(tokens)  # real text, not an empty decode

@@ -170,13 +170,11 @@ class GenerationService:
             found = self._sessions.pop((client_id, int(request.request_id)), None) is not None
         return pb.GenerateEnded(request_id=request.request_id, found=found)
 
-    def drop_client(self, client_id: str) -> int:
-        """Forget every cache of ``client_id`` (its last session ended); returns how many there were."""
+    def drop_client(self, client_id: str) -> None:
+        """Forget every cache of ``client_id`` (its last session ended)."""
         with self._lock:
-            keys = [key for key in self._sessions if key[0] == client_id]
-            for key in keys:
+            for key in [key for key in self._sessions if key[0] == client_id]:
                 self._drop(key, "the client's session ended")
-        return len(keys)
 
     # -- helpers ------------------------------------------------------------------------------
     def _run(self, session: _Session, hidden: torch.Tensor, mask: torch.Tensor,
