@@ -9,13 +9,15 @@ prefix through the trunk again as an evaluation FORWARD.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 
 import torch
 
-from fedsplit.channel import Channel
+from fedsplit.channel import Channel, RemoteError
 from fedsplit.protocol import decode_tensor, encode_tensor, pb
 
+log = logging.getLogger(__name__)
 _ids = itertools.count(1)
 _ids_lock = threading.Lock()
 
@@ -47,9 +49,14 @@ class RemoteTrunk:
         return self._hidden(reply, hidden.shape)
 
     def end(self) -> None:
+        """Drop the server's cache; a failure here is logged, not raised (it must not hide the error
+        that ended the generation, and the server evicts an idle cache anyway)."""
         if self.request_id is not None:
             request_id, self.request_id = self.request_id, None
-            self.channel.call(pb.GENERATE_END, pb.GenerateEnd(request_id=request_id))
+            try:
+                self.channel.call(pb.GENERATE_END, pb.GenerateEnd(request_id=request_id))
+            except (RemoteError, ConnectionError, OSError) as exc:
+                log.warning("GENERATE_END of request %d failed: %s", request_id, exc)
 
     def _hidden(self, reply: pb.GenerateResult, shape: torch.Size) -> torch.Tensor:
         return decode_tensor(reply.hidden, "GenerateResult.hidden", shape=tuple(shape))
