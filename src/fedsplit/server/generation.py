@@ -15,8 +15,9 @@ naming what happened; the other requests go on. Served between rounds only when 
 coordinator holds it (:meth:`RoundCoordinator._serve_generation`): mid-round the trunk changes
 at every step, and generation must not see (nor reveal) a half-trained trunk.
 
-Several clients' steps are not batched into one trunk pass (each request runs on its own; the
-trunk is used by one request at a time).
+Client-batching for inference: decoding steps of several requests (of one or several clients)
+that arrive while the trunk is busy share its next pass (:mod:`fedsplit.server.generation_batch`);
+a step that finds the trunk idle runs at once. Prefills run one at a time.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from google.protobuf.message import Message
 from fedsplit.inference.cached import PartCache, run_blocks_cached
 from fedsplit.inference.generate import context_length, eval_mode
 from fedsplit.protocol import ProtocolError, decode_tensor, encode_tensor, kind_name, pb
+from fedsplit.server.generation_batch import StepBatcher, StepItem, can_batch, combine, split_back
 from fedsplit.server.trunk import decode_activation
 from fedsplit.split.parts import Trunk
 
@@ -84,7 +86,8 @@ class GenerationService:
     """
 
     def __init__(self, trunk: Trunk, limits: GenerationLimits | None = None, *,
-                 version: Callable[[], object] = lambda: 0, clock: Callable[[], float] = time.monotonic) -> None:
+                 version: Callable[[], object] = lambda: 0, clock: Callable[[], float] = time.monotonic,
+                 batch_steps: bool = True) -> None:
         self.trunk, self.limits = trunk, limits or GenerationLimits()
         self.version, self.clock = version, clock
         self.hidden_size = int(trunk.config.hidden_size)
@@ -94,7 +97,8 @@ class GenerationService:
         self._sessions: OrderedDict[tuple[str, int], _Session] = OrderedDict()  # least recently used first
         self._gone: dict[str, deque[tuple[int, str]]] = {}  # why a client's recent requests were dropped
         self._lock = threading.Lock()  # the session table
-        self._compute = threading.Lock()  # the trunk: one request at a time
+        self._compute = threading.Lock()  # the trunk: one pass at a time
+        self._batcher = StepBatcher(self._step_alone, self._step_many) if batch_steps and can_batch(trunk) else None
 
     # -- dispatch -----------------------------------------------------------------------------
     def handle(self, client_id: str, kind: int, round: int, step: int, request: Message) -> Message:
@@ -160,7 +164,11 @@ class GenerationService:
         if not torch.equal(positions[:, 0], session.last_position + 1):
             raise ProtocolError("GenerateStep.position_ids: expected the next position of every row "
                                 f"{(session.last_position + 1).tolist()}, got {positions[:, 0].tolist()}")
-        output = self._run(session, hidden, session.state.step_mask(), positions)  # (B, 1, H)
+        if self._batcher is None:
+            output = self._run(session, hidden, session.state.step_mask(), positions)  # (B, 1, H)
+        else:  # steps of other requests that arrive meanwhile share the next trunk pass
+            output = self._batcher.submit(StepItem(session.state, hidden, positions))  # (B, 1, H)
+            session.last_used = self.clock()
         session.steps += 1
         session.last_position = positions[:, 0].clone()
         return pb.GenerateResult(request_id=key[1], hidden=encode_tensor(output), cached_length=session.state.length)
@@ -183,6 +191,18 @@ class GenerationService:
             output = run_blocks_cached(self.trunk, hidden, mask, positions, session.state)
         session.last_used = self.clock()
         return output
+
+    def _step_alone(self, item: StepItem) -> None:
+        with self._compute, torch.no_grad(), eval_mode(self.trunk):
+            item.output = run_blocks_cached(self.trunk, item.hidden, item.state.step_mask(), item.positions,
+                                            item.state)
+
+    def _step_many(self, items: list[StepItem]) -> None:
+        """Client-batching: the steps of several requests in one trunk pass (server/generation_batch.py)."""
+        with self._compute, torch.no_grad(), eval_mode(self.trunk):
+            combined, hidden, positions = combine(self.trunk, items)  # (N, 1, H), (N, 1)
+            output = run_blocks_cached(self.trunk, hidden, combined.step_mask(), positions, combined)  # (N, 1, H)
+            split_back(self.trunk, combined, output, items)
 
     def _decode_prefill(self, request: pb.GeneratePrefill) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hidden = decode_activation(request.hidden, "GeneratePrefill.hidden", dtype=self.dtype,
