@@ -116,7 +116,7 @@ def test_insecure_mode_warns_and_still_seals(start_server: StartServer, dial: Di
     [
         ("alice", {"identity": "fresh"}, pb.PERMISSION_DENIED, "not admitted"),
         ("alice", {"client_id": "mallory", "identity": "fresh"}, pb.PERMISSION_DENIED, "not admitted"),
-        ("alice", {"protocol_version": 3}, pb.FAILED_PRECONDITION, "protocol version 3"),
+        ("alice", {"protocol_version": 99}, pb.FAILED_PRECONDITION, "protocol version 99"),
         ("alice", {"config_hash": b"\x01" * 32}, pb.FAILED_PRECONDITION, "configuration mismatch"),
         ("alice", {"run_id": "run-2"}, pb.FAILED_PRECONDITION, "run-2"),
     ],

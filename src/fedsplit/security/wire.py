@@ -37,7 +37,7 @@ __all__ = [
     "check_uint",
 ]
 
-PROTOCOL_VERSION = 2  # 2: the client hello carries per-section configuration hashes
+PROTOCOL_VERSION = 3  # 2: the client hello carries per-section config hashes; 3: GENERATE_* (= fedsplit.proto)
 
 KEY_LEN = 32  # raw Ed25519 / X25519 public keys, AES-256 keys
 NONCE_LEN = 32  # handshake nonces
