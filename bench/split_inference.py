@@ -132,6 +132,35 @@ def _interpolated_sum(samples: dict[int, float], n: int) -> float:
     return total
 
 
+def client_batching(parts, prompt, n: int, clients: int) -> dict[str, float]:
+    """Aggregate tokens/s of ``clients`` concurrent cached generations, steps batched or one at a time
+    (in-process channels: this measures the trunk pass, not the network)."""
+    import threading
+
+    from fedsplit.channel import in_process_channel
+
+    out = {}
+    settings = SamplingSettings(max_new_tokens=n)
+    for batched in (False, True):
+        service = GenerationService(parts.trunk, GenerationLimits(idle_s=3600.0), batch_steps=batched)
+
+        def one(index: int, service: GenerationService = service) -> None:
+            cid = f"client-{index}"
+            channel, _ = in_process_channel(cid, lambda kind, r, s, req: service.handle(cid, kind, r, s, req))
+            list(iter_tokens(parts.head, parts.tail, RemoteTrunk(channel), prompt, None, settings))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        out["batched" if batched else "one_at_a_time"] = round(clients * n / (time.perf_counter() - start), 3)
+        print(f"{clients} clients, steps {'batched' if batched else 'one at a time'}: "
+              f"{out['batched' if batched else 'one_at_a_time']:.2f} tokens/s in all", flush=True)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -145,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--long-prompt", action="store_true",
                         help="a report to summarize (~270 tokens on SmolLM2) instead of the short request")
+    parser.add_argument("--clients", type=int, default=0,
+                        help="also: this many concurrent clients (in process), trunk steps batched vs one at a time")
     parser.add_argument("--quick", action="store_true", help="tiny-llama, 8 and 16 tokens, 1 repeat")
     args = parser.parse_args(argv)
     if args.quick:
@@ -185,6 +216,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for n in lengths:
         result[f"speedup_{n}"] = round(results["cached"][str(n)]["tokens_per_s"]
                                        / results["rerun"][str(n)]["tokens_per_s"], 2)
+    if args.clients:
+        result["client_batching"] = {"clients": args.clients, "new_tokens": lengths[0],
+                                     **client_batching(parts, prompt, lengths[0], args.clients)}
     key = "128" if "128" in results["cached"] else str(lengths[-1])
     result["bytes_per_token"] = results["cached"][key]["bytes_per_token"]
     result["rerun_bytes_per_token"] = results["rerun"][key]["bytes_per_token"]
