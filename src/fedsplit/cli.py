@@ -202,6 +202,32 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(",") if v)
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from fedsplit.inference import SamplingSettings
+    from fedsplit.recipes.generate import GenerateJob, run_generate_client, run_generate_local, run_serve
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    if args.serve:
+        cfg, config_dir = _network_config(args)
+        return run_serve(cfg, config_dir, args.run)
+    try:
+        settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                    top_p=args.top_p, stop=tuple(args.stop), seed=args.seed)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
+    prompts = list(args.prompt) or ([sys.stdin.read()] if not sys.stdin.isatty() else [])
+    job = GenerateJob(prompts, settings, chat=args.chat, model=args.model, run=args.run,
+                      head_layers=args.head_layers, tail_layers=args.tail_layers)
+    if args.server:
+        cfg, config_dir = _network_config(args)
+        run_generate_client(job, cfg, config_dir)
+    else:
+        run_generate_local(job)
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from fedsplit.config import RunConfig, describe
     from fedsplit.configio import dump_config
@@ -308,6 +334,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positions", type=int, default=100_000, help="public tokens the ridge map is fitted on")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.set_defaults(func=cmd_audit_inverter)
+
+    p = sub.add_parser("generate", help="generate text across the cut, each party keeping its own KV cache")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; default: stdin)")
+    p.add_argument("--run", type=Path, help="run or adapter directory: its adapters (none: the base model)")
+    p.add_argument("--model", help="local mode: base model (default: the run adapter's base model)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not shown")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="use the tokenizer's chat template (default: when it has one)")
+    p.add_argument("--head-layers", type=int, default=1, help="local mode: the cut (the text does not depend on it)")
+    p.add_argument("--tail-layers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--server", action="store_true",
+                   help="client mode: the trunk of the running `fedsplit server` of --config (a client TOML)")
+    p.add_argument("--serve", action="store_true",
+                   help="serve generation only (--config: the server TOML; --run: the trunk adapter)")
+    p.add_argument("--config", type=Path, help="TOML run configuration (client or server modes)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--insecure", action="store_true", help="no TLS (frames stay AES-GCM sealed)")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("config", help="print the default run configuration as TOML")
     p.add_argument("--describe", action="store_true", help="one line per field with its help text")

@@ -62,6 +62,12 @@ PAYLOADS: dict[int, type[Message]] = {
     pb.AGG_CKKS_UPLOAD: pb.AggCkksUpload,
     pb.AGG_CKKS_SUM: pb.AggCkksSum,
     pb.AGG_CKKS_DECRYPTED: pb.AggCkksDecrypted,
+    # split generation (fedsplit.server.generation, fedsplit.inference.remote)
+    pb.GENERATE_PREFILL: pb.GeneratePrefill,
+    pb.GENERATE_STEP: pb.GenerateStep,
+    pb.GENERATE_RESULT: pb.GenerateResult,
+    pb.GENERATE_END: pb.GenerateEnd,
+    pb.GENERATE_ENDED: pb.GenerateEnded,
 }
 REPLY_TO: dict[int, int] = {
     pb.CLIENT_HELLO: pb.SERVER_HELLO,
@@ -80,6 +86,9 @@ REPLY_TO: dict[int, int] = {
     pb.AGG_CKKS_HOLDER: pb.AGG_CKKS_PENDING,
     pb.AGG_CKKS_UPLOAD: pb.AGG_CKKS_SUM,
     pb.AGG_CKKS_DECRYPTED: pb.AGG_ACK,
+    pb.GENERATE_PREFILL: pb.GENERATE_RESULT,
+    pb.GENERATE_STEP: pb.GENERATE_RESULT,
+    pb.GENERATE_END: pb.GENERATE_ENDED,
 }
 
 

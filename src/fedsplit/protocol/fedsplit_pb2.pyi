@@ -44,6 +44,11 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AGG_CKKS_UPLOAD: _ClassVar[Kind]
     AGG_CKKS_SUM: _ClassVar[Kind]
     AGG_CKKS_DECRYPTED: _ClassVar[Kind]
+    GENERATE_PREFILL: _ClassVar[Kind]
+    GENERATE_STEP: _ClassVar[Kind]
+    GENERATE_RESULT: _ClassVar[Kind]
+    GENERATE_END: _ClassVar[Kind]
+    GENERATE_ENDED: _ClassVar[Kind]
     ERROR: _ClassVar[Kind]
     GOODBYE: _ClassVar[Kind]
 
@@ -89,6 +94,11 @@ AGG_CKKS_PENDING: Kind
 AGG_CKKS_UPLOAD: Kind
 AGG_CKKS_SUM: Kind
 AGG_CKKS_DECRYPTED: Kind
+GENERATE_PREFILL: Kind
+GENERATE_STEP: Kind
+GENERATE_RESULT: Kind
+GENERATE_END: Kind
+GENERATE_ENDED: Kind
 ERROR: Kind
 GOODBYE: Kind
 ERROR_CODE_UNSPECIFIED: ErrorCode
@@ -351,6 +361,54 @@ class OptimizerResult(_message.Message):
     clip_coef: float
     server_step: int
     def __init__(self, total_grad_norm: _Optional[float] = ..., clip_coef: _Optional[float] = ..., server_step: _Optional[int] = ...) -> None: ...
+
+class GeneratePrefill(_message.Message):
+    __slots__ = ("request_id", "hidden", "attention_mask", "position_ids", "max_new_tokens")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
+    POSITION_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    hidden: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    max_new_tokens: int
+    def __init__(self, request_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+
+class GenerateStep(_message.Message):
+    __slots__ = ("request_id", "hidden", "position_ids")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    POSITION_IDS_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    hidden: Tensor
+    position_ids: Tensor
+    def __init__(self, request_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class GenerateResult(_message.Message):
+    __slots__ = ("request_id", "hidden", "cached_length")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    CACHED_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    hidden: Tensor
+    cached_length: int
+    def __init__(self, request_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., cached_length: _Optional[int] = ...) -> None: ...
+
+class GenerateEnd(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    def __init__(self, request_id: _Optional[int] = ...) -> None: ...
+
+class GenerateEnded(_message.Message):
+    __slots__ = ("request_id", "found")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    found: bool
+    def __init__(self, request_id: _Optional[int] = ..., found: _Optional[bool] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")

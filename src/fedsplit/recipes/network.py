@@ -103,6 +103,7 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
     from fedsplit.security.tls import load_server_tls
     from fedsplit.server.checkpoint import latest_checkpoint, load_checkpoint
     from fedsplit.server.coordinator import CoordinatorConfig, RoundCoordinator
+    from fedsplit.server.generation import attach_generation
     from fedsplit.server.private_round import build_private_strategy, private_frame_bound
     from fedsplit.strategy.build import build_strategy
     from fedsplit.transport.grpc_server import GrpcServer
@@ -139,6 +140,7 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
         coordinator_cfg, metrics=metrics, checkpoint_dir=out / "checkpoints",
         run_id=cfg.security.run_id, config_hash=config_hash.hex(), evaluation=federated_eval_config(cfg),
     )
+    attach_generation(coordinator)  # split generation between rounds (fedsplit generate --server)
     if resume:
         found = latest_checkpoint(out / "checkpoints")
         if found is None:

@@ -37,7 +37,8 @@ __all__ = [
     "check_uint",
 ]
 
-PROTOCOL_VERSION = 3  # 2: per-section configuration hashes in the hello; 3: data reports, EVAL_REPORT, Agg*
+PROTOCOL_VERSION = 3  # (= fedsplit.proto) 2: per-section config hashes in the hello; 3: data reports, EVAL_REPORT,
+# Agg*, GENERATE_*
 
 KEY_LEN = 32  # raw Ed25519 / X25519 public keys, AES-256 keys
 NONCE_LEN = 32  # handshake nonces

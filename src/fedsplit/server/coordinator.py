@@ -166,7 +166,11 @@ class RoundCoordinator:
             pb.BACKWARD: self._serve_trunk,
             pb.OPTIMIZER_STEP: self._serve_trunk,
             pb.EVAL_REPORT: self._receive_eval,
+            pb.GENERATE_PREFILL: self._serve_generation,
+            pb.GENERATE_STEP: self._serve_generation,
+            pb.GENERATE_END: self._serve_generation,
         }
+        self.generation: Any = None  # a server.generation.GenerationService: split generation between rounds
         if hasattr(strategy, "attach"):  # secagg / ckks / hybrid: server/private_round.py serves its phases' requests
             strategy.attach(self._serve, lambda cid: self._sessions[cid].open > 0)
 
@@ -421,6 +425,8 @@ class RoundCoordinator:
             if session.open > 0:
                 return
             self._lobby.discard(client_id)
+            if self.generation is not None:
+                self.generation.drop_client(client_id)
             r = self._round
             if r is not None and client_id in r.owing() and self._stage is RoundStage.TRAINING:
                 self._fail_participant(client_id, "disconnected")
@@ -437,6 +443,14 @@ class RoundCoordinator:
                 return self.trunk.handle(client_id, kind, round, step, request)
         with self._in_flight(client_id):
             return serve(client_id, kind, round, step, request)
+
+    def _serve_generation(self, client_id: str, kind: int, round: int, step: int, request: Message) -> Message:
+        """GENERATE_*: between rounds only (as evaluation; a round waits for it), never on a training trunk."""
+        if self.generation is None:
+            raise ProtocolError("this server does not serve generation", code=pb.FAILED_PRECONDITION)
+        with self._evaluation.forward(None, lambda: (self._stage, self.completed_round), "generation",
+                                      anytime=kind == pb.GENERATE_END):
+            return self.generation.handle(client_id, kind, round, step, request)  # type: ignore[no-any-return]
 
     @contextlib.contextmanager
     def _in_flight(self, client_id: str) -> Iterator[None]:

@@ -149,20 +149,25 @@ class RoundEvaluation:
 
     # -- evaluation FORWARDs (lock not held) ---------------------------------------------------
     @contextlib.contextmanager
-    def forward(self, session: Session, state: Callable[[], tuple[RoundStage, int]]) -> Iterator[None]:
-        """Evaluation sees the trunk only between rounds, and at a bounded rate per client.
+    def forward(self, session: Session | None, state: Callable[[], tuple[RoundStage, int]],
+                what: str = "evaluation", *, anytime: bool = False) -> Iterator[None]:
+        """A request that reads the trunk without training it: between rounds only, rate-bounded.
 
         Mid-round every trunk step changes the trunk, so an evaluation request would show a client
         outside the round each individual update of the others (an oracle); between rounds the
-        trunk is the aggregate everyone receives anyway.
+        trunk is the aggregate everyone receives anyway. Split generation (``what="generation"``,
+        no ``session``: its own service bounds it) goes through the same gate; ``anytime`` lets a
+        request that only frees state (GENERATE_END) through mid-round. A round starts only when
+        no such request is in flight.
         """
         with self._cond:
             stage, completed = state()
-            if stage in (RoundStage.TRAINING, RoundStage.AGGREGATING):
+            if not anytime and stage in (RoundStage.TRAINING, RoundStage.AGGREGATING):
                 raise ProtocolError(
-                    f"evaluation is served between rounds only; round {completed + 1} is "
+                    f"{what} is served between rounds only; round {completed + 1} is "
                     f"{stage.value}, ask again after it", code=pb.FAILED_PRECONDITION)
-            session.take_eval_token(self._burst, self._per_s, time.monotonic())
+            if session is not None:
+                session.take_eval_token(self._burst, self._per_s, time.monotonic())
             self.in_flight += 1
         try:
             yield
