@@ -311,6 +311,25 @@ class PrivacyConfig:
 
 
 @dataclass
+class WireConfig:
+    """What crosses the cut: hidden states and their gradients (compute keeps train.precision)."""
+
+    dtype: Literal["fp32", "bf16", "fp16"] = field(
+        default="fp32", metadata={"help": "hidden states and gradients travel as fp32, bf16 (half the bytes, fp32's "
+                                          "range) or fp16 (half the bytes; a value beyond 65504 is an error)"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"wire.dtype: expected fp32, bf16 or fp16, got {self.dtype!r}")
+
+    def torch_dtype(self):  # -> torch.dtype (torch imported where used)
+        from fedsplit.protocol.precision import wire_dtype
+
+        return wire_dtype(self.dtype)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -328,6 +347,7 @@ class RunConfig:
     contract: DataContract = field(default_factory=DataContract)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    wire: WireConfig = field(default_factory=WireConfig)
 
     @property
     def lora(self) -> list[LoraSettings]:
@@ -364,7 +384,7 @@ def run_config_hash(cfg: RunConfig, tokenizer) -> bytes:
 
 
 def run_config_sections(cfg: RunConfig, tokenizer) -> dict[str, bytes]:
-    """One hash per agreed section (protocol, model, lora, train, federation, tokenizer).
+    """One hash per agreed section (protocol, model, lora, train, federation, wire, tokenizer).
 
     Sent beside :func:`run_config_hash` so that a refused client is told which sections differ.
     """
@@ -387,5 +407,6 @@ def _agreed_sections(cfg: RunConfig, tokenizer) -> dict[str, object]:
         "lora": [config_to_dict(part) for part in cfg.lora],
         "train": config_to_dict(cfg.train),
         "federation": config_to_dict(cfg.federation),
+        "wire": config_to_dict(cfg.wire),
         "tokenizer": hashlib.sha256(json.dumps(vocab).encode()).hexdigest(),
     }

@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from fedsplit.adapters import adapter_state_dict, load_adapter_state_dict
@@ -168,6 +169,7 @@ class ClientRunner:
         retry_on: tuple[type[Exception], ...] = (ConnectionError, TimeoutError, ProtocolError),
         on_step: StepCallback | None = None,
         hidden_noise_std: float = 0.0,
+        wire_dtype: torch.dtype | None = None,
     ) -> None:
         if not batches:
             raise ValueError(f"client {client_id}: expected at least one training batch, got none")
@@ -176,6 +178,7 @@ class ClientRunner:
         self.backoff = backoff if backoff is not None else Backoff()
         self.retry_on, self.on_step = retry_on, on_step
         self.hidden_noise_std = hidden_noise_std  # privacy.hidden_noise_std: noise on the hidden states it sends
+        self.wire_dtype = wire_dtype  # [wire] dtype of what crosses the cut (None: as computed)
         self.result = RunnerResult()
         self.num_examples = sum(int(batch["input_ids"].shape[0]) for batch in batches)  # the data report
         self.client: SplitClient | None = None  # the current round's split client
@@ -256,7 +259,7 @@ class ClientRunner:
             )
         cfg = dataclasses.replace(self.cfg, lr=plan.lr)
         client = SplitClient(self.head, self.tail, self._channel_or_fail(), cfg, int(plan.settings["total_steps"]),
-                             hidden_noise_std=self.hidden_noise_std)
+                             hidden_noise_std=self.hidden_noise_std, wire_dtype=self.wire_dtype)
         client.round = plan.round
         client.steps_taken = plan.first_step  # position in the LR schedule
         return client
@@ -319,6 +322,7 @@ class ClientRunner:
 
     def evaluate(self, batches: Sequence[Batch]) -> float:
         """Mean supervised-token loss of the current head/tail with the server's trunk."""
-        client = SplitClient(self.head, self.tail, self._ensure_channel(), self.cfg, total_steps=1)
+        client = SplitClient(self.head, self.tail, self._ensure_channel(), self.cfg, total_steps=1,
+                             wire_dtype=self.wire_dtype)
         client.round = self.result.final_round
         return client.eval_loss(batches)

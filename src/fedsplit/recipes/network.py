@@ -78,9 +78,11 @@ def make_trunk_server(cfg: RunConfig, parts: SplitParts):
         from fedsplit.server.batching import BatchingTrunkServer
 
         return BatchingTrunkServer(parts.trunk, cfg.train, trunk_total_steps(cfg), max_tokens=cfg.max_tokens,
-                                   max_abs=cfg.server.max_abs_value, max_clients=max(1, len(cfg.security.clients)))
+                                   max_abs=cfg.server.max_abs_value, max_clients=max(1, len(cfg.security.clients)),
+                                   wire_dtype=cfg.wire.torch_dtype())
     return TrunkServer(parts.trunk, cfg.train, trunk_total_steps(cfg), max_tokens=cfg.max_tokens,
-                       max_abs=cfg.server.max_abs_value, lease_timeout_s=cfg.server.step_timeout_s)
+                       max_abs=cfg.server.max_abs_value, lease_timeout_s=cfg.server.step_timeout_s,
+                       wire_dtype=cfg.wire.torch_dtype())
 
 
 # -- server --------------------------------------------------------------------------------------
@@ -176,7 +178,7 @@ def start_hierarchy(cfg: RunConfig, parts: SplitParts, keys: Path, config_hash: 
         run=RunIdentity(cfg.security.run_id, config_hash.hex(), list(cfg.security.clients), trunk_total_steps(cfg)),
         security=SecurityFiles(keys / f"{cfg.security.server_name}.key", keys / "root.pub",
                                insecure=cfg.security.insecure, **tls),
-        model=cfg.model, train=cfg.train, lora_trunk=cfg.lora_trunk, hierarchy=cfg.hierarchy,
+        model=cfg.model, train=cfg.train, lora_trunk=cfg.lora_trunk, hierarchy=cfg.hierarchy, wire=cfg.wire,
     )
     return hierarchy.start_hierarchy(spec, parts.trunk, load_private_key(keys / "root.key"), out)
 
@@ -247,7 +249,7 @@ def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
     batches = client_batches(cfg, tokenizer)
     with MetricsWriter(out / "metrics.jsonl") as metrics:
         runner = ClientRunner(cid, parts.head, parts.tail, batches, cfg.train, connect,
-                              hidden_noise_std=cfg.privacy.hidden_noise_std,
+                              hidden_noise_std=cfg.privacy.hidden_noise_std, wire_dtype=cfg.wire.torch_dtype(),
                               on_step=lambda rnd, step, result: metrics.write(
                                   "train_step", client=cid, round=rnd, step=step, loss=result.loss,
                                   lr=result.lr, grad_norm=result.grad_norm))
