@@ -33,8 +33,16 @@ log = logging.getLogger(__name__)
 
 
 # -- shared --------------------------------------------------------------------------------------
-def build_parts(cfg: RunConfig) -> tuple[object, SplitParts]:
-    """The model cut as configured, with LoRA on every part initialized from the run seed."""
+def build_parts(cfg: RunConfig, role: str | None = None) -> tuple[object, SplitParts]:
+    """The model cut as configured, with LoRA on every part initialized from the run seed.
+
+    ``role`` ``"client"`` / ``"server"``: read only the weights that party holds (head + tail / trunk;
+    see :mod:`fedsplit.models.partial`); the parts it does not hold cannot run."""
+    if role is not None:
+        from fedsplit.models.partial import load_role_parts
+
+        return load_role_parts(cfg.model.name, cfg.model.head_layers, cfg.model.tail_layers, role, cfg.lora,
+                               seed=cfg.train.seed)
     model, tokenizer = load_model(cfg.model.name)
     parts = split_model(model, cfg.model.head_layers, cfg.model.tail_layers)
     add_part_adapters(parts, cfg.lora, seed=cfg.train.seed)
@@ -102,7 +110,7 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.security.clients:
         raise ValueError("security.clients: the server admits no client; list their ids")
-    tokenizer, parts = build_parts(cfg)
+    tokenizer, parts = build_parts(cfg, role="server")
     config_hash = run_config_hash(cfg, tokenizer)
     keys = keys_dir(cfg, config_dir)
 
@@ -228,7 +236,7 @@ def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
 
     _threads(cfg.client.threads)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer, parts = build_parts(cfg)
+    tokenizer, parts = build_parts(cfg, role="client")
     keys = keys_dir(cfg, config_dir)
     cid = cfg.client.id
     credentials = ClientCredentials(
