@@ -89,3 +89,20 @@ def test_wire_is_an_agreed_section_of_the_run_configuration():
     assert differ == ["wire"]
     with pytest.raises(ValueError, match="wire.dtype: expected fp32, bf16 or fp16, got 'int8'"):
         WireConfig(dtype="int8")  # type: ignore[arg-type]
+
+
+def test_the_client_batching_server_speaks_the_wire_dtype_too():
+    from fedsplit.server.batching import BatchingTrunkServer
+
+    _, _, sequential = _pair(torch.bfloat16)
+    model, _ = load_model("tiny-llama")
+    parts = split_model(model, 1, 1)
+    add_part_adapters(parts, [LoraSettings(r=2)] * 3, seed=0)
+    cfg = TrainConfig(lr=1e-2)
+    server = BatchingTrunkServer(parts.trunk, cfg, total_steps=4, max_clients=1, wire_dtype=torch.bfloat16)
+    channel, _ = in_process_channel("c", lambda k, r, s, m: server.handle("c", k, r, s, m))
+    batched = SplitClient(parts.head, parts.tail, channel, cfg, total_steps=4, wire_dtype=torch.bfloat16)
+
+    assert batched.train_step([_batch()]).loss == sequential.train_step([_batch()]).loss
+    with pytest.raises(RemoteError, match="sent as float32, but this run's wire.dtype is bf16"):
+        channel.call(pb.FORWARD, _forward(torch.randn(1, 4, 64)))
