@@ -13,6 +13,8 @@ and the server only the trunk. Each mode runs in a fresh process; its peak RSS i
   model loaded, then cut): what partial loading saves.
 * ``whole``: one process doing ``--steps`` whole-model LoRA steps (LoRA on every block, as the split
   run) on the same micro-batches: what a FedAvg client must do.
+* ``floor``: a process that only imports what a client imports (torch, transformers, peft, gRPC,
+  fedsplit) and the model's class: the runtime every mode pays, reported to read the ratios.
 
 Prints one JSON line last: {"bench": "client_memory", "client_rss_ratio": client / whole, ...}.
 """
@@ -101,14 +103,29 @@ def worker_whole(config: Path, steps: int) -> int:
     return 0
 
 
-def run_worker(args: argparse.Namespace, rest: list[str]) -> int:
+def worker_floor() -> int:
+    """Import what a client imports, build nothing."""
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    from fedsplit.client.runner import ClientRunner  # noqa: F401
+    from fedsplit.models.partial import load_parts  # noqa: F401
+    from fedsplit.recipes import network  # noqa: F401
+    from fedsplit.transport import grpc_client  # noqa: F401
+
+    return 0
+
+
+def run_worker(argv: list[str]) -> int:
+    """``--worker MODE --rss-out FILE ARGS...``: ARGS go to the worker untouched (``fedsplit`` flags)."""
+    mode, rss_out, rest = argv[1], Path(argv[3]), argv[4:]
     start = time.perf_counter()
-    if args.worker == "whole":
-        code = worker_whole(Path(rest[0]), int(rest[1]))
+    if mode == "floor":
+        code = worker_floor()
     else:
-        code = worker_cli(args.worker, rest)
-    Path(args.rss_out).write_text(json.dumps({"mode": args.worker, "peak_rss_mib": round(_peak_mib(), 1),
-                                              "seconds": round(time.perf_counter() - start, 1), "exit": code}))
+        code = worker_whole(Path(rest[0]), int(rest[1])) if mode == "whole" else worker_cli(mode, rest)
+    rss_out.write_text(json.dumps({"mode": mode, "peak_rss_mib": round(_peak_mib(), 1),
+                                   "seconds": round(time.perf_counter() - start, 1), "exit": code}))
     return code
 
 
@@ -129,16 +146,14 @@ def federation(cfg: RunConfig, out: Path, client_mode: str) -> tuple[dict, dict]
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--worker"]:
+        sys.exit(run_worker(sys.argv[1:]))
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--steps", type=int, default=3, help="training steps per mode")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-client-memory"))
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--rss-out", help=argparse.SUPPRESS)
-    args, rest = parser.parse_known_args()
-    if args.worker:
-        sys.exit(run_worker(args, rest))
+    args = parser.parse_args()
 
     results: dict[str, dict] = {}
     for mode in ("client", "client-whole-load"):
@@ -156,11 +171,16 @@ def main() -> None:
         raise RuntimeError(f"the whole-model worker failed; log in {whole_dir}")
     results["whole"] = _read(whole_dir / "whole.json")
     print("whole", json.dumps(results["whole"]), flush=True)
+    if _spawn("floor", whole_dir / "floor.json").wait(timeout=300) != 0:
+        raise RuntimeError(f"the floor worker failed; log in {whole_dir}")
+    floor = _read(whole_dir / "floor.json")["peak_rss_mib"]
     whole = results["whole"]["peak_rss_mib"]
     print(json.dumps({
         "bench": "client_memory", "model": args.model, "steps": args.steps, "threads": args.threads,
         "client_rss_ratio": round(results["client"]["peak_rss_mib"] / whole, 4),
         "client_whole_load_rss_ratio": round(results["client-whole-load"]["peak_rss_mib"] / whole, 4),
+        "client_rss_ratio_above_floor": round((results["client"]["peak_rss_mib"] - floor) / (whole - floor), 4),
+        "runtime_floor_rss_mib": floor,
         "client_peak_rss_mib": results["client"]["peak_rss_mib"],
         "client_whole_load_peak_rss_mib": results["client-whole-load"]["peak_rss_mib"],
         "whole_model_peak_rss_mib": whole,
