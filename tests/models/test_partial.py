@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedsplit.adapters import LoraSettings, adapter_state_dict, add_part_adapters
-from fedsplit.models import load_model
+from fedsplit.models import ModelLoadError, load_model
 from fedsplit.models.partial import load_parts, load_role_parts, weights_dir
 from fedsplit.split import positions_from_mask, split_model
 
@@ -93,3 +93,28 @@ def test_bad_arguments():
         load_parts("tiny-llama", 1, 1, hold=("embeddings",))
     with pytest.raises(ValueError, match="role: expected one of client, server"):
         load_role_parts("tiny-llama", 1, 1, "observer", LORA)
+
+
+def test_a_client_needs_no_trunk_weights_on_its_disk(saved, tmp_path):
+    """A checkpoint holding only the client's tensors is enough: the trunk's never reach the client."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(saved / "model.safetensors"))
+    layers = "transformer.h." if "transformer.wte.weight" in tensors else "model.layers."
+    trunk_blocks = tuple(f"{layers}{index}." for index in range(2, 5))  # cut 2 | 3 | 1 of 6 blocks
+    client_only = {key: value for key, value in tensors.items() if not key.startswith(trunk_blocks)}
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(saved / name, tmp_path / name)
+    save_file(client_only, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    ids, mask, positions = _batch()
+
+    _, reference = load_parts(str(saved), 2, 1, hold=("head", "tail"))
+    _, client = load_parts(str(tmp_path), 2, 1, hold=("head", "tail"))
+
+    assert len(client_only) < len(tensors)
+    with torch.no_grad():
+        assert torch.equal(client.head(ids, mask, positions), reference.head(ids, mask, positions))
+    with pytest.raises(ModelLoadError, match="the checkpoint lacks"):
+        load_parts(str(tmp_path), 2, 1, hold=("trunk",))
