@@ -141,3 +141,14 @@ def test_infer_cut_reads_the_block_indices():
     assert infer_cut(head, tail, 6) == (2, 1)
     with pytest.raises(ExportError, match="right base model"):
         infer_cut(head, ["model.layers.4.self_attn.q_proj"], 6)
+
+
+def test_the_export_subcommand(trained_run, tmp_path, capsys):
+    from fedsplit.cli import main
+
+    run, _, _ = trained_run
+
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "a"), "--adapter-only"]) == 0
+    assert "exported adapter" in capsys.readouterr().out
+    assert main(["export", "--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")]) == 2
+    assert "no head/, trunk/ and tail/ adapters" in capsys.readouterr().err
