@@ -228,6 +228,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedsplit.recipes.export import ExportJob, run_export
+
+    out = run_export(ExportJob(out=args.out, run=args.run, head=args.head, trunk=args.trunk, tail=args.tail,
+                               model=args.model, adapter_only=args.adapter_only))
+    print(f"exported {'adapter' if args.adapter_only else 'merged model'} -> {out}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from fedsplit.config import RunConfig, describe
     from fedsplit.configio import dump_config
@@ -358,6 +367,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--insecure", action="store_true", help="no TLS (frames stay AES-GCM sealed)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="a run's head/trunk/tail adapters as one Hugging Face model (or PEFT adapter)")
+    p.add_argument("--run", type=Path, help="run directory holding adapters/{head,trunk,tail}")
+    p.add_argument("--head", type=Path, help="a client's head adapter (instead of --run)")
+    p.add_argument("--trunk", type=Path, help="the server's trunk adapter (instead of --run)")
+    p.add_argument("--tail", type=Path, help="a client's tail adapter (instead of --run)")
+    p.add_argument("--model", help="base model (default: the adapters' base_model_name_or_path)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="write the merged PEFT adapter (and, for a fedsplit model name, the base model in out/base)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("config", help="print the default run configuration as TOML")
     p.add_argument("--describe", action="store_true", help="one line per field with its help text")

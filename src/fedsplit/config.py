@@ -332,6 +332,25 @@ class PrivacyConfig:
 
 
 @dataclass
+class WireConfig:
+    """What crosses the cut: hidden states and their gradients (compute keeps train.precision)."""
+
+    dtype: Literal["fp32", "bf16", "fp16"] = field(
+        default="fp32", metadata={"help": "hidden states and gradients travel as fp32, bf16 (half the bytes, fp32's "
+                                          "range) or fp16 (half the bytes; a value beyond 65504 is an error)"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"wire.dtype: expected fp32, bf16 or fp16, got {self.dtype!r}")
+
+    def torch_dtype(self):  # -> torch.dtype (torch imported where used)
+        from fedsplit.protocol.precision import wire_dtype
+
+        return wire_dtype(self.dtype)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -350,6 +369,7 @@ class RunConfig:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     link: LinkShape = field(default_factory=LinkShape)  # client: shape its own link to the server (simulation)
+    wire: WireConfig = field(default_factory=WireConfig)
 
     @property
     def lora(self) -> list[LoraSettings]:
@@ -386,7 +406,7 @@ def run_config_hash(cfg: RunConfig, tokenizer) -> bytes:
 
 
 def run_config_sections(cfg: RunConfig, tokenizer) -> dict[str, bytes]:
-    """One hash per agreed section (protocol, model, lora, train, federation, tokenizer, contract.<field>).
+    """One hash per agreed section (protocol, model, lora, train, federation, wire, tokenizer, contract.<field>).
 
     Sent beside :func:`run_config_hash` so that a refused client is told which sections differ.
     """
@@ -409,6 +429,7 @@ def _agreed_sections(cfg: RunConfig, tokenizer) -> dict[str, object]:
         "lora": [config_to_dict(part) for part in cfg.lora],
         "train": config_to_dict(cfg.train),
         "federation": config_to_dict(cfg.federation),
+        "wire": config_to_dict(cfg.wire),
         "tokenizer": hashlib.sha256(json.dumps(vocab).encode()).hexdigest(),
         **contract_sections(cfg.contract),
     }

@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from fedsplit.adapters import adapter_state_dict, load_adapter_state_dict
@@ -175,6 +176,7 @@ class ClientRunner:
         evaluator: LocalEvaluator | None = None,
         audit: PrivacyAudit | None = None,
         private: PrivateUpdate | None = None,
+        wire_dtype: torch.dtype | None = None,
     ) -> None:
         if not batches:
             raise ValueError(f"client {client_id}: expected at least one training batch, got none")
@@ -185,6 +187,7 @@ class ClientRunner:
         self.hidden_noise_std = hidden_noise_std  # privacy.hidden_noise_std: noise on the hidden states it sends
         self.evaluator, self.audit = evaluator, audit  # federated evaluation, privacy audit (client/evaluation.py)
         self.private = private  # [aggregation] secagg / ckks / hybrid: the update goes out masked or encrypted
+        self.wire_dtype = wire_dtype  # [wire] dtype of what crosses the cut (None: as computed)
         self.result = RunnerResult()
         self.num_examples = sum(int(batch["input_ids"].shape[0]) for batch in batches)  # the data report
         self.data_report = data_report  # the counts of its own data, checked against the run's contract
@@ -286,7 +289,7 @@ class ClientRunner:
             )
         cfg = dataclasses.replace(self.cfg, lr=plan.lr)
         client = SplitClient(self.head, self.tail, self._channel_or_fail(), cfg, int(plan.settings["total_steps"]),
-                             hidden_noise_std=self.hidden_noise_std)
+                             hidden_noise_std=self.hidden_noise_std, wire_dtype=self.wire_dtype)
         client.round = plan.round
         client.steps_taken = plan.first_step  # position in the LR schedule
         return client
@@ -349,6 +352,7 @@ class ClientRunner:
 
     def evaluate(self, batches: Sequence[Batch]) -> float:
         """Mean supervised-token loss of the current head/tail with the server's trunk."""
-        client = SplitClient(self.head, self.tail, self._ensure_channel(), self.cfg, total_steps=1)
+        client = SplitClient(self.head, self.tail, self._ensure_channel(), self.cfg, total_steps=1,
+                             wire_dtype=self.wire_dtype)
         client.round = self.result.final_round
         return client.eval_loss(batches)

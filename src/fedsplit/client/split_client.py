@@ -17,6 +17,7 @@ import torch
 from fedsplit.adapters import trainable_parameters
 from fedsplit.channel import Channel
 from fedsplit.protocol import decode_tensor, encode_tensor, pb
+from fedsplit.protocol.precision import from_wire, to_wire
 from fedsplit.split.parts import Head, Tail, positions_from_mask
 from fedsplit.train.config import TrainConfig
 from fedsplit.train.optim import (
@@ -38,13 +39,14 @@ class SplitClient:
 
     def __init__(
         self, head: Head, tail: Tail, channel: Channel, cfg: TrainConfig, total_steps: int,
-        hidden_noise_std: float = 0.0,
+        hidden_noise_std: float = 0.0, wire_dtype: torch.dtype | None = None,
     ) -> None:
         if not hidden_noise_std >= 0.0:
             raise ValueError(f"hidden_noise_std: expected >= 0, got {hidden_noise_std!r}")
         self.head, self.tail, self.channel, self.cfg = head, tail, channel, cfg
         self.total_steps = total_steps
         self.hidden_noise_std = hidden_noise_std  # privacy: Gaussian noise on h_head sent in training
+        self.wire_dtype = wire_dtype  # [wire] dtype of hidden states and gradients (None: as computed)
         self.params = trainable_parameters(head) + trainable_parameters(tail)
         self.optimizer = build_optimizer(self.params, cfg)
         self.steps_taken = 0
@@ -53,7 +55,9 @@ class SplitClient:
         self.before_step: Callable[[], None] | None = None  # e.g. FedProx's proximal gradient, before the clip
 
     def _hidden(self, message: pb.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
-        return decode_tensor(message, name, dtypes=(like.dtype,), shape=tuple(like.shape))
+        if self.wire_dtype is None:
+            return decode_tensor(message, name, dtypes=(like.dtype,), shape=tuple(like.shape))
+        return from_wire(message, name, wire=self.wire_dtype, compute=like.dtype, shape=tuple(like.shape))
 
     def _through_trunk(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, *, train: bool
@@ -63,7 +67,7 @@ class SplitClient:
             h_head = self.head(ids, mask, positions)  # (B, T, H) -> cut 1
         sent = self._privatize(h_head) if train else h_head
         forward = pb.Forward(
-            hidden=encode_tensor(sent),
+            hidden=to_wire(sent, self.wire_dtype, "Forward.hidden"),
             attention_mask=encode_tensor(mask.bool()),
             position_ids=encode_tensor(positions),
             train=train,
@@ -90,7 +94,8 @@ class SplitClient:
         (loss / self.cfg.grad_accum).backward()
         assert h_trunk.grad is not None  # h_trunk is a leaf that requires grad, and the loss used it
         reply = self.channel.call(
-            pb.BACKWARD, pb.Backward(grad=encode_tensor(h_trunk.grad)), round=self.round, step=self.micro_steps
+            pb.BACKWARD, pb.Backward(grad=to_wire(h_trunk.grad, self.wire_dtype, "Backward.grad")), round=self.round,
+            step=self.micro_steps
         )
         h_head.backward(self._hidden(reply.grad, h_head, "BackwardResult.grad"))  # dL/dh_head <- cut 1
         return float(loss.detach())

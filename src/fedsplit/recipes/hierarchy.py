@@ -23,7 +23,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedsplit.adapters import LoraSettings
-from fedsplit.config import HierarchyConfig, ModelConfig
+from fedsplit.config import HierarchyConfig, ModelConfig, WireConfig
 from fedsplit.security.wire import check_identifier
 from fedsplit.server.hierarchy import ROOT_PREFIX
 from fedsplit.server.hierarchy.control import RootControl
@@ -78,6 +78,7 @@ class SubServerSpec:
     train: TrainConfig = field(default_factory=TrainConfig)
     lora_trunk: LoraSettings = field(default_factory=LoraSettings)
     hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)
+    wire: WireConfig = field(default_factory=WireConfig)
 
 
 def write_spec(path: Path | str, spec: SubServerSpec) -> Path:

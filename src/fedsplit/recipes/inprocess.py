@@ -71,13 +71,15 @@ def train_federated(
     head_layers: int = 1,
     tail_layers: int = 1,
     progress: bool = True,
+    wire_dtype: torch.dtype | None = None,
 ) -> tuple[SplitParts, list[float]]:
     """Federated split LoRA training of ``model`` (cut in place); returns its parts, holding the final
-    global adapters (so ``model`` itself is the merged result), and every client step's loss."""
+    global adapters (so ``model`` itself is the merged result), and every client step's loss.
+    ``wire_dtype``: hidden states and gradients cross the cut in it (``[wire] dtype``; None: as computed)."""
     parts = split_model(model, head_layers, tail_layers)
     add_part_adapters(parts, lora, seed=cfg.seed)
     ids = [f"client-{k}" for k in range(len(silos))]
-    server = TrunkServer(parts.trunk, cfg, schedule_horizon(rounds, local_steps, len(ids)))
+    server = TrunkServer(parts.trunk, cfg, schedule_horizon(rounds, local_steps, len(ids)), wire_dtype=wire_dtype)
     channels = {cid: _channel(server, cid) for cid in ids}
     strategy = FedAvg(local_steps=local_steps, lr=cfg.lr, seed=cfg.seed)
     global_adapters = client_adapters(parts.head, parts.tail)
@@ -92,7 +94,7 @@ def train_federated(
             if cid not in plan.client_ids:
                 continue
             clients[cid] = SplitClient(parts.head, parts.tail, channels[cid], client_cfg,
-                                       schedule_horizon(rounds, local_steps))
+                                       schedule_horizon(rounds, local_steps), wire_dtype=wire_dtype)
             clients[cid].round, clients[cid].steps_taken = number, steps_done[cid]  # fresh AdamW, schedule position
             states[cid] = global_adapters
             work[cid] = round_steps(silos[index], cfg, steps_done[cid], local_steps)

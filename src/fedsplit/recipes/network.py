@@ -44,8 +44,16 @@ log = logging.getLogger(__name__)
 
 
 # -- shared --------------------------------------------------------------------------------------
-def build_parts(cfg: RunConfig) -> tuple[object, SplitParts]:
-    """The model cut as configured, with LoRA on every part initialized from the run seed."""
+def build_parts(cfg: RunConfig, role: str | None = None) -> tuple[object, SplitParts]:
+    """The model cut as configured, with LoRA on every part initialized from the run seed.
+
+    ``role`` ``"client"`` / ``"server"``: read only the weights that party holds (head + tail / trunk;
+    see :mod:`fedsplit.models.partial`); the parts it does not hold cannot run."""
+    if role is not None:
+        from fedsplit.models.partial import load_role_parts
+
+        return load_role_parts(cfg.model.name, cfg.model.head_layers, cfg.model.tail_layers, role, cfg.lora,
+                               seed=cfg.train.seed)
     model, tokenizer = load_model(cfg.model.name)
     parts = split_model(model, cfg.model.head_layers, cfg.model.tail_layers)
     add_part_adapters(parts, cfg.lora, seed=cfg.train.seed)
@@ -88,9 +96,11 @@ def make_trunk_server(cfg: RunConfig, parts: SplitParts):
         from fedsplit.server.batching import BatchingTrunkServer
 
         return BatchingTrunkServer(parts.trunk, cfg.train, trunk_total_steps(cfg), max_tokens=cfg.max_tokens,
-                                   max_abs=cfg.server.max_abs_value, max_clients=max(1, len(cfg.security.clients)))
+                                   max_abs=cfg.server.max_abs_value, max_clients=max(1, len(cfg.security.clients)),
+                                   wire_dtype=cfg.wire.torch_dtype())
     return TrunkServer(parts.trunk, cfg.train, trunk_total_steps(cfg), max_tokens=cfg.max_tokens,
-                       max_abs=cfg.server.max_abs_value, lease_timeout_s=cfg.server.step_timeout_s)
+                       max_abs=cfg.server.max_abs_value, lease_timeout_s=cfg.server.step_timeout_s,
+                       wire_dtype=cfg.wire.torch_dtype())
 
 
 # -- server --------------------------------------------------------------------------------------
@@ -113,7 +123,7 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.security.clients:
         raise ValueError("security.clients: the server admits no client; list their ids")
-    tokenizer, parts = build_parts(cfg)
+    tokenizer, parts = build_parts(cfg, role="server")
     config_hash = run_config_hash(cfg, tokenizer)
     keys = keys_dir(cfg, config_dir)
 
@@ -195,7 +205,7 @@ def start_hierarchy(cfg: RunConfig, parts: SplitParts, keys: Path, config_hash: 
         run=RunIdentity(cfg.security.run_id, config_hash.hex(), list(cfg.security.clients), trunk_total_steps(cfg)),
         security=SecurityFiles(keys / f"{cfg.security.server_name}.key", keys / "root.pub",
                                insecure=cfg.security.insecure, **tls),
-        model=cfg.model, train=cfg.train, lora_trunk=cfg.lora_trunk, hierarchy=cfg.hierarchy,
+        model=cfg.model, train=cfg.train, lora_trunk=cfg.lora_trunk, hierarchy=cfg.hierarchy, wire=cfg.wire,
     )
     return hierarchy.start_hierarchy(spec, parts.trunk, load_private_key(keys / "root.key"), out)
 
@@ -246,7 +256,7 @@ def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
 
     _threads(cfg.client.threads)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer, parts = build_parts(cfg)
+    tokenizer, parts = build_parts(cfg, role="client")
     keys = keys_dir(cfg, config_dir)
     cid = cfg.client.id
     credentials = ClientCredentials(
@@ -276,6 +286,7 @@ def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
         runner = ClientRunner(cid, parts.head, parts.tail, batches, cfg.train, connect,
                               hidden_noise_std=cfg.privacy.hidden_noise_std, data_report=report_message(data_report),
                               evaluator=client_evaluator(cfg, tokenizer), audit=client_audit(cfg), private=private,
+                              wire_dtype=cfg.wire.torch_dtype(),
                               on_step=lambda rnd, step, result: metrics.write(
                                   "train_step", client=cid, round=rnd, step=step, loss=result.loss,
                                   lr=result.lr, grad_norm=result.grad_norm))

@@ -97,7 +97,8 @@ def run_subserver(spec: SubServerSpec, rank: int) -> int:
     # Averaging K replicas that each took n steps moves the trunk about as far as n steps, where one
     # sequential trunk would have taken K n: the linear scaling rule gives each replica K x the LR.
     train = dataclasses.replace(spec.train, lr=spec.train.lr * h.subservers) if h.scale_lr else spec.train
-    server = TrunkServer(build_replica_trunk(spec), train, spec.run.total_steps, lease_timeout_s=h.relay_deadline_s)
+    server = TrunkServer(build_replica_trunk(spec), train, spec.run.total_steps, lease_timeout_s=h.relay_deadline_s,
+                         wire_dtype=spec.wire.torch_dtype())
     replica = SubServer(rank, server, quiesce_timeout_s=h.sync_timeout_s)
     endpoint = serve(replica, spec, rank)
     try:

@@ -47,7 +47,8 @@ from typing import Any, NamedTuple, NoReturn, TypeVar
 import torch
 from google.protobuf.message import Message
 
-from fedsplit.protocol import ProtocolError, encode_tensor, kind_name, pb
+from fedsplit.protocol import ProtocolError, kind_name, pb
+from fedsplit.protocol.precision import to_wire
 from fedsplit.server.packing import Span, pack, scatter, unpack
 from fedsplit.server.stages import check_transition
 from fedsplit.server.trunk import TrunkServer, check_client_sq_norm, commit_step, decode_activation
@@ -189,13 +190,14 @@ class BatchingTrunkServer:
         max_tokens: int = 1 << 20,
         max_abs: float = 65504.0,
         scale_lr: bool = True,
+        wire_dtype: torch.dtype | None = None,
     ) -> None:
         if not (window_s >= 0 and member_timeout_s > 0):
             raise ValueError(f"expected window_s >= 0 and member_timeout_s > 0, got {window_s} and {member_timeout_s}")
         if not (isinstance(max_clients, int) and max_clients >= 1):
             raise ValueError(f"max_clients: expected an integer >= 1, got {max_clients!r}")
         # Composition: the sequential server's validation, parameters and optimizer, not its lease.
-        self._core = TrunkServer(trunk, cfg, total_steps, max_tokens=max_tokens, max_abs=max_abs)
+        self._core = TrunkServer(trunk, cfg, total_steps, max_tokens=max_tokens, max_abs=max_abs, wire_dtype=wire_dtype)
         self.trunk, self.cfg, self.total_steps = trunk, cfg, total_steps
         self.params, self.optimizer = self._core.params, self._core.optimizer
         self.steps_taken = 0
@@ -223,13 +225,13 @@ class BatchingTrunkServer:
     def forward(self, client_id: str, request: pb.Forward) -> pb.ForwardResult:
         inputs = _Inputs(*self._core.decode_forward(request))  # (B, T, H), (B, T), (B, T)
         if not request.train:
-            return pb.ForwardResult(hidden=encode_tensor(self._evaluate(inputs)))
+            return pb.ForwardResult(hidden=self._core.encode_hidden(self._evaluate(inputs)))
         with self._cond:
             group, member = self._join(client_id, inputs)
             self._wait(group, member, lambda: member.stage is _M.SERVED)
             output = member.output
         assert output is not None
-        return pb.ForwardResult(hidden=encode_tensor(output))  # (B, T, H) <- cut 2
+        return pb.ForwardResult(hidden=self._core.encode_hidden(output))  # (B, T, H) <- cut 2
 
     def backward(self, client_id: str, request: pb.Backward) -> pb.BackwardResult:
         with self._cond:
@@ -238,7 +240,7 @@ class BatchingTrunkServer:
             dtype, shape = member.output.dtype, tuple(member.output.shape)
         try:  # outside the lock: the big part
             grad = decode_activation(request.grad, "Backward.grad", dtype=dtype, shape=shape,
-                                     max_abs=self._core.max_abs)  # (B, T, H)
+                                     max_abs=self._core.max_abs, wire=self._core.wire_dtype)  # (B, T, H)
         except ProtocolError as exc:
             self._refuse(client_id, member, exc)
         with self._cond:
@@ -249,7 +251,7 @@ class BatchingTrunkServer:
             self._wait(group, member, lambda: member.stage is _M.IDLE)
             input_grad = member.input_grad
         assert input_grad is not None
-        return pb.BackwardResult(grad=encode_tensor(input_grad))  # (B, T, H) dL/d trunk input
+        return pb.BackwardResult(grad=to_wire(input_grad, self._core.wire_dtype, "BackwardResult.grad"))  # dL/d input
 
     def optimizer_step(self, client_id: str, request: pb.OptimizerStep) -> pb.OptimizerResult:
         sq_norm = request.client_grad_sq_norm

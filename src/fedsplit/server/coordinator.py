@@ -50,7 +50,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -441,7 +441,7 @@ class RoundCoordinator:
         if kind == pb.FORWARD and not request.train:  # evaluation: changes nothing, keeps nobody alive
             with self._evaluation.forward(self._sessions[client_id], lambda: (self._stage, self.completed_round)):
                 return self.trunk.handle(client_id, kind, round, step, request)
-        with self._in_flight(client_id):
+        with self._sessions[client_id].request(self._cond):
             return serve(client_id, kind, round, step, request)
 
     def _serve_generation(self, client_id: str, kind: int, round: int, step: int, request: Message) -> Message:
@@ -451,19 +451,6 @@ class RoundCoordinator:
         with self._evaluation.forward(None, lambda: (self._stage, self.completed_round), "generation",
                                       anytime=kind == pb.GENERATE_END):
             return self.generation.handle(client_id, kind, round, step, request)  # type: ignore[no-any-return]
-
-    @contextlib.contextmanager
-    def _in_flight(self, client_id: str) -> Iterator[None]:
-        session = self._sessions[client_id]
-        with self._cond:
-            session.in_flight += 1
-            session.last_seen = time.monotonic()
-        try:
-            yield
-        finally:
-            with self._cond:
-                session.in_flight -= 1
-                session.last_seen = time.monotonic()
 
     # -- JOIN_ROUND -----------------------------------------------------------------------------
     def _join(self, client_id: str, kind: int, round: int, step: int, request: pb.JoinRound) -> pb.RoundPlan:

@@ -8,11 +8,14 @@ strategy sees it: keys, shapes and dtypes of the global parts, and how far it mo
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import math
+import threading
+import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
@@ -179,6 +182,19 @@ class Session:
             raise ProtocolError(f"evaluation rate limit: {burst} requests, then {per_s:g} per second",
                                 code=pb.RESOURCE_EXHAUSTED)
         self.eval_tokens -= 1
+
+    @contextlib.contextmanager
+    def request(self, lock: threading.Condition) -> Iterator[None]:
+        """One request of this client in flight; the step clock (``last_seen``) ticks at both ends."""
+        with lock:
+            self.in_flight += 1
+            self.last_seen = time.monotonic()
+        try:
+            yield
+        finally:
+            with lock:
+                self.in_flight -= 1
+                self.last_seen = time.monotonic()
 
 
 @dataclass

@@ -21,7 +21,8 @@ import torch
 from google.protobuf.message import Message
 
 from fedsplit.adapters import trainable_parameters
-from fedsplit.protocol import ProtocolError, decode_tensor, encode_tensor, kind_name, pb
+from fedsplit.protocol import ProtocolError, decode_tensor, kind_name, pb
+from fedsplit.protocol.precision import from_wire, to_wire
 from fedsplit.server.checkpoint import TrunkHolder
 from fedsplit.split.parts import Trunk
 from fedsplit.train.config import TrainConfig
@@ -87,9 +88,16 @@ def commit_step(server: StepTarget, client_sq_norm: float, lr_scale: float = 1.0
 
 
 def decode_activation(message: pb.Tensor, name: str, *, dtype: torch.dtype, shape: tuple[int | None, ...],
-                      max_abs: float) -> torch.Tensor:
-    """A hidden state or its gradient from a client: dtype, shape, finite, and ``|x| <= max_abs``."""
-    tensor = decode_tensor(message, name, dtypes=(dtype,), shape=shape)
+                      max_abs: float, wire: torch.dtype | None = None) -> torch.Tensor:
+    """A hidden state or its gradient from a client: dtype, shape, finite, and ``|x| <= max_abs``.
+
+    ``wire``: the run's wire dtype (``[wire] dtype``); the tensor must arrive in it and is cast to
+    ``dtype``. ``None``: it must arrive in ``dtype`` itself.
+    """
+    if wire is None:
+        tensor = decode_tensor(message, name, dtypes=(dtype,), shape=shape)
+    else:
+        tensor = from_wire(message, name, wire=wire, compute=dtype, shape=shape)
     if tensor.numel():
         peak = float(tensor.abs().max())
         if peak > max_abs:
@@ -111,6 +119,7 @@ class TrunkServer:
         max_tokens: int = 1 << 20,
         max_abs: float = 65504.0,
         lease_timeout_s: float = 120.0,
+        wire_dtype: torch.dtype | None = None,
     ) -> None:
         if not max_abs > 0:
             raise ValueError(f"max_abs: expected > 0, got {max_abs}")
@@ -126,6 +135,7 @@ class TrunkServer:
         self.hidden_size = int(trunk.config.hidden_size)
         self.max_positions = int(getattr(trunk.config, "max_position_embeddings", None) or 1 << 20)
         self.dtype = next(trunk.parameters()).dtype
+        self.wire_dtype = wire_dtype  # hidden states and gradients cross the cut in it (None: in self.dtype)
         self._pending: dict[str, _Pending] = {}
         self._owner: str | None = None
         self._cond = threading.Condition()
@@ -146,7 +156,7 @@ class TrunkServer:
         """Check a FORWARD request against this trunk: (hidden (B, T, H), mask (B, T), positions (B, T))."""
         shape = (None, None, self.hidden_size)
         hidden = decode_activation(
-            request.hidden, "Forward.hidden", dtype=self.dtype, shape=shape, max_abs=self.max_abs
+            request.hidden, "Forward.hidden", dtype=self.dtype, shape=shape, max_abs=self.max_abs, wire=self.wire_dtype
         )
         batch, seq, _ = hidden.shape
         if seq > self.cfg.max_length:
@@ -174,15 +184,16 @@ class TrunkServer:
         hidden, mask, positions = self.decode_forward(request)
         if not request.train:
             with torch.no_grad(), autocast(self.cfg):
-                return pb.ForwardResult(hidden=encode_tensor(self.trunk(hidden, mask, positions)))
+                return pb.ForwardResult(hidden=self.encode_hidden(self.trunk(hidden, mask, positions)))
         self._acquire(client_id)
         if client_id in self._pending:
             raise ProtocolError("FORWARD again before BACKWARD of the previous step", code=pb.FAILED_PRECONDITION)
         inputs = hidden.requires_grad_()  # (B, T, H) leaf: its gradient is the reply to BACKWARD
         with autocast(self.cfg):
             outputs = self.trunk(inputs, mask, positions)  # (B, T, H)
+        reply = pb.ForwardResult(hidden=self.encode_hidden(outputs))  # before the step is pending: may not fit fp16
         self._pending[client_id] = _Pending(inputs, outputs)
-        return pb.ForwardResult(hidden=encode_tensor(outputs))
+        return reply
 
     def backward(self, client_id: str, request: pb.Backward) -> pb.BackwardResult:
         pending = self._pending.get(client_id)
@@ -190,12 +201,17 @@ class TrunkServer:
             raise ProtocolError("BACKWARD without a training FORWARD", code=pb.FAILED_PRECONDITION)
         outputs = pending.outputs  # a malformed BACKWARD leaves the pending step as it was
         grad = decode_activation(
-            request.grad, "Backward.grad", dtype=outputs.dtype, shape=tuple(outputs.shape), max_abs=self.max_abs
+            request.grad, "Backward.grad", dtype=outputs.dtype, shape=tuple(outputs.shape), max_abs=self.max_abs,
+            wire=self.wire_dtype,
         )
         del self._pending[client_id]
         pending.outputs.backward(grad)
         assert pending.inputs.grad is not None  # the inputs are a leaf that requires grad
-        return pb.BackwardResult(grad=encode_tensor(pending.inputs.grad))
+        return pb.BackwardResult(grad=to_wire(pending.inputs.grad, self.wire_dtype, "BackwardResult.grad"))
+
+    def encode_hidden(self, outputs: torch.Tensor) -> pb.Tensor:
+        """The trunk output (B, T, H) in the wire dtype."""
+        return to_wire(outputs, self.wire_dtype, "ForwardResult.hidden")
 
     def optimizer_step(self, client_id: str, request: pb.OptimizerStep) -> pb.OptimizerResult:
         if self._owner != client_id:
