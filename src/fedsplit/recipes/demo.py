@@ -39,11 +39,12 @@ def run_demo(cfg: RunConfig, out: Path) -> int:
         federated = run_federated(cfg, data, out, metrics)
         centralized = run_centralized(cfg, data, out, metrics)
 
+        how = cfg.strategy.name if cfg.aggregation.mode == "plain" else f"{cfg.strategy.name}, {cfg.aggregation.mode}"
         table = [
             "| model                    | held-out loss | ROUGE-L |",
             "|--------------------------|---------------|---------|",
             _row("zero-shot", zero_shot),
-            _row("federated split (FedAvg)", federated.eval),
+            _row(f"federated split ({how})", federated.eval),
             _row("centralized", centralized.eval),
         ]
         elapsed = time.monotonic() - start
