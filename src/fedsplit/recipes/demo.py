@@ -22,7 +22,7 @@ from fedsplit.recipes.federated import run_federated
 
 def _row(name: str, result: EvalResult) -> str:
     rouge = "   n/a" if result.rouge_l is None else f"{result.rouge_l:6.4f}"
-    return f"| {name:<24} | {result.loss:13.4f} | {rouge:>7} |"
+    return f"| {name:<34} | {result.loss:13.4f} | {rouge:>7} |"
 
 
 def run_demo(cfg: RunConfig, out: Path) -> int:
@@ -41,8 +41,8 @@ def run_demo(cfg: RunConfig, out: Path) -> int:
 
         how = cfg.strategy.name if cfg.aggregation.mode == "plain" else f"{cfg.strategy.name}, {cfg.aggregation.mode}"
         table = [
-            "| model                    | held-out loss | ROUGE-L |",
-            "|--------------------------|---------------|---------|",
+            f"| {'model':<34} | held-out loss | ROUGE-L |",
+            f"|{'-' * 36}|---------------|---------|",
             _row("zero-shot", zero_shot),
             _row(f"federated split ({how})", federated.eval),
             _row("centralized", centralized.eval),
