@@ -215,6 +215,13 @@ def join_group(spec: GroupSpec) -> None:
     )
 
 
+def in_group() -> bool:
+    """Whether this process still holds a process group (another owner in the process may have left it)."""
+    import torch.distributed as dist
+
+    return bool(dist.is_initialized())
+
+
 def leave_group() -> None:
     import torch.distributed as dist
 

@@ -43,6 +43,7 @@ from fedsplit.server.hierarchy.collectives import (
     choose_backend,
     free_port,
     gather_state,
+    in_group,
     join_group,
     leave_group,
     reduce_state,
@@ -438,7 +439,7 @@ class ReplicaRouter:
         error = ""
         for _ in range(3):
             try:
-                if self._reform:
+                if self._reform or not in_group():  # a group left under us (one per process) forms again
                     self._form()
                 outcome = self._reduce(mode)
                 return self._report(True, mode, outcome.status.value, outcome, discarded, started)
@@ -568,7 +569,7 @@ class ReplicaRouter:
                     self._move(GateStage.OPEN)
 
     def _gather(self) -> dict[int, ReplicaState]:
-        if self._reform:
+        if self._reform or not in_group():
             self._form()
         message = self.control.post(ControlOp.GATHER, self.generation)
         try:
