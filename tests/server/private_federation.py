@@ -104,6 +104,7 @@ def make_private_federation(
     phase_timeout_s: float = 5.0,
     identities: dict[str, Any] | None = None,
     privates: dict[str, RecordingUpdate] | None = None,
+    checkpoint_dir: Path | None = None,
     **config: Any,
 ) -> PrivateFederation:
     """``identities`` and ``privates``: the clients of an earlier federation (a restarted server, same clients)."""
@@ -125,7 +126,7 @@ def make_private_federation(
     initial = client_adapters(server_parts.head, server_parts.tail)
     coordinator = RoundCoordinator(trunk, aggregator, initial, list(client_ids),
                                    CoordinatorConfig(num_rounds=num_rounds, **settings), run_id=RUN_ID,
-                                   config_hash=CONFIG_HASH.hex())
+                                   config_hash=CONFIG_HASH.hex(), checkpoint_dir=checkpoint_dir)
     verifier = HandshakeVerifier(load_private_key(keys / "server.key"), publics, [], pb.PROTOCOL_VERSION_CURRENT,
                                  CONFIG_HASH, run_id=RUN_ID)
     server = GrpcServer("127.0.0.1:0", SessionFactory(verifier, coordinator.handler_for, RUN_ID),
