@@ -205,6 +205,16 @@ class PrivateAggregator:
         self._submitted = {cid: n for cid, n in self._submitted.items() if n != round}
         self._cond.notify_all()
 
+    def resume(self, previous: Mapping[str, Tensor] | None, current: Mapping[str, Tensor]) -> None:
+        """After a restart from a checkpoint: the global parts before and after the last completed round.
+
+        ``hybrid_top_fraction`` then ranks the next round's tensors as the uninterrupted run would have;
+        ``previous=None`` (its checkpoint is gone) leaves every tensor encrypted until a round completes.
+        """
+        if self.top:
+            self._last = None if previous is None else ({k: v.detach().clone() for k, v in previous.items()},
+                                                        {k: v.detach().clone() for k, v in current.items()})
+
     # -- coordinator hooks ---------------------------------------------------------------------
     def partition(self, current: Mapping[str, Tensor]) -> dict[str, list[str]]:
         """Tensor names per mode (``plain`` and one encrypted mode)."""
