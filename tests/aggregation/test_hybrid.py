@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedsplit.aggregation.hybrid import HybridPolicy, default_policy, sensitivity_policy, update_sensitivity
+from fedsplit.aggregation.hybrid import (
+    HybridPolicy,
+    check_top_fraction,
+    default_policy,
+    sensitivity_policy,
+    top_fraction_set,
+    update_sensitivity,
+)
 from fedsplit.aggregation.rounds import run_round
 from fedsplit.aggregation.secagg import SecAggParams
 from fedsplit.strategy import ClientUpdate, weighted_average
@@ -43,6 +50,27 @@ def test_sensitivity_ranks_by_update_rms_up_to_the_parameter_fraction() -> None:
     assert [policy.mode_of(n) for n in NAMES] == ["plain", "plain", "plain", "secagg", "secagg"]
     at_least_one = sensitivity_policy(sensitivity, {n: 10 for n in NAMES}, fraction=0.01)
     assert at_least_one.partition(NAMES)["secagg"] == [NAMES[4]]
+
+
+def test_top_fraction_set_is_the_ranked_fill_and_clients_accept_exactly_well_formed_sets() -> None:
+    previous = {n: torch.zeros(10) for n in NAMES}
+    current = {n: torch.full((10,), float(i)) for i, n in enumerate(NAMES)}
+    sizes = {n: 10 for n in NAMES}
+
+    chosen = top_fraction_set(previous, current, 0.4)
+
+    assert chosen == sorted(NAMES[3:])
+    assert check_top_fraction(chosen, sizes, 0.4) == chosen
+    assert check_top_fraction(NAMES[:2], sizes, 0.4) == sorted(NAMES[:2])  # another ranking: same amount
+    assert check_top_fraction(NAMES, sizes, 0.4) == sorted(NAMES)  # nothing measured yet: all encrypted
+    with pytest.raises(ValueError, match="leaves out .* which fit"):
+        check_top_fraction(NAMES[4:], sizes, 0.4)  # the server encrypts less than configured
+    with pytest.raises(ValueError, match="expected at most fraction 0.4"):
+        check_top_fraction(NAMES[2:], sizes, 0.4)
+    with pytest.raises(ValueError, match="not among this client's tensors"):
+        check_top_fraction([NAMES[0], "head/forged"], sizes, 0.4)
+    with pytest.raises(ValueError, match="distinct"):
+        check_top_fraction([NAMES[0], NAMES[0]], sizes, 0.4)
 
 
 def test_hybrid_round_equals_fedavg_and_uploads_less_than_all_encrypted() -> None:

@@ -62,8 +62,10 @@ class PrivateFederation:
     initial: dict[str, Tensor]
     identities: dict[str, Any]
     outcomes: dict[str, Any] = field(default_factory=dict)
+    address: str = ""  # where the clients dial (looked up at every connect: a restarted server may move)
 
-    def run(self, timeout: float = 60.0) -> RunResult:
+    def start_clients(self) -> list[Any]:
+        """Every client runner in its own (daemon) thread; each one's outcome lands in ``outcomes``."""
         import threading
 
         def run_client(runner: ClientRunner) -> None:
@@ -75,6 +77,10 @@ class PrivateFederation:
         threads = [threading.Thread(target=run_client, args=(r,), daemon=True) for r in self.runners.values()]
         for thread in threads:
             thread.start()
+        return threads
+
+    def run(self, timeout: float = 60.0) -> RunResult:
+        threads = self.start_clients()
         try:
             return self.coordinator.start().wait(timeout)
         finally:
@@ -104,6 +110,7 @@ def make_private_federation(
     phase_timeout_s: float = 5.0,
     identities: dict[str, Any] | None = None,
     privates: dict[str, RecordingUpdate] | None = None,
+    checkpoint_dir: Path | None = None,
     **config: Any,
 ) -> PrivateFederation:
     """``identities`` and ``privates``: the clients of an earlier federation (a restarted server, same clients)."""
@@ -125,7 +132,7 @@ def make_private_federation(
     initial = client_adapters(server_parts.head, server_parts.tail)
     coordinator = RoundCoordinator(trunk, aggregator, initial, list(client_ids),
                                    CoordinatorConfig(num_rounds=num_rounds, **settings), run_id=RUN_ID,
-                                   config_hash=CONFIG_HASH.hex())
+                                   config_hash=CONFIG_HASH.hex(), checkpoint_dir=checkpoint_dir)
     verifier = HandshakeVerifier(load_private_key(keys / "server.key"), publics, [], pb.PROTOCOL_VERSION_CURRENT,
                                  CONFIG_HASH, run_id=RUN_ID)
     server = GrpcServer("127.0.0.1:0", SessionFactory(verifier, coordinator.handler_for, RUN_ID),
@@ -133,7 +140,8 @@ def make_private_federation(
                         max_streams=4 * len(client_ids), on_disconnect=coordinator.on_disconnect).start()
     tls = load_channel_tls(keys / "ca.crt")
     server_key = load_private_key(keys / "server.key").public_key()
-    fed = PrivateFederation(coordinator, server, {}, {}, {}, {k: v.clone() for k, v in initial.items()}, identities)
+    fed = PrivateFederation(coordinator, server, {}, {}, {}, {k: v.clone() for k, v in initial.items()}, identities,
+                            address=f"127.0.0.1:{server.port}")
     for index, cid in enumerate(client_ids):
         _, parts = build_model()
         batches = token_batches(2, (batch_sizes or {}).get(cid, 2), seed=100 + index)
@@ -141,7 +149,7 @@ def make_private_federation(
                                   config_hash=CONFIG_HASH)
 
         def connect(creds: ClientCredentials = creds) -> Channel:
-            return connect_grpc(f"127.0.0.1:{server.port}", creds, tls=tls, connect_timeout_s=5.0)
+            return connect_grpc(fed.address, creds, tls=tls, connect_timeout_s=5.0)
 
         make = (update_cls or {}).get(cid, RecordingUpdate)
         private = (privates or {}).get(cid) or make(cid, agg, identities[cid], publics, run_id=RUN_ID, max_wait_s=30.0)

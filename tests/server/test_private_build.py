@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from fedsplit.aggregation.dp import DPFedAvg
 from fedsplit.config import AggregationConfig, RunConfig
@@ -61,12 +62,17 @@ def test_a_non_linear_strategy_is_refused_under_secagg():
                           run_id="r")
 
 
-def test_the_sensitivity_ranked_hybrid_is_refused_over_the_network():
+def test_the_sensitivity_ranked_hybrid_encrypts_everything_until_a_global_update_is_measured():
     publics = {cid: generate_identity().public_key() for cid in CLIENTS}
+    aggregator = PrivateAggregator(FedAvg(local_steps=1, lr=0.1),
+                                   AggregationConfig(mode="hybrid", hybrid_top_fraction=0.5), publics, run_id="r")
+    current = {"head/a": torch.zeros(4), "tail/b": torch.zeros(4)}
 
-    with pytest.raises(ValueError, match="hybrid_top_fraction"):
-        PrivateAggregator(FedAvg(local_steps=1, lr=0.1), AggregationConfig(mode="hybrid", hybrid_top_fraction=0.5),
-                          publics, run_id="r")
+    plan = aggregator.configure_round(1, CLIENTS)
+
+    assert plan.settings["hybrid_encrypted"] == "*"
+    assert aggregator.partition(current) == {"secagg": ["head/a", "tail/b"]}
+    assert aggregator.reference(current) == {}
 
 
 def test_frame_bound_holds_a_real_ckks_upload_and_a_secagg_vector():

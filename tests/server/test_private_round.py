@@ -13,10 +13,12 @@ import torch
 
 from fedsplit.aggregation.ckks import CkksKeyHolder, CkksUpload
 from fedsplit.aggregation.dp import DPFedAvg, uniform_weight
+from fedsplit.aggregation.hybrid import top_fraction_set
 from fedsplit.aggregation.secagg import EncryptedShare
 from fedsplit.channel import Channel
 from fedsplit.config import AggregationConfig
 from fedsplit.protocol import pb
+from fedsplit.server.checkpoint import load_checkpoint
 from fedsplit.server.coordinator import RoundFailedError
 from fedsplit.strategy import FedAvg
 
@@ -227,3 +229,26 @@ def test_hybrid_over_grpc_equals_fedavg(tmp_path):
 
     assert result.history[0]["clients"] == CLIENTS
     assert_fedavg(result.global_adapters, fed.fedavg(1, CLIENTS), atol=secagg_bound() + 1e-9, rtol=2e-7)
+
+
+def test_hybrid_top_fraction_over_grpc_encrypts_the_ranked_top_half_and_equals_fedavg(tmp_path):
+    # Arrange: 2 rounds; round 1 has no measured global update (every tensor encrypted), round 2 ranks
+    # tensors by the RMS of round 1's global update and encrypts the top half of the parameters
+    agg = AggregationConfig(mode="hybrid", hybrid_top_fraction=0.5)
+    fed = make_private_federation(tmp_path, agg, CLIENTS, batch_sizes=SIZES, num_rounds=2,
+                                  checkpoint_dir=tmp_path / "ckpt")
+
+    # Act
+    result = fed.run()
+
+    # Assert: the set is the server's public rule applied to the global parts, and clients used exactly it
+    aggregator = fed.coordinator.strategy
+    after_round_1 = load_checkpoint(tmp_path / "ckpt" / "round-000001").global_adapters
+    expected = top_fraction_set(fed.initial, after_round_1, 0.5)
+    sizes = {k: v.numel() for k, v in fed.initial.items()}
+    assert aggregator.encrypted_sets == {1: None, 2: tuple(expected)}
+    assert 0 < sum(sizes[k] for k in expected) <= 0.5 * sum(sizes.values())
+    assert set(expected) != set(sizes)  # some tensors travelled in the clear in round 2
+    assert set(aggregator.reference(after_round_1)) == set(sizes) - set(expected)
+    assert [h["clients"] for h in result.history] == [CLIENTS, CLIENTS]
+    assert_fedavg(result.global_adapters, fed.fedavg(2, CLIENTS), atol=secagg_bound() + 1e-9, rtol=2e-7)

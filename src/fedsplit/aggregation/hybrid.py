@@ -30,9 +30,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["MODES", "HybridPolicy", "default_policy", "sensitivity_policy", "update_sensitivity"]
+__all__ = ["ALL_ENCRYPTED", "MODES", "HybridPolicy", "check_top_fraction", "default_policy", "sensitivity_policy",
+           "top_fraction_set", "update_sensitivity"]
 
 MODES = ("plain", "secagg", "ckks")
+ALL_ENCRYPTED = "*"  # a round's encrypted set when no global update has been measured yet: every tensor
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -107,3 +109,46 @@ def sensitivity_policy(
 def _escape(name: str) -> str:
     """An fnmatch pattern matching exactly ``name`` ([, ], *, ? escaped)."""
     return re.sub(r"([\[\]*?])", r"[\1]", name)
+
+
+def top_fraction_set(previous: Mapping[str, Tensor], current: Mapping[str, Tensor], fraction: float) -> list[str]:
+    """The tensors to encrypt: the top ``fraction`` of parameters, ranked by the global update ``current - previous``.
+
+    Both are global parts (public to every participant), so the set is a deterministic function of the run's
+    public state, decided by the server and checked by each client (`check_top_fraction`), never by one client.
+    """
+    if set(previous) != set(current):
+        raise ValueError("previous and current: expected the same tensor names")
+    sizes = {name: tensor.numel() for name, tensor in current.items()}
+    policy = sensitivity_policy(update_sensitivity(previous, current), sizes, fraction)
+    return sorted(policy.partition(current).get("secagg", []))
+
+
+def check_top_fraction(encrypted: Iterable[str], sizes: Mapping[str, int], fraction: float) -> list[str]:
+    """A client's check of the server's encrypted set: existing names, each once, and a greedy top-``fraction`` fill.
+
+    Accepted: every tensor (the rounds before any global update was measured; encrypting more never reveals
+    more), or a set the greedy fill of `sensitivity_policy` could have chosen under *some* ranking: at most
+    ``fraction`` of the parameters (or a single tensor) and no left-out tensor that would still fit. The ranking
+    itself is the server's (from public global parts); a client checks the amount, not the order.
+    """
+    chosen = list(encrypted)
+    if not chosen or len(set(chosen)) != len(chosen):
+        raise ValueError(f"encrypted set: expected distinct tensor names, got {len(chosen)} "
+                         f"({len(set(chosen))} distinct)")
+    unknown = sorted(set(chosen) - set(sizes))
+    if unknown:
+        raise ValueError(f"encrypted set: names not among this client's tensors: {unknown[:3]}")
+    if set(chosen) == set(sizes):
+        return sorted(chosen)
+    total = sum(sizes.values())
+    budget = fraction * total
+    used = sum(sizes[n] for n in chosen)
+    if len(chosen) > 1 and used > budget + 1e-9 * budget:
+        raise ValueError(f"encrypted set: {used} of {total} parameters, expected at most fraction {fraction} "
+                         f"({budget:g})")
+    fits = sorted(n for n in sizes if n not in set(chosen) and used + sizes[n] <= budget + 1e-9 * budget)
+    if fits:
+        raise ValueError(f"encrypted set: {used} of {total} parameters leaves out {fits[:3]}, which fit in fraction "
+                         f"{fraction} ({budget:g}): the server encrypts less than configured")
+    return sorted(chosen)

@@ -142,13 +142,27 @@ def upload_from_pb(client_id: str, message: pb.AggCkksUpload, params: CkksParams
                       bytes(message.signature))
 
 
-def partition(cfg: AggregationConfig, names: Iterable[str]) -> dict[str, list[str]]:
-    """Tensor names per mode for a private round: ``{mode: all}``, or the hybrid policy's ``plain`` + encrypted."""
+def partition(
+    cfg: AggregationConfig, names: Iterable[str], encrypted: Iterable[str] | None = None
+) -> dict[str, list[str]]:
+    """Tensor names per mode for a private round: ``{mode: all}``, or the hybrid policy's ``plain`` + encrypted.
+
+    ``encrypted``: under ``hybrid_top_fraction``, the round's encrypted tensors (the server's ranked set).
+    """
     ordered = sorted(names)
     if cfg.mode in ("secagg", "ckks"):
         return {cfg.mode: ordered}
     if cfg.mode != "hybrid":
         raise ValueError(f"aggregation.mode: expected secagg, ckks or hybrid, got {cfg.mode!r}")
+    if cfg.hybrid_top_fraction > 0:
+        if encrypted is None:
+            raise ValueError("aggregation.hybrid_top_fraction: expected the round's encrypted tensor names")
+        chosen = set(encrypted)
+        if not chosen or chosen - set(ordered):
+            raise ValueError(f"aggregation.hybrid_top_fraction: expected encrypted names among the tensors, got "
+                             f"{sorted(chosen - set(ordered))[:3] or 'none'}")
+        plain = [n for n in ordered if n not in chosen]
+        return {**({"plain": plain} if plain else {}), cfg.hybrid_encrypted_mode: sorted(chosen)}
     groups = cfg.hybrid_policy(ordered).partition(ordered)
     if not groups.get(cfg.hybrid_encrypted_mode):
         raise ValueError(f"aggregation.hybrid_encrypt: the policy encrypts none of the tensors ({ordered[:3]}...)")

@@ -37,6 +37,7 @@ from fedsplit.aggregation.ckks import CkksClient, CkksKeyHolder, CkksSum, CkksUp
 from fedsplit.aggregation.codec import TensorLayout
 from fedsplit.aggregation.dp import privatize_update
 from fedsplit.aggregation.errors import PrivateAggregationError, UnmaskRefusedError
+from fedsplit.aggregation.hybrid import ALL_ENCRYPTED, check_top_fraction
 from fedsplit.aggregation.secagg import EncryptedShare, SecAggClient, UnmaskRequest
 from fedsplit.channel import Channel
 from fedsplit.config import AggregationConfig, RunConfig
@@ -88,7 +89,7 @@ class PrivateUpdate:
             raise PrivateRoundError(f"client {self.client_id}: the plan's dp_noise {plan.settings.get('dp_noise')!r} "
                                     f"differs from this client's {self.cfg.dp_noise!r}")
         tensors = self._privatize(plan, decode_named(update.adapters, "ClientUpdate.adapters"))
-        groups = wire.partition(self.cfg, tensors)
+        groups = wire.partition(self.cfg, tensors, self._encrypted_set(plan, tensors))
         plain = {k: tensors[k] for k in groups.get("plain", [])}
         clear = pb.ClientUpdate(round=plan.round, adapters=encode_named(plain), num_examples=update.num_examples,
                                 metrics=dict(update.metrics))
@@ -102,6 +103,20 @@ class PrivateUpdate:
                 self._ckks_round(channel, plan.round, secret, data_report, uniform)
         except (PrivateAggregationError, ProtocolError, ValueError, RuntimeError, TypeError) as exc:  # TenSEAL: any
             raise PrivateRoundError(f"client {self.client_id}: {encrypted_mode} round {plan.round}: {exc}") from exc
+
+    def _encrypted_set(self, plan: pb.RoundPlan, tensors: Mapping[str, Tensor]) -> list[str] | None:
+        """``hybrid_top_fraction``: the server's encrypted set for the round, checked (aggregation.hybrid)."""
+        if not (self.cfg.mode == "hybrid" and self.cfg.hybrid_top_fraction > 0):
+            return None
+        raw = plan.settings.get("hybrid_encrypted")
+        if raw is None:
+            raise PrivateRoundError(f"client {self.client_id}: round {plan.round}'s plan names no encrypted tensors "
+                                    f"(hybrid_top_fraction = {self.cfg.hybrid_top_fraction})")
+        names = list(tensors) if raw == ALL_ENCRYPTED else raw.split("\n")
+        try:
+            return check_top_fraction(names, {k: v.numel() for k, v in tensors.items()}, self.cfg.hybrid_top_fraction)
+        except ValueError as exc:
+            raise PrivateRoundError(f"client {self.client_id}: round {plan.round}: {exc}") from exc
 
     def _privatize(self, plan: pb.RoundPlan, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         """Distributed DP-FedAvg noise, when the plan asks for it (settings from aggregation.dp.DPFedAvg)."""

@@ -114,6 +114,7 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
     from fedsplit.server.checkpoint import latest_checkpoint, load_checkpoint
     from fedsplit.server.coordinator import CoordinatorConfig, RoundCoordinator
     from fedsplit.server.generation import attach_generation
+    from fedsplit.server.private_resume import resume_private
     from fedsplit.server.private_round import build_private_strategy, private_frame_bound
     from fedsplit.strategy.build import build_strategy
     from fedsplit.transport.grpc_server import GrpcServer
@@ -155,7 +156,10 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
         found = latest_checkpoint(out / "checkpoints")
         if found is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}")
-        coordinator.restore(load_checkpoint(found))
+        restored = load_checkpoint(found)
+        coordinator.restore(restored)
+        resume_private(strategy, found.parent, restored.round, client_adapters(parts.head, parts.tail),
+                       restored.global_adapters)  # hybrid_top_fraction: the last global update ranks tensors
         log.info("resumed from %s", found)
 
     admitted = {cid: load_public_key(keys / f"{cid}.pub") for cid in cfg.security.clients}

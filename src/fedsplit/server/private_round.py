@@ -44,6 +44,7 @@ from fedsplit.aggregation.ckks import CkksServer, CkksSum, SealedKey
 from fedsplit.aggregation.codec import TensorLayout
 from fedsplit.aggregation.dp import DPFedAvg, uniform_weight
 from fedsplit.aggregation.errors import MalformedMessageError, RoundAbortedError
+from fedsplit.aggregation.hybrid import ALL_ENCRYPTED, top_fraction_set
 from fedsplit.aggregation.keys import SignedKeys, verify_keys
 from fedsplit.aggregation.secagg_server import SecAggServer
 from fedsplit.config import AggregationConfig, RunConfig
@@ -117,8 +118,6 @@ class PrivateAggregator:
     ) -> None:
         if cfg.mode == "plain":
             raise ValueError("aggregation.mode: expected secagg, ckks or hybrid for a PrivateAggregator, got plain")
-        if cfg.hybrid_top_fraction > 0:
-            raise ValueError("aggregation.hybrid_top_fraction: not wired over the network yet; use hybrid_encrypt")
         check_aggregation_mode(inner, cfg.mode)
         if not (phase_timeout_s > 0 and poll_s > 0):
             raise ValueError(f"expected phase_timeout_s > 0 and poll_s > 0, got {phase_timeout_s}, {poll_s}")
@@ -133,6 +132,10 @@ class PrivateAggregator:
         self._submitted: dict[str, int] = {}  # client -> round whose aggregation its accepted update waits for
         self._ckks = _CkksKey()
         self.exclusions: dict[int, dict[str, str]] = {}  # round -> participant left out of the sum -> why
+        self.top = cfg.mode == "hybrid" and cfg.hybrid_top_fraction > 0  # encrypt a ranked top fraction
+        self._last: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None  # last aggregation: before, after
+        self._encrypted: list[str] | None = None  # top: this round's encrypted tensors (None: all, none measured)
+        self.encrypted_sets: dict[int, tuple[str, ...] | None] = {}  # top: round -> its set (None: all)
         if "ckks" in (cfg.mode, cfg.hybrid_encrypted_mode if cfg.mode == "hybrid" else ""):
             cfg.ckks_params()  # fail now, not at the first round
 
@@ -143,7 +146,13 @@ class PrivateAggregator:
 
     def configure_round(self, round: int, available: Sequence[str]) -> RoundPlan:
         plan = self.inner.configure_round(round, available)
-        return RoundPlan(plan.round, plan.client_ids, dict(plan.settings, aggregation=self.cfg.mode))
+        settings = dict(plan.settings, aggregation=self.cfg.mode)
+        if self.top:  # the server decides the set from public global parts; every client checks it
+            self._encrypted = None if self._last is None else top_fraction_set(*self._last,
+                                                                                self.cfg.hybrid_top_fraction)
+            self.encrypted_sets[round] = None if self._encrypted is None else tuple(self._encrypted)
+            settings["hybrid_encrypted"] = ALL_ENCRYPTED if self._encrypted is None else "\n".join(self._encrypted)
+        return RoundPlan(plan.round, plan.client_ids, settings)
 
     def aggregate(
         self, round: int, results: Sequence[ClientUpdate], failures: Sequence[Failure], current: Mapping[str, Tensor]
@@ -184,6 +193,9 @@ class PrivateAggregator:
         result = self.inner.aggregate(round, merged, lost, current)
         if isinstance(result, AggregateResult):
             result.metrics.update(private_summed=float(len(summed)), private_left_out=float(len(named)))
+            if self.top:  # the next round ranks tensors by this (public) global update
+                self._last = ({k: v.detach().clone() for k, v in current.items()},
+                              {k: v.detach().clone() for k, v in result.tensors.items()})
         return result
 
     def _close(self, round: int) -> None:
@@ -193,10 +205,22 @@ class PrivateAggregator:
         self._submitted = {cid: n for cid, n in self._submitted.items() if n != round}
         self._cond.notify_all()
 
+    def resume(self, previous: Mapping[str, Tensor] | None, current: Mapping[str, Tensor]) -> None:
+        """After a restart from a checkpoint: the global parts before and after the last completed round.
+
+        ``hybrid_top_fraction`` then ranks the next round's tensors as the uninterrupted run would have;
+        ``previous=None`` (its checkpoint is gone) leaves every tensor encrypted until a round completes.
+        """
+        if self.top:
+            self._last = None if previous is None else ({k: v.detach().clone() for k, v in previous.items()},
+                                                        {k: v.detach().clone() for k, v in current.items()})
+
     # -- coordinator hooks ---------------------------------------------------------------------
     def partition(self, current: Mapping[str, Tensor]) -> dict[str, list[str]]:
         """Tensor names per mode (``plain`` and one encrypted mode)."""
-        return wire.partition(self.cfg, current)
+        if not self.top:
+            return wire.partition(self.cfg, current)
+        return wire.partition(self.cfg, current, list(current) if self._encrypted is None else self._encrypted)
 
     def reference(self, current: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The global tensors a ClientUpdate must carry in the clear (checked by the coordinator)."""
