@@ -1,4 +1,4 @@
-"""The test suite's one home for tiny split models and token batches (importable as ``tiny``).
+"""The test suite's one home for tiny split models, token batches and rows (importable as ``tiny``).
 
 ``pyproject.toml`` puts ``tests/`` on the path, so any test module can ``from tiny import ...``.
 """
@@ -12,6 +12,17 @@ from fedsplit.adapters import LoraSettings, add_part_adapters
 from fedsplit.split import SplitParts, split_model
 
 LORA = [LoraSettings(r=2), LoraSettings(r=2), LoraSettings(r=2)]
+
+# Seven hand-written CommitmentBank-shaped rows (all three labels) for evaluation tests.
+CB_ROWS = [
+    {"premise": "The cat sat on the mat.", "hypothesis": "A cat sat.", "label": "entailment"},
+    {"premise": "It rained all day.", "hypothesis": "It was sunny.", "label": "contradiction"},
+    {"premise": "She may come later.", "hypothesis": "She will come.", "label": "neutral"},
+    {"premise": "Dogs bark.", "hypothesis": "Dogs make sounds.", "label": "entailment"},
+    {"premise": "The shop is closed.", "hypothesis": "The shop is open.", "label": "contradiction"},
+    {"premise": "He might win.", "hypothesis": "He wins.", "label": "neutral"},
+    {"premise": "Water is wet.", "hypothesis": "Water is dry.", "label": "contradiction"},
+]
 
 
 def build_model(seed: int = 0) -> tuple[torch.nn.Module, SplitParts]:

@@ -11,17 +11,9 @@ from fedsplit.eval.evaluator import EvalSettings, candidate_ids, evaluate_split,
 from fedsplit.eval.scoring import ModelAccess, function_access, sequence_logprobs, unsplit_access, unsplit_logits
 from fedsplit.eval.stats import aggregate_metrics
 
-SETTINGS = EvalSettings(max_length=48, batch_size=4, max_new_tokens=3, progress=False)
-CB_ROWS = [
-    {"premise": "The cat sat on the mat.", "hypothesis": "A cat sat.", "label": "entailment"},
-    {"premise": "It rained all day.", "hypothesis": "It was sunny.", "label": "contradiction"},
-    {"premise": "She may come later.", "hypothesis": "She will come.", "label": "neutral"},
-    {"premise": "Dogs bark.", "hypothesis": "Dogs make sounds.", "label": "entailment"},
-    {"premise": "The shop is closed.", "hypothesis": "The shop is open.", "label": "contradiction"},
-    {"premise": "He might win.", "hypothesis": "He wins.", "label": "neutral"},
-    {"premise": "Water is wet.", "hypothesis": "Water is dry.", "label": "contradiction"},
-]
+from tiny import CB_ROWS
 
+SETTINGS = EvalSettings(max_length=48, batch_size=4, max_new_tokens=3, progress=False)
 
 @pytest.fixture
 def cb_items(tmp_path) -> list[ChoiceExample]:

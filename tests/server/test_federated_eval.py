@@ -22,6 +22,7 @@ from fedsplit.server.evaluation import FederatedEvalConfig, check_eval_report
 from fedsplit.server.rounds import ROUND_NEXT, RoundStage
 
 from .federation import build_model, make_federation
+from tiny import CB_ROWS
 
 SETTINGS = EvalSettings(max_length=32, batch_size=2, progress=False)
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
@@ -200,16 +201,6 @@ def test_a_run_ends_with_a_table_a_summary_and_a_loss_plot(tmp_path, tokenizer):
     (summary,) = read_metrics(tmp_path / "metrics.jsonl", "summary")
     assert summary["table"] == table and summary["comparison"]["zero-shot"]["loss"] == 6.0
 
-
-CB_ROWS = [
-    {"premise": "The cat sat on the mat.", "hypothesis": "A cat sat.", "label": "entailment"},
-    {"premise": "It rained all day.", "hypothesis": "It was sunny.", "label": "contradiction"},
-    {"premise": "She may come later.", "hypothesis": "She will come.", "label": "neutral"},
-    {"premise": "Dogs bark.", "hypothesis": "Dogs make sounds.", "label": "entailment"},
-    {"premise": "The shop is closed.", "hypothesis": "The shop is open.", "label": "contradiction"},
-    {"premise": "He might win.", "hypothesis": "He wins.", "label": "neutral"},
-    {"premise": "Water is wet.", "hypothesis": "Water is dry.", "label": "contradiction"},
-]
 
 
 def test_classification_reports_pool_into_the_accuracy_and_macro_f1_of_all_examples(tmp_path, tokenizer):
