@@ -198,7 +198,7 @@ def test_silent_participant_times_out_and_the_round_completes_without_it(tmp_pat
 
 
 def test_participant_that_never_finishes_fails_at_the_round_deadline(tmp_path):
-    # Arrange: "a" takes its plan, then only evaluates (it stays alive but never trains)
+    # Arrange: "a" takes its plan, then only asks for evaluation (refused mid-round); it never trains
     metrics = MetricsWriter(tmp_path / "metrics.jsonl")
     fed = make_federation(["a", "b"], num_rounds=1, local_steps=1, min_clients=1, runners_for=["b"],
                           round_timeout_s=1.5, ordered_steps=False, metrics=metrics)
@@ -206,11 +206,16 @@ def test_participant_that_never_finishes_fails_at_the_round_deadline(tmp_path):
     probe = pb.Forward(hidden=encode_tensor(hidden), attention_mask=encode_tensor(mask),
                        position_ids=encode_tensor(torch.arange(4)[None]), train=False)
 
+    refusals: list[str] = []
+
     def idler() -> None:
         channel = fed.connector("a")()
         join_until_plan(channel)
         while fed.coordinator.stage is not RoundStage.DONE:
-            channel.call(pb.FORWARD, probe)
+            try:
+                channel.call(pb.FORWARD, probe)
+            except RemoteError as exc:  # evaluation is served between rounds only
+                refusals.append(str(exc))
             time.sleep(0.05)
 
     threading.Thread(target=idler, daemon=True).start()
@@ -223,6 +228,7 @@ def test_participant_that_never_finishes_fails_at_the_round_deadline(tmp_path):
     assert result.history[0]["clients"] == ["b"] and result.history[0]["failures"] == ["a"]
     [failure] = read_metrics(tmp_path / "metrics.jsonl", "client_failed")
     assert (failure["client"], failure["reason"]) == ("a", "round timeout after 1.5 s")
+    assert refusals and all("evaluation is served between rounds only" in r for r in refusals)
 
 
 def test_round_with_too_few_results_is_retried_then_fails_and_leaves_no_trace(tmp_path):
