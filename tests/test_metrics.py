@@ -159,3 +159,17 @@ def test_malformed_middle_line_is_an_error(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match=r"m.jsonl:2: expected a JSON object"):
         read_metrics(path)
+
+
+def test_a_fresh_run_keeps_the_earlier_file_aside(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    with MetricsWriter(path) as metrics:
+        metrics.write("round_end", round=1)
+    with MetricsWriter(path, fresh=True) as metrics:
+        metrics.write("round_end", round=7)
+    with MetricsWriter(path, fresh=True) as metrics:
+        metrics.write("round_end", round=9)
+
+    assert [r["round"] for r in read_metrics(path, "round_end")] == [9]
+    assert [r["round"] for r in read_metrics(tmp_path / "metrics.1.jsonl", "round_end")] == [1]
+    assert [r["round"] for r in read_metrics(tmp_path / "metrics.2.jsonl", "round_end")] == [7]

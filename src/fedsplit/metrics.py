@@ -21,11 +21,21 @@ RESERVED = ("time", "event", "nonfinite")
 
 
 class MetricsWriter:
-    """Appends events to ``path`` (parent directories are created); use as a context manager."""
+    """Appends events to ``path`` (parent directories are created); use as a context manager.
 
-    def __init__(self, path: Path | str, *, clock: Callable[[], float] = time.time) -> None:
+    ``fresh=True`` starts a new run's file: a non-empty file already at ``path`` (an earlier run
+    into the same directory) is kept as ``<stem>.<n>.jsonl`` (the first free ``n``) instead of
+    being mixed with this run's events. A resumed run appends (``fresh=False``).
+    """
+
+    def __init__(self, path: Path | str, *, clock: Callable[[], float] = time.time, fresh: bool = False) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if fresh and self.path.is_file() and self.path.stat().st_size > 0:
+            n = 1
+            while (kept := self.path.with_name(f"{self.path.stem}.{n}{self.path.suffix}")).exists():
+                n += 1
+            self.path.rename(kept)
         self._clock = clock
         self._lock = threading.Lock()
         self._file = self.path.open("a", encoding="utf-8")

@@ -30,7 +30,7 @@ def run_demo(cfg: RunConfig, out: Path) -> int:
     out = prepare_run_dir(out, cfg)
     data = load_federated_data(cfg.data, cfg.train.seed)
     print(f"clients: {[len(s) for s in data.silos]} examples, held-out: {len(data.eval)}; model {cfg.model.name}")
-    with MetricsWriter(out / "metrics.jsonl") as metrics:
+    with MetricsWriter(out / "metrics.jsonl", fresh=True) as metrics:
         model, tokenizer = load_model(cfg.model.name)
         zero_shot = evaluate(model, tokenizer, data.eval, cfg)
         metrics.write("eval", mode="zero-shot", loss=zero_shot.loss, rouge_l=zero_shot.rouge_l)

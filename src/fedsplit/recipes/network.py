@@ -143,7 +143,7 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
         keep_checkpoints=cfg.server.keep_checkpoints,
         contract_hash=contract_hash(cfg.contract) if cfg.contract.declared else "",  # the reports must name it
     )
-    metrics = MetricsWriter(out / "metrics.jsonl")
+    metrics = MetricsWriter(out / "metrics.jsonl", fresh=not resume)  # a rerun keeps the last one as metrics.1
     hierarchy = start_hierarchy(cfg, parts, keys, config_hash, out) if cfg.server.mode == "hierarchical" else None
     coordinator = RoundCoordinator(
         hierarchy.router if hierarchy else make_trunk_server(cfg, parts), strategy,
@@ -389,14 +389,15 @@ def simulate(cfg: RunConfig, out: Path, *, timeout_s: float = 3600.0) -> Path:
     for path in client_tomls:
         procs[path.stem] = _spawn(["client", "--config", str(path), "--out", str(out / path.stem), *flags],
                                   out / "logs" / f"{path.stem}.log")
-    deadline = time.monotonic() + timeout_s
+    deadline, started = time.monotonic() + timeout_s, time.time()
     # smoothing=0: the rate is the mean over the run (rounds are minutes apart; a moving average of the
     # one-second polls gave estimates like "1/3 [05:08<00:02, 1.01s/round]")
     with tqdm(total=cfg.federation.rounds, desc="federated rounds", unit="round", smoothing=0) as bar:
         while procs["server"].poll() is None and time.monotonic() < deadline:
             time.sleep(1.0)
             metrics = server_out / "metrics.jsonl"
-            done = len(read_metrics(metrics, "round_end")) if metrics.exists() else 0
+            # this run's rounds only: an earlier run's file is still there until the server moves it aside
+            done = sum(r["time"] >= started for r in read_metrics(metrics, "round_end")) if metrics.exists() else 0
             bar.update(done - bar.n)
             crashed = [name for name, p in procs.items() if p.poll() not in (None, 0)]
             if crashed:
