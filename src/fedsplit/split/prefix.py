@@ -147,15 +147,16 @@ def run_prefixed(part: SplitPart, hidden: torch.Tensor, attention_mask: torch.Te
 
 
 # -- the PEFT prefix-tuning layout (unsplit reference, export) ----------------------------------------
-def peft_prefix_config(num_virtual_tokens: int):  # -> peft.PrefixTuningConfig
+def peft_prefix_config(num_virtual_tokens: int) -> Any:  # peft.PrefixTuningConfig
     """PEFT's P-tuning v2 config: deep prefixes, no reparametrization (the model's dims are filled in by PEFT)."""
     from peft import PrefixTuningConfig
 
     return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, prefix_projection=False)
 
 
-def peft_prefix_table(parts: Sequence[SplitPart]) -> torch.Tensor:
-    """The parts' prefixes as PEFT's ``prompt_embeddings`` table ``(P, num_layers * 2 * kv_heads * head_dim)``.
+def peft_prefix_table(parts: Sequence[SplitPart], *, grad: bool = False) -> torch.Tensor:
+    """The parts' prefixes as PEFT's ``prompt_embeddings`` table ``(P, num_layers * 2 * kv_heads * head_dim)``
+    (``grad``: their gradients, laid out the same way).
 
     PEFT views the table as ``(P, num_layers * 2, kv_heads, head_dim)``: row ``2 l`` is block ``l``'s key,
     ``2 l + 1`` its value.
@@ -167,7 +168,11 @@ def peft_prefix_table(parts: Sequence[SplitPart]) -> torch.Tensor:
             raise PrefixError(f"the {type(part).__name__.lower()} has no prefixes: call add_prefix first")
         for layer in part.layer_indices:
             for table in (prefix.key, prefix.value):
-                columns.append(table[str(layer)].detach().permute(1, 0, 2).flatten(1))  # (P, kv_heads * head_dim)
+                param = table[str(layer)]
+                value = param.grad if grad else param.detach()
+                if value is None:
+                    raise PrefixError(f"prefix of block {layer} has no gradient")
+                columns.append(value.permute(1, 0, 2).flatten(1))  # (P, kv_heads * head_dim)
     return torch.cat(columns, dim=1)
 
 
