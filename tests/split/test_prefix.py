@@ -115,3 +115,122 @@ def test_method_config_validates():
         MethodConfig(name="adapter")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="num_virtual_tokens"):
         MethodConfig(name="prefix", num_virtual_tokens=0)
+
+
+# -- training through the split (client and trunk server joined by the serializing channel) -------------
+def _local(model, steps: int, tokens: int = P):
+    from fedsplit.recipes.local import local_split
+    from fedsplit.train.config import TrainConfig
+
+    cfg = TrainConfig(lr=1e-2, max_grad_norm=1.0, warmup_steps=1, schedule="cosine")
+    return cfg, local_split(model, cfg, steps, head_layers=1, tail_layers=1, prefix_tokens=tokens, seed=3)
+
+
+def test_prefix_training_split_equals_centralized_peft(tiny_models):
+    from fedsplit.train.centralized import CentralizedTrainer
+
+    steps = 4
+    base = tiny_models["tiny-llama"][0]
+    cfg, local = _local(copy.deepcopy(base).float(), steps)
+    peft_model = _peft(copy.deepcopy(base).float())
+    with torch.no_grad():
+        _table(peft_model).copy_(peft_prefix_table(local.parts))
+    start = peft_prefix_table(local.parts)
+    trainer = CentralizedTrainer(peft_model, [_table(peft_model)], cfg, steps)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(steps):
+            batch = _batch(base, "right" if step % 2 == 0 else "left", seed=step)
+            split_loss = local.client.train_step([batch]).loss
+            central_loss = trainer.train_step([batch]).loss
+            assert split_loss == pytest.approx(central_loss, abs=1e-5)
+
+    trained = peft_prefix_table(local.parts)
+    assert (trained - start).abs().max().item() > 1e-3  # every part's prefixes moved
+    assert (trained - _table(peft_model).detach()).abs().max().item() <= 1e-5
+
+
+def test_trunk_prefixes_never_leave_the_server(tiny_models):
+    from fedsplit.client.runner import client_adapters
+    from fedsplit.protocol import fedsplit_pb2 as pb
+
+    model = copy.deepcopy(tiny_models["tiny-llama"][0]).float()
+    _, local = _local(model, 2)
+    trunk = part_prefix(local.parts.trunk)
+    assert trunk is not None
+    session = local.channel.transport.session
+    frames: list[bytes] = []
+    requests: list[tuple[int, object]] = []
+    handler = session.handler
+
+    def record(kind, rnd, step, msg):
+        requests.append((kind, msg))
+        return handler(kind, rnd, step, msg)
+
+    exchange = local.channel.transport.exchange
+
+    def exchange_recorded(frame: bytes) -> bytes:
+        reply = exchange(frame)
+        frames.extend([frame, reply])
+        return reply
+
+    session.handler = record
+    local.channel.transport.exchange = exchange_recorded  # type: ignore[method-assign]
+    before = {name: p.detach().clone() for name, p in trunk.named_parameters()}
+    batch = _batch(model, "left")
+    for _ in range(2):
+        local.client.train_step([batch])
+
+    hidden = model.config.hidden_size
+    forwards = [msg for kind, msg in requests if kind == pb.FORWARD]
+    assert forwards
+    for msg in forwards:
+        assert isinstance(msg, pb.Forward)
+        assert [f.name for f, _ in msg.ListFields()] in (["hidden", "attention_mask", "position_ids", "train"],
+                                                         ["hidden", "attention_mask", "position_ids"])
+        assert list(msg.hidden.shape) == [*batch["input_ids"].shape, hidden]
+    for name, param in trunk.named_parameters():
+        assert not torch.equal(param.detach(), before[name])  # the trunk trained its prefixes ...
+        for value in (before[name], param.detach()):
+            row = value[0, 0].numpy().tobytes()  # one prefix vector, 4 * head_dim bytes
+            assert not any(row in frame for frame in frames)  # ... and no frame carried one of them
+    payload = client_adapters(local.parts.head, local.parts.tail)
+    assert payload and all(".prefix_tuning." in key for key in payload)
+    last = model.config.num_hidden_layers - 1
+    assert {key.rsplit(".", 1)[1] for key in payload} == {"0", str(last)}  # head and tail blocks only
+
+
+def test_federated_prefix_training_averages_client_prefixes(tiny_models, monkeypatch):
+    from fedsplit.client.runner import client_adapters
+    from fedsplit.recipes import inprocess
+    from fedsplit.train.config import TrainConfig
+
+    model = copy.deepcopy(tiny_models["tiny-llama"][0]).float()
+    cfg = TrainConfig(lr=1e-2, batch_size=3, max_length=10, seed=0)
+    silos = [[_batch(model, "right", seed=k)] for k in range(2)]
+    seen = []
+    aggregate = inprocess.FedAvg.aggregate
+
+    def spy(self, round, results, failures, current):
+        seen.append([update.tensors for update in results])
+        return aggregate(self, round, results, failures, current)
+
+    monkeypatch.setattr(inprocess.FedAvg, "aggregate", spy)
+    init = split_model(copy.deepcopy(model), 1, 1)
+    add_part_prefixes(init, P, seed=cfg.seed)
+
+    parts, losses = inprocess.train_federated(model, silos, cfg, [], rounds=1, local_steps=1, progress=False,
+                                              prefix_tokens=P)
+
+    assert len(losses) == 2
+    final = client_adapters(parts.head, parts.tail)
+    start = client_adapters(init.head, init.tail)
+    last = model.config.num_hidden_layers - 1
+    assert final and set(final) == set(start) == {f"{side}/base_model.model.prefix_tuning.{kind}.{layer}"
+                                                  for side, layer in (("head", 0), ("tail", last))
+                                                  for kind in ("key", "value")}
+    (first, second), = seen  # one round, two clients with equal example counts
+    for key in final:
+        assert not torch.equal(first[key], second[key])  # the clients trained their own prefixes
+        torch.testing.assert_close(final[key], (first[key] + second[key]) / 2, rtol=0, atol=1e-6)
