@@ -68,6 +68,11 @@ class PartPrefix(nn.Module):
             value = self.value[str(layer)].to(dtype).unsqueeze(0).expand(batch, -1, -1, -1)
             cache.update(key, value, layer)
 
+    def forward(self, part: SplitPart, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor) -> torch.Tensor:
+        """``part.run_blocks`` with these prefixes (``SplitPart.run_blocks`` hands over to this)."""
+        return run_prefixed(part, hidden, attention_mask, position_ids)
+
 
 def part_prefix(part: nn.Module) -> PartPrefix | None:
     """The part's :class:`PartPrefix`, or None when it has no prefixes."""
