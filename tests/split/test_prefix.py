@@ -234,3 +234,11 @@ def test_federated_prefix_training_averages_client_prefixes(tiny_models, monkeyp
     for key in final:
         assert not torch.equal(first[key], second[key])  # the clients trained their own prefixes
         torch.testing.assert_close(final[key], (first[key] + second[key]) / 2, rtol=0, atol=1e-6)
+
+
+def test_bytes_per_step_formulas():
+    from fedsplit.split.prefix import cut_bytes_per_step, flglm_prefix_bytes_per_step
+
+    assert cut_bytes_per_step(4, 128, 576) == 4 * 4 * 128 * 576 * 4  # SmolLM2, fp32: 4,718,592
+    # ChatGLM-6B (32 heads x 128, no GQA), P = 128, fp16, 27 server layers: FL-GLM's ~113 MB
+    assert flglm_prefix_bytes_per_step(27, 128, 32, 128, bytes_per_value=2) == 113_246_208

@@ -200,3 +200,17 @@ def load_peft_prefix_table(parts: Sequence[SplitPart], table: torch.Tensor) -> N
             for layer in part.layer_indices:
                 prefix.key[str(layer)].copy_(grid[2 * layer])
                 prefix.value[str(layer)].copy_(grid[2 * layer + 1])
+
+
+# -- bytes per training step (docs/ptuning.md) -----------------------------------------------------------
+def cut_bytes_per_step(batch: int, seq: int, hidden: int, bytes_per_value: int = 4) -> int:
+    """What crosses the cuts in one split step, here: hidden states (B, T, H) forward at cut 1 and cut 2,
+    their gradients backward at both (framing, the 2-D mask and the position ids not counted)."""
+    return 4 * batch * seq * hidden * bytes_per_value
+
+
+def flglm_prefix_bytes_per_step(trunk_layers: int, num_virtual_tokens: int, kv_heads: int, head_dim: int,
+                                bytes_per_value: int = 4) -> int:
+    """What FL-GLM's design ships on top of the cut tensors every step: the server layers' prefix keys and
+    values to the client, and their gradients back (``2 directions x layers x (K, V) x P x kv_heads x head_dim``)."""
+    return 2 * trunk_layers * 2 * num_virtual_tokens * kv_heads * head_dim * bytes_per_value
