@@ -242,3 +242,27 @@ def test_bytes_per_step_formulas():
     assert cut_bytes_per_step(4, 128, 576) == 4 * 4 * 128 * 576 * 4  # SmolLM2, fp32: 4,718,592
     # ChatGLM-6B (32 heads x 128, no GQA), P = 128, fp16, 27 server layers: FL-GLM's ~113 MB
     assert flglm_prefix_bytes_per_step(27, 128, 32, 128, bytes_per_value=2) == 113_246_208
+
+
+def test_saved_prefix_adapter_loads_into_the_unsplit_model_with_peft(tiny_models, tmp_path):
+    from peft import PeftModel
+
+    from fedsplit.split.prefix import save_prefix_adapter
+
+    base = tiny_models["tiny-qwen2"][0]
+    parts = split_model(copy.deepcopy(base).float(), 2, 1)
+    add_part_prefixes(parts, P, seed=7)
+    batch = _batch(base, "left")
+    mask, positions = batch["attention_mask"], positions_from_mask(batch["attention_mask"])
+    with torch.no_grad():
+        split = parts.tail(parts.trunk(parts.head(batch["input_ids"], mask, positions), mask, positions),
+                           mask, positions)
+
+    save_prefix_adapter(parts, tmp_path / "prefix")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base).float(), str(tmp_path / "prefix"))
+        with torch.no_grad():
+            unsplit = loaded(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions).logits
+
+    assert (split - unsplit)[mask.bool()].abs().max().item() <= 1e-5

@@ -24,6 +24,7 @@ it receives the un-offset position ids that cross the cut and adds ``P`` itself.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -200,6 +201,31 @@ def load_peft_prefix_table(parts: Sequence[SplitPart], table: torch.Tensor) -> N
             for layer in part.layer_indices:
                 prefix.key[str(layer)].copy_(grid[2 * layer])
                 prefix.value[str(layer)].copy_(grid[2 * layer + 1])
+
+
+def save_prefix_adapter(parts: Sequence[SplitPart], directory: str | Path, *, base_model: str | None = None) -> Path:
+    """One PEFT prefix-tuning adapter for the unsplit model from the prefixes of all parts
+    (``adapter_config.json`` + ``adapter_model.safetensors``, PEFT's ``prompt_embeddings``): what
+    ``peft.PeftModel.from_pretrained(model, directory)`` loads. Needs the server's trunk and a client's
+    head and tail."""
+    from safetensors.torch import save_file
+
+    table = peft_prefix_table(parts).contiguous()
+    first = part_prefix(parts[0])
+    if first is None:
+        raise PrefixError("the parts have no prefixes: call add_part_prefixes first")
+    kv_heads, width, head_dim = next(iter(first.key.values())).shape
+    config = peft_prefix_config(width)
+    config.num_layers = sum(len(part.layer_indices) for part in parts)
+    config.token_dim = config.encoder_hidden_size = kv_heads * head_dim
+    config.num_attention_heads = kv_heads
+    config.num_transformer_submodules = 1
+    config.base_model_name_or_path = base_model
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(directory))
+    save_file({"prompt_embeddings": table}, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return directory
 
 
 # -- bytes per training step (docs/ptuning.md) -----------------------------------------------------------
