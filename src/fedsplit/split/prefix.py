@@ -107,7 +107,7 @@ def add_part_prefixes(parts: Sequence[SplitPart], num_virtual_tokens: int, *, se
     """Prefixes on head, trunk and tail; part ``i`` is initialized with ``seed + i``.
 
     The parts share their blocks with the unsplit model, but the prefixes live on the parts: the
-    unsplit reference is :func:`peft_prefix_state` loaded into a PEFT prefix-tuning model.
+    unsplit reference is :func:`peft_prefix_table` loaded into a PEFT prefix-tuning model.
     """
     for index, part in enumerate(parts):
         add_prefix(part, num_virtual_tokens, seed=seed + index)
