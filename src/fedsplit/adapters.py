@@ -102,6 +102,11 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+def _is_adapter(name: str) -> bool:
+    """A trained adapter weight: LoRA, or a P-tuning v2 prefix (``prefix_tuning.key.3``, fedsplit.split.prefix)."""
+    return "lora_" in name or name.startswith("prefix_tuning.")
+
+
 def _to_peft_key(name: str) -> str:
     return _PEFT_PREFIX + name.replace(f".{_ADAPTER}.", ".")
 
@@ -111,18 +116,18 @@ def adapter_state_dict(part: nn.Module) -> dict[str, torch.Tensor]:
     return {
         _to_peft_key(name): param.detach().clone()
         for name, param in part.named_parameters()
-        if "lora_" in name
+        if _is_adapter(name)
     }
 
 
 def adapter_parameters(part: nn.Module) -> dict[str, nn.Parameter]:
     """The part's LoRA parameters themselves under PEFT's key names (the keys of ``adapter_state_dict``)."""
-    return {_to_peft_key(name): param for name, param in part.named_parameters() if "lora_" in name}
+    return {_to_peft_key(name): param for name, param in part.named_parameters() if _is_adapter(name)}
 
 
 def load_adapter_state_dict(part: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
     """Copy ``tensors`` (PEFT key names) into the part's LoRA weights; keys and shapes must match exactly."""
-    params = {_to_peft_key(name): p for name, p in part.named_parameters() if "lora_" in name}
+    params = {_to_peft_key(name): p for name, p in part.named_parameters() if _is_adapter(name)}
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
         raise AdapterError(

@@ -351,6 +351,27 @@ class WireConfig:
 
 
 @dataclass
+class MethodConfig:
+    """What every part fine-tunes: LoRA (``[lora_head]``/``[lora_trunk]``/``[lora_tail]``) or P-tuning v2
+    prefixes on each block (docs/ptuning.md; the trunk's prefixes never leave the server)."""
+
+    name: Literal["lora", "prefix"] = field(default="lora", metadata={"help": "lora or prefix (P-tuning v2)"})
+    num_virtual_tokens: int = field(default=16, metadata={"help": "prefix length per block (name = prefix)"})
+
+    def __post_init__(self) -> None:
+        if self.name not in ("lora", "prefix"):
+            raise ValueError(f"method.name: expected lora or prefix, got {self.name!r}")
+        if isinstance(self.num_virtual_tokens, bool) or not isinstance(self.num_virtual_tokens, int) \
+                or self.num_virtual_tokens < 1:
+            raise ValueError(f"method.num_virtual_tokens: expected an integer >= 1, got {self.num_virtual_tokens!r}")
+
+    @property
+    def prefix_tokens(self) -> int:
+        """The prefix length to train, 0 for LoRA (the ``prefix_tokens`` argument of the recipes)."""
+        return self.num_virtual_tokens if self.name == "prefix" else 0
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -370,6 +391,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     link: LinkShape = field(default_factory=LinkShape)  # client: shape its own link to the server (simulation)
     wire: WireConfig = field(default_factory=WireConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
 
     @property
     def lora(self) -> list[LoraSettings]:

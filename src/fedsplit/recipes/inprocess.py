@@ -32,6 +32,7 @@ from fedsplit.client.runner import client_adapters, data_order, load_client_adap
 from fedsplit.data import Example, collate, encode_examples
 from fedsplit.server import TrunkServer
 from fedsplit.split import SplitParts, split_model
+from fedsplit.split.prefix import add_part_prefixes
 from fedsplit.strategy import ClientUpdate, FedAvg, TooFewResults
 from fedsplit.train.config import TrainConfig
 from fedsplit.train.optim import schedule_horizon
@@ -72,12 +73,18 @@ def train_federated(
     tail_layers: int = 1,
     progress: bool = True,
     wire_dtype: torch.dtype | None = None,
+    prefix_tokens: int = 0,
 ) -> tuple[SplitParts, list[float]]:
     """Federated split LoRA training of ``model`` (cut in place); returns its parts, holding the final
     global adapters (so ``model`` itself is the merged result), and every client step's loss.
-    ``wire_dtype``: hidden states and gradients cross the cut in it (``[wire] dtype``; None: as computed)."""
+    ``wire_dtype``: hidden states and gradients cross the cut in it (``[wire] dtype``; None: as computed).
+    ``prefix_tokens`` > 0: P-tuning v2 prefixes instead of LoRA (``[method]``); the head/tail prefixes are
+    FedAvg'd like the LoRA weights, the trunk's stay on the server."""
     parts = split_model(model, head_layers, tail_layers)
-    add_part_adapters(parts, lora, seed=cfg.seed)
+    if prefix_tokens:
+        add_part_prefixes(parts, prefix_tokens, seed=cfg.seed)
+    else:
+        add_part_adapters(parts, lora, seed=cfg.seed)
     ids = [f"client-{k}" for k in range(len(silos))]
     server = TrunkServer(parts.trunk, cfg, schedule_horizon(rounds, local_steps, len(ids)), wire_dtype=wire_dtype)
     channels = {cid: _channel(server, cid) for cid in ids}

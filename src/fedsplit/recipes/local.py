@@ -16,6 +16,7 @@ from fedsplit.channel import Channel, in_process_channel
 from fedsplit.client import SplitClient
 from fedsplit.server import TrunkServer
 from fedsplit.split import SplitParts, split_model
+from fedsplit.split.prefix import add_part_prefixes
 from fedsplit.train.config import TrainConfig
 
 
@@ -37,10 +38,17 @@ def local_split(
     lora: Sequence[LoraSettings] = (LoraSettings(),) * 3,
     seed: int = 0,
     client_id: str = "local",
+    prefix_tokens: int = 0,
 ) -> LocalSplit:
-    """Cut ``model`` (in place), add LoRA to each part, and connect client and server in process."""
+    """Cut ``model`` (in place), add LoRA to each part, and connect client and server in process.
+
+    ``prefix_tokens`` > 0: P-tuning v2 prefixes of that length on every block instead of LoRA
+    (:mod:`fedsplit.split.prefix`, ``[method] name = "prefix"``)."""
     parts = split_model(model, head_layers, tail_layers)
-    add_part_adapters(parts, lora, seed=seed)
+    if prefix_tokens:
+        add_part_prefixes(parts, prefix_tokens, seed=seed)
+    else:
+        add_part_adapters(parts, lora, seed=seed)
     server = TrunkServer(parts.trunk, cfg, total_steps)
     channel, _ = in_process_channel(client_id,
                                     lambda kind, rnd, step, msg: server.handle(client_id, kind, rnd, step, msg))

@@ -49,6 +49,9 @@ def build_parts(cfg: RunConfig, role: str | None = None) -> tuple[object, SplitP
 
     ``role`` ``"client"`` / ``"server"``: read only the weights that party holds (head + tail / trunk;
     see :mod:`fedsplit.models.partial`); the parts it does not hold cannot run."""
+    if cfg.method.name != "lora":  # P-tuning v2 runs in process only so far (docs/ptuning.md)
+        raise ValueError(f"method.name = {cfg.method.name!r}: the networked run trains LoRA only; "
+                         "prefix tuning runs in process (fedsplit.recipes.inprocess)")
     if role is not None:
         from fedsplit.models.partial import load_role_parts
 

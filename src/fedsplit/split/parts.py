@@ -104,6 +104,10 @@ class SplitPart(nn.Module):
     def run_blocks(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
+        prefix = self._modules.get("prefix_tuning")  # P-tuning v2 (fedsplit.split.prefix.PartPrefix) runs the blocks
+        if prefix is not None:
+            prefixed: torch.Tensor = prefix(self, hidden, attention_mask, position_ids)
+            return prefixed
         masks = _build_masks(self.config, set(self._kinds), hidden, attention_mask, position_ids)
         extra: dict[str, Any] = {"position_ids": position_ids}
         if self._rotary is not None:
