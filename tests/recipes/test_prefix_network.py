@@ -139,6 +139,27 @@ def test_a_prefix_federation_over_grpc_averages_head_and_tail_prefixes_and_train
         assert torch.allclose(saved.double(), mean.permute(1, 0, 2).flatten(1), atol=1e-6)
         assert not torch.equal(last["client-0"][0][key], last["client-1"][0][key])  # a real mean of two
 
+    # the last round's checkpoint holds the trained trunk prefixes; restoring it into a fresh trunk server
+    # (--resume) gives them back
+    from fedsplit.server.checkpoint import latest_checkpoint, load_checkpoint, restore_trunk
+
+    found = latest_checkpoint(tmp_path / "server" / "checkpoints")
+    assert found is not None
+    checkpoint = load_checkpoint(found)
+    assert checkpoint.round == cfg.federation.rounds
+    trunk_keys = {f"base_model.model.prefix_tuning.{which}.{layer}" for layer in initial.trunk.layer_indices
+                  for which in ("key", "value")}
+    assert set(checkpoint.trunk.adapters) == trunk_keys and checkpoint.trunk.optimizer["state"]
+    fresh = network.make_trunk_server(cfg, initial)
+    restore_trunk(fresh, checkpoint.trunk)
+    restored = part_prefix(fresh.trunk)
+    assert restored is not None
+    for layer in initial.trunk.layer_indices:
+        for which in ("key", "value"):
+            value = getattr(restored, which)[str(layer)].detach().permute(1, 0, 2).flatten(1)
+            assert torch.equal(value, final[(layer, which)])
+    assert fresh.optimizer.state_dict()["state"]  # the AdamW moments of the prefixes came back too
+
 
 def test_a_lora_client_is_refused_by_a_prefix_server_naming_the_method_section(tmp_path, tokenizer):
     from fedsplit.client.runner import Backoff, ClientRunner, RunAbortedError
