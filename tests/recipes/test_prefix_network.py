@@ -209,3 +209,29 @@ def tokenizer():
     from fedsplit.models import load_model
 
     return load_model("tiny-llama")[1]
+
+
+def test_simulate_scores_a_prefix_run_with_its_peft_prefix_adapter(tmp_path, monkeypatch, capsys):
+    # Arrange: the federation's processes replaced by a server directory holding what a prefix run saves
+    from fedsplit.models import load_model
+    from fedsplit.recipes import simulate as simulate_recipe
+    from fedsplit.recipes.prefix_network import save_final_prefix
+    from fedsplit.split import split_model
+    from fedsplit.split.prefix import add_part_prefixes
+
+    cfg = prefix_config(0)
+    cfg = replace(cfg, data=replace(cfg.data, max_eval_examples=2), eval=replace(cfg.eval, rouge_examples=0))
+    model, _ = load_model("tiny-llama")
+    parts = split_model(model, 1, 1)
+    add_part_prefixes(parts, P, seed=2)
+    server_dir = tmp_path / "server"
+    save_final_prefix(parts, server_dir / "adapters", "tiny-llama")
+    server_dir.joinpath("metrics.jsonl").write_text("")
+    monkeypatch.setattr(simulate_recipe, "simulate", lambda cfg, out: server_dir)
+
+    # Act
+    code = simulate_recipe.run_simulate(cfg, tmp_path)
+
+    # Assert
+    printed = capsys.readouterr().out
+    assert code == 0 and "federation complete" in printed and "federated split (final)" in printed

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 PREFIX_SUBDIR = "prefix"  # under a run's adapters/ (fedsplit.recipes.prefix_network.save_final_prefix)
 _WEIGHTS = "adapter_model.safetensors"
@@ -30,22 +30,20 @@ def find_prefix_adapter(run_dir: Path, locations: tuple[str, ...]) -> Path | Non
     return None
 
 
-def export_prefix(job: Any, adapter: Path) -> Path:
-    """``job`` (an :class:`fedsplit.recipes.export.ExportJob`): copy the prefix adapter to ``job.out`` with a
-    loadable base model; without ``adapter_only``, refuse (a prefix cannot be merged into the weights)."""
+def merge_refusal(adapter: Path) -> str:
+    """Why a prefix run has no merged model, and what to pass instead."""
+    return (f"{adapter}: this run trained P-tuning v2 prefixes, which cannot be merged into the model's weights "
+            "(they are extra keys/values every block attends to); pass --adapter-only to export the PEFT "
+            "prefix-tuning adapter (load it with PeftModel.from_pretrained)")
+
+
+def export_prefix(adapter: Path, out: Path, base: str, loadable_base: Callable[[str, Path], str]) -> Path:
+    """Copy the prefix adapter to ``out`` with ``base_model_name_or_path = loadable_base(base, out)`` (a
+    directory or hub id transformers loads) and ``base``'s tokenizer."""
     from fedsplit.adapters import ADAPTER_CONFIG
     from fedsplit.models import load_model
-    from fedsplit.recipes.export import ExportError, loadable_base
 
-    if not job.adapter_only:
-        raise ExportError(f"{adapter}: this run trained P-tuning v2 prefixes, which cannot be merged into the "
-                          "model's weights (they are extra keys/values every block attends to); pass --adapter-only "
-                          "to export the PEFT prefix-tuning adapter (load it with PeftModel.from_pretrained)")
     config = json.loads((adapter / ADAPTER_CONFIG).read_text())
-    base = job.model or config.get("base_model_name_or_path")
-    if not base:
-        raise ExportError(f"{adapter}: the adapter names no base model; pass --model")
-    out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     config["base_model_name_or_path"] = loadable_base(base, out)
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
