@@ -452,6 +452,7 @@ def _agreed_sections(cfg: RunConfig, tokenizer) -> dict[str, object]:
         "train": config_to_dict(cfg.train),
         "federation": config_to_dict(cfg.federation),
         "wire": config_to_dict(cfg.wire),
+        "method": config_to_dict(cfg.method),
         "tokenizer": hashlib.sha256(json.dumps(vocab).encode()).hexdigest(),
         **contract_sections(cfg.contract),
     }

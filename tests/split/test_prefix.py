@@ -267,10 +267,3 @@ def test_saved_prefix_adapter_loads_into_the_unsplit_model_with_peft(tiny_models
 
     assert (split - unsplit)[mask.bool()].abs().max().item() <= 1e-5
 
-
-def test_networked_runs_refuse_prefix_tuning_instead_of_training_lora():
-    from fedsplit.config import RunConfig
-    from fedsplit.recipes.network import build_parts
-
-    with pytest.raises(ValueError, match="in process"):
-        build_parts(RunConfig(method=MethodConfig(name="prefix", num_virtual_tokens=4)), role="client")

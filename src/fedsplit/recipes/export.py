@@ -165,6 +165,13 @@ def run_export(job: ExportJob) -> Path:
             raise ExportError("export: pass either --run or all three of --head, --trunk and --tail")
         dirs = {part: Path(path) for part, path in explicit.items() if path is not None}
     elif job.run is not None:
+        from fedsplit.recipes.export_prefix import export_prefix, find_prefix_adapter, merge_refusal
+
+        prefix = find_prefix_adapter(job.run, PART_LOCATIONS)  # a P-tuning v2 run: one PEFT prefix adapter
+        if prefix is not None:
+            if not job.adapter_only:
+                raise ExportError(merge_refusal(prefix))
+            return export_prefix(prefix, Path(job.out), base_model_name({"prefix": prefix}, job.model), loadable_base)
         dirs = find_part_adapters(job.run)
     else:
         raise ExportError("export: expected --run DIR or --head/--trunk/--tail adapter directories")

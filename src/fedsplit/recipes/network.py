@@ -49,9 +49,13 @@ def build_parts(cfg: RunConfig, role: str | None = None) -> tuple[object, SplitP
 
     ``role`` ``"client"`` / ``"server"``: read only the weights that party holds (head + tail / trunk;
     see :mod:`fedsplit.models.partial`); the parts it does not hold cannot run."""
-    if cfg.method.name != "lora":  # P-tuning v2 runs in process only so far (docs/ptuning.md)
-        raise ValueError(f"method.name = {cfg.method.name!r}: the networked run trains LoRA only; "
-                         "prefix tuning runs in process (fedsplit.recipes.inprocess)")
+    if cfg.method.name == "prefix":  # P-tuning v2 (docs/ptuning.md); split generation with prefixes is not done
+        if role is None:
+            raise ValueError("method.name = 'prefix': split generation/serving with prefixes is not supported "
+                             "(fedsplit server / client train them)")
+        from fedsplit.recipes.prefix_network import build_prefix_parts
+
+        return build_prefix_parts(cfg, role)
     if role is not None:
         from fedsplit.models.partial import load_role_parts
 
@@ -194,7 +198,12 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
             hierarchy.close()
         metrics.close()
     load_client_adapters(parts.head, parts.tail, result.global_adapters)
-    _save_final_adapters(parts, out / "adapters", cfg.model.name)
+    if cfg.method.name == "prefix":  # one PEFT prefix-tuning adapter of the three parts
+        from fedsplit.recipes.prefix_network import save_final_prefix
+
+        save_final_prefix(parts, out / "adapters", cfg.model.name)
+    else:
+        _save_final_adapters(parts, out / "adapters", cfg.model.name)
     log.info("run complete: %d rounds; adapters in %s", result.rounds_completed, out / "adapters")
     report_run(out, f"federated split fine-tuning of {cfg.model.name}")  # table, summary event, loss.png
     return 0

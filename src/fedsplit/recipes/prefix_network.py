@@ -1,0 +1,43 @@
+"""P-tuning v2 over the network (FL-GLM, arXiv 2406.14898, Sec. 3): the parts each party builds and
+what the server saves at the end (docs/ptuning.md).
+
+``fedsplit server`` builds the trunk with its prefixes (they train there, in the trunk server's
+optimizer, and never leave it) plus the global head/tail prefixes it averages; ``fedsplit client``
+builds its head and tail with their prefixes. Every part's prefixes are initialized from the run seed
+(part ``i``: ``seed + i``), so the server's global head/tail prefixes and every client's start equal.
+The FedAvg payload (``client_adapters(head, tail)``) carries the head/tail prefixes like LoRA weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedsplit.split import SplitParts
+
+
+def build_prefix_parts(cfg: Any, role: str) -> tuple[object, SplitParts]:
+    """(tokenizer, parts) of ``role`` (``"client"``: head + tail; ``"server"``: trunk, with the global
+    head/tail prefixes on parts whose weights it does not read) with ``cfg.method.num_virtual_tokens``
+    prefixes on every block of the parts that role trains or aggregates."""
+    from fedsplit.models.partial import PARTS, ROLE_ADAPTERS, ROLES, load_parts
+    from fedsplit.split.prefix import add_prefix
+
+    if role not in ROLES:
+        raise ValueError(f"role: expected one of {', '.join(ROLES)}, got {role!r}")
+    if cfg.server.mode == "hierarchical":
+        raise ValueError("method.name = 'prefix': server.mode = 'hierarchical' is not supported "
+                         "(its sub-servers build LoRA trunks); use client-serial or client-batch")
+    tokenizer, parts = load_parts(cfg.model.name, cfg.model.head_layers, cfg.model.tail_layers, hold=ROLES[role])
+    for index, name in enumerate(PARTS):
+        if name in ROLE_ADAPTERS[role]:
+            add_prefix(getattr(parts, name), cfg.method.num_virtual_tokens, seed=cfg.train.seed + index)
+    return tokenizer, parts
+
+
+def save_final_prefix(parts: SplitParts, out: Path, base_model: str) -> Path:
+    """The run's one PEFT prefix-tuning adapter (all three parts' prefixes) under ``out/prefix``: what
+    ``peft.PeftModel.from_pretrained(model, out / "prefix")`` loads on the unsplit model."""
+    from fedsplit.split.prefix import save_prefix_adapter
+
+    return save_prefix_adapter(list(parts), out / "prefix", base_model=base_model)
