@@ -15,13 +15,9 @@ empty, so the mask is sized against the part's own first block of each attention
 
 from __future__ import annotations
 
-import functools
-import inspect
-from typing import Any
-
 import torch
 
-from fedsplit.split.parts import SplitPart, _cache_argument
+from fedsplit.split.parts import SplitPart
 
 
 class CacheError(ValueError):
@@ -36,7 +32,6 @@ class PartCache:
 
         self.cache = DynamicCache(config=part.config)
         self.mask: torch.Tensor | None = None  # (B, L) bool: the padding mask of every cached position
-        self.first_layer = {kind: part.start + i for i, kind in reversed(list(enumerate(part._kinds)))}
 
     @property
     def length(self) -> int:
@@ -62,43 +57,12 @@ class PartCache:
         return torch.ones(self.batch, 1, dtype=torch.bool)
 
 
-@functools.cache
-def _takes_layer_idx(builder: Any) -> bool:
-    return "layer_idx" in inspect.signature(builder).parameters
-
-
-def _cached_masks(part: SplitPart, state: PartCache, hidden: torch.Tensor, full_mask: torch.Tensor,
-                  position_ids: torch.Tensor) -> dict[str, Any]:
-    """The 4-D mask of each attention kind in ``part``, sized by the cache (before this call fills it)."""
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-    from fedsplit.split.arch import FULL, SLIDING
-
-    builders = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
-    masks = {}
-    for kind, layer in state.first_layer.items():
-        builder = builders[kind]
-        if not _takes_layer_idx(builder):
-            raise CacheError("split generation needs transformers' mask builders with a layer_idx argument (>= 5.2)")
-        masks[kind] = builder(config=part.config, inputs_embeds=hidden, attention_mask=full_mask,
-                              position_ids=position_ids, layer_idx=layer,
-                              **{_cache_argument(create_causal_mask): state.cache})
-    return masks
-
-
 def run_blocks_cached(part: SplitPart, hidden: torch.Tensor, new_mask: torch.Tensor, position_ids: torch.Tensor,
                       state: PartCache) -> torch.Tensor:
     """``part.run_blocks`` for new positions ``(B, t, H)`` on top of ``state``'s cache, which it extends."""
     full_mask = state.extend(new_mask)  # (B, L + t)
-    masks = _cached_masks(part, state, hidden, full_mask, position_ids)
-    extra: dict[str, Any] = {"position_ids": position_ids, "use_cache": True,
-                             _cache_argument(type(part._blocks[0]).forward): state.cache}
-    if part._rotary is not None:
-        extra["position_embeddings"] = part._rotary(hidden, position_ids)  # (cos, sin), each (B, t, d)
-    for block, kind in zip(part._blocks, part._kinds, strict=True):
-        out = block(hidden, attention_mask=masks[kind], **extra)
-        hidden = out[0] if isinstance(out, tuple) else out  # (B, t, H)
-    return hidden
+    masks = part.cache_masks(state.cache, hidden, full_mask, position_ids)  # sized before this call fills it
+    return part.run_layers(hidden, masks, position_ids, cache=state.cache)  # (B, t, H)
 
 
 def head_cached(head: SplitPart, input_ids: torch.Tensor, new_mask: torch.Tensor, position_ids: torch.Tensor,

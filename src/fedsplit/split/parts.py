@@ -79,6 +79,11 @@ def _cache_argument(builder: Any) -> str:
     return "cache" if "cache" in inspect.signature(builder).parameters else "past_key_values"
 
 
+@functools.cache
+def _takes_layer_idx(builder: Any) -> bool:
+    return "layer_idx" in inspect.signature(builder).parameters
+
+
 class SplitPart(nn.Module):
     """Shared machinery: a contiguous run of decoder blocks and how to call them."""
 
@@ -109,13 +114,42 @@ class SplitPart(nn.Module):
             prefixed: torch.Tensor = prefix(self, hidden, attention_mask, position_ids)
             return prefixed
         masks = _build_masks(self.config, set(self._kinds), hidden, attention_mask, position_ids)
+        return self.run_layers(hidden, masks, position_ids)
+
+    def run_layers(
+        self, hidden: torch.Tensor, masks: dict[str, Any], position_ids: torch.Tensor, cache: Any = None
+    ) -> torch.Tensor:
+        """The blocks over ``hidden`` (B, T, H) with a 4-D mask per attention kind; ``cache`` (a
+        transformers ``Cache``, e.g. generation's or the P-tuning prefixes') is read and extended."""
         extra: dict[str, Any] = {"position_ids": position_ids}
+        if cache is not None:
+            extra.update({"use_cache": True, _cache_argument(type(self._blocks[0]).forward): cache})
         if self._rotary is not None:
             extra["position_embeddings"] = self._rotary(hidden, position_ids)  # (cos, sin), each (B, T, d)
-        for block, kind in zip(self._blocks, self._kinds, strict=False):
+        for block, kind in zip(self._blocks, self._kinds, strict=True):
             out = block(hidden, attention_mask=masks[kind], **extra)
             hidden = out[0] if isinstance(out, tuple) else out  # (B, T, H)
         return hidden
+
+    def cache_masks(
+        self, cache: Any, hidden: torch.Tensor, full_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> dict[str, Any]:
+        """The 4-D mask of each attention kind over what ``cache`` holds plus ``hidden``'s positions.
+
+        ``full_mask`` is the 2-D mask of both ``(B, L + T)``. The cache is indexed by global layer
+        numbers and a part fills only its own layers, so each mask is sized against the part's
+        first block of that kind (transformers' builders take its ``layer_idx``).
+        """
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        builders = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
+        first = {kind: self.start + i for i, kind in reversed(list(enumerate(self._kinds)))}
+        if not all(_takes_layer_idx(builders[kind]) for kind in first):
+            raise SplitError("a part with a cache needs transformers' mask builders with a layer_idx argument (>= 5.2)")
+        return {kind: builders[kind](config=self.config, inputs_embeds=hidden, attention_mask=full_mask,
+                                     position_ids=position_ids, layer_idx=layer,
+                                     **{_cache_argument(create_causal_mask): cache})
+                for kind, layer in first.items()}
 
 
 class Head(SplitPart):

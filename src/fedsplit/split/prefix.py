@@ -30,8 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedsplit.split.arch import FULL, SLIDING
-from fedsplit.split.parts import SplitPart, _cache_argument
+from fedsplit.split.parts import SplitPart
 
 PREFIX_MODULE = "prefix_tuning"
 
@@ -113,19 +112,6 @@ def add_part_prefixes(parts: Sequence[SplitPart], num_virtual_tokens: int, *, se
         add_prefix(part, num_virtual_tokens, seed=seed + index)
 
 
-def _masks(part: SplitPart, cache: Any, hidden: torch.Tensor, full_mask: torch.Tensor,
-           position_ids: torch.Tensor) -> dict[str, Any]:
-    """The 4-D mask of each attention kind in ``part``, sized against its first block of that kind."""
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-    builders = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
-    first = {kind: part.start + i for i, kind in reversed(list(enumerate(part._kinds)))}
-    return {kind: builders[kind](config=part.config, inputs_embeds=hidden, attention_mask=full_mask,
-                                 position_ids=position_ids, layer_idx=layer,
-                                 **{_cache_argument(create_causal_mask): cache})
-            for kind, layer in first.items()}
-
-
 def run_prefixed(part: SplitPart, hidden: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor) -> torch.Tensor:
     """``part.run_blocks`` with the prefixes prepended to every block's keys and values (PEFT's way)."""
@@ -141,15 +127,8 @@ def run_prefixed(part: SplitPart, hidden: torch.Tensor, attention_mask: torch.Te
     ones = torch.ones(batch, width, dtype=attention_mask.dtype, device=attention_mask.device)
     full_mask = torch.cat([ones, attention_mask], dim=1)  # (B, P + T)
     positions = position_ids + width  # PEFT offsets the real tokens' positions by P
-    masks = _masks(part, cache, hidden, full_mask, positions)
-    extra: dict[str, Any] = {"position_ids": positions, "use_cache": True,
-                             _cache_argument(type(part._blocks[0]).forward): cache}
-    if part._rotary is not None:
-        extra["position_embeddings"] = part._rotary(hidden, positions)  # (cos, sin), each (B, T, d)
-    for block, kind in zip(part._blocks, part._kinds, strict=True):
-        out = block(hidden, attention_mask=masks[kind], **extra)
-        hidden = out[0] if isinstance(out, tuple) else out  # (B, T, H)
-    return hidden
+    masks = part.cache_masks(cache, hidden, full_mask, positions)
+    return part.run_layers(hidden, masks, positions, cache=cache)  # (B, T, H)
 
 
 # -- the PEFT prefix-tuning layout (unsplit reference, export) ----------------------------------------
