@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from fedsplit.channel import Channel, Handler, InProcessTransport, ServerSession
+from fedsplit.channel import Channel, Handler, InProcessTransport, RemoteError, ServerSession
 from fedsplit.client.runner import Backoff, ClientRunner, RunnerResult, client_adapters
 from fedsplit.metrics import MetricsWriter
 from fedsplit.protocol import decode_named, pb
@@ -159,6 +159,27 @@ class Federation:
         if errors:
             raise AssertionError(f"clients failed: {errors}") from next(iter(errors.values()))
         return result
+
+    def run_probing(self, probe: Callable[[], None]) -> list[str]:
+        """:meth:`run`, while another thread calls ``probe`` over and over; the refusals it got."""
+        refused: list[str] = []
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                try:
+                    probe()
+                except RemoteError as exc:
+                    refused.append(str(exc))
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            self.run()
+        finally:
+            stop.set()
+            watcher.join(10)
+        return refused
 
 
 def make_federation(

@@ -6,8 +6,6 @@ and see 31 distinct trunk states for 32 honest steps.
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
@@ -27,23 +25,14 @@ def test_a_spy_outside_the_round_sees_no_trunk_state_from_inside_the_round():
     # Arrange: "spy" is admitted but takes no part; "a" trains 8 steps over 2 rounds.
     fed = make_federation(["a", "spy"], num_rounds=2, local_steps=4, runners_for=["a"], min_clients=1, join_grace_s=0.0)
     spy = fed.connector("spy")()
-    seen, refused, stop = set(), [], threading.Event()
+    seen = set()
 
-    def watch():
-        while not stop.is_set():
-            try:
-                reply = spy.call(pb.FORWARD, _eval_request())
-                seen.add(decode_tensor(reply.hidden, "h").sum().item())
-            except RemoteError as exc:
-                refused.append(str(exc))
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
+    def probe():
+        reply = spy.call(pb.FORWARD, _eval_request())
+        seen.add(decode_tensor(reply.hidden, "h").sum().item())
 
     # Act
-    fed.run()
-    stop.set()
-    watcher.join(10)
+    refused = fed.run_probing(probe)
 
     # Assert: at most the states between rounds (initial, after round 1, after round 2), never a mid-round one.
     assert len(seen) <= 3, f"the spy saw {len(seen)} distinct trunk states"

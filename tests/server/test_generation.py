@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
@@ -117,21 +115,12 @@ def test_the_coordinator_serves_generation_between_rounds_only_and_a_round_makes
     attach_generation(fed.coordinator)
     spy = fed.connector("spy")()
     prefill(spy, 1)  # before the first round: served
-    refused, stop = [], threading.Event()
 
-    def watch():
-        while not stop.is_set():
-            try:
-                spy.call(pb.GENERATE_END, pb.GenerateEnd(request_id=2))
-                prefill(spy, 2)
-            except RemoteError as exc:
-                refused.append(str(exc))
+    def probe():
+        spy.call(pb.GENERATE_END, pb.GenerateEnd(request_id=2))
+        prefill(spy, 2)
 
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    fed.run()
-    stop.set()
-    watcher.join(10)
+    refused = fed.run_probing(probe)
 
     assert any("generation is served between rounds only" in r for r in refused)
     with pytest.raises(RemoteError, match="no longer matches the trunk adapters"):
