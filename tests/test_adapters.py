@@ -23,15 +23,10 @@ from fedsplit.adapters import (
 from fedsplit.models import load_model
 from fedsplit.split import positions_from_mask, split_model
 
+from tiny import randomize_adapters
+
 SETTINGS = [LoraSettings(r=4), LoraSettings(r=8, alpha=8, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")),
             LoraSettings(r=2, alpha=4)]
-
-
-def _randomize(parts) -> None:
-    with torch.no_grad():  # LoRA B starts at zero; make every adapter matter
-        for part in parts:
-            for p in trainable_parameters(part):
-                p.normal_(0, 0.5)
 
 
 def _batch():
@@ -48,7 +43,7 @@ def test_merged_part_adapters_reproduce_split_outputs_in_one_peft_model(tmp_path
     parts = split_model(model, 2, 1)
     settings = SETTINGS if name != "tiny-gpt2" else [LoraSettings(r=4), LoraSettings(r=8), LoraSettings(r=2)]
     add_part_adapters(parts, settings, seed=0)
-    _randomize(parts)
+    randomize_adapters(parts, 0.5)
     ids, mask, pos = _batch()
     split_logits = parts.tail(parts.trunk(parts.head(ids, mask, pos), mask, pos), mask, pos)
 
@@ -79,7 +74,7 @@ def test_part_adapter_round_trips_through_files(tmp_path, tiny_llama):
     model, _ = tiny_llama
     parts = split_model(model, 2, 1)
     add_part_adapters(parts, SETTINGS, seed=0)
-    _randomize(parts)
+    randomize_adapters(parts, 0.5)
     before = adapter_state_dict(parts.head)
     save_adapter(parts.head, tmp_path / "head")
     with torch.no_grad():

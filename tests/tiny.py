@@ -38,6 +38,17 @@ def build_model(seed: int = 0) -> tuple[torch.nn.Module, SplitParts]:
     return model, parts
 
 
+def randomize_adapters(parts, std: float) -> None:
+    """Every adapter weight of ``parts`` drawn from N(0, std) (global torch RNG): PEFT starts LoRA's B
+    at zero, so without this the adapters would change nothing a test could see."""
+    from fedsplit.adapters import trainable_parameters
+
+    with torch.no_grad():
+        for part in parts:
+            for param in trainable_parameters(part):
+                param.normal_(0, std)
+
+
 def token_batches(count: int, batch_size: int, seed: int, length: int = 12) -> list[dict[str, Tensor]]:
     """``count`` random batches of tiny-llama tokens, the last 3 positions of row 0 right-padded."""
     g = torch.Generator().manual_seed(seed)

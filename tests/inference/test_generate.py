@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedsplit.adapters import LoraSettings, add_part_adapters, merge_adapters, trainable_parameters
+from fedsplit.adapters import LoraSettings, add_part_adapters, merge_adapters
 from fedsplit.inference import (
     GenerationError,
     LocalTrunk,
@@ -19,6 +19,8 @@ from fedsplit.inference import (
 from fedsplit.models import TINY_MODELS, load_model
 from fedsplit.split import split_model
 
+from tiny import randomize_adapters
+
 NEW = 24  # > the tiny models' sliding window of 8: the window is exercised while decoding
 
 
@@ -29,10 +31,7 @@ def adapted_parts(name: str, tmp_path, head: int = 2, tail: int = 1):
     parts = split_model(model, head, tail)
     targets = ("c_attn",) if name == "tiny-gpt2" else ("q_proj", "v_proj")
     add_part_adapters(parts, [LoraSettings(r=4, target_modules=targets)] * 3, seed=0)
-    with torch.no_grad():
-        for part in parts:
-            for p in trainable_parameters(part):
-                p.normal_(0, 0.3)
+    randomize_adapters(parts, 0.3)
     merge_adapters(list(parts), tmp_path / "merged", base_model=name)
     unsplit = PeftModel.from_pretrained(base, str(tmp_path / "merged")).eval()
     return parts, unsplit, tokenizer
@@ -177,10 +176,7 @@ def test_smollm2_greedy_answer_equals_unsplit_generate_with_merged_adapters(tmp_
         pytest.skip(f"SmolLM2 not in the local cache: {exc}")
     parts = split_model(model, 2, 2)
     add_part_adapters(parts, [LoraSettings(r=4)] * 3, seed=0)
-    with torch.no_grad():
-        for part in parts:
-            for p in trainable_parameters(part):
-                p.normal_(0, 0.02)
+    randomize_adapters(parts, 0.02)
     merge_adapters(list(parts), tmp_path / "merged", base_model="smollm2-135m")
     unsplit = PeftModel.from_pretrained(base, str(tmp_path / "merged")).eval()
     generator = SplitGenerator(parts.head, parts.tail, LocalTrunk(parts.trunk), tokenizer, eos_token_ids=())

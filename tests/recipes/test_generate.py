@@ -8,12 +8,14 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedsplit.adapters import LoraSettings, add_part_adapters, merge_adapters, save_adapter, trainable_parameters
+from fedsplit.adapters import LoraSettings, add_part_adapters, merge_adapters, save_adapter
 from fedsplit.cli import main
 from fedsplit.inference import SamplingSettings
 from fedsplit.models import load_model
 from fedsplit.recipes.generate import GenerateJob, run_generate_local
 from fedsplit.split import split_model
+
+from tiny import randomize_adapters
 
 
 @pytest.fixture
@@ -22,10 +24,7 @@ def run_dir(tmp_path):
     model, _ = load_model("tiny-llama")
     parts = split_model(model, 2, 1)
     add_part_adapters(parts, [LoraSettings(r=4)] * 3, seed=0)
-    with torch.no_grad():
-        for part in parts:
-            for p in trainable_parameters(part):
-                p.normal_(0, 0.3)
+    randomize_adapters(parts, 0.3)
     for name in ("head", "trunk", "tail"):
         save_adapter(getattr(parts, name), tmp_path / "adapters" / name, base_model="tiny-llama")
     merge_adapters(list(parts), tmp_path / "adapters" / "merged", base_model="tiny-llama")
