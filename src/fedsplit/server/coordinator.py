@@ -454,7 +454,9 @@ class RoundCoordinator:
 
     # -- JOIN_ROUND -----------------------------------------------------------------------------
     def _join(self, client_id: str, kind: int, round: int, step: int, request: pb.JoinRound) -> pb.RoundPlan:
-        report = read_data_report(client_id, request, self.config.contract_hash)  # counts only; {} if none
+        # The first report fixes the client's weight; later joins (polls) change nothing, so only it is read.
+        first = client_id not in self._data_reports
+        report = read_data_report(client_id, request, self.config.contract_hash) if first else None
         with self._cond:
             weight = record_data_report(self._data_reports, client_id, int(request.num_examples),
                                         self.config.max_examples_per_client)

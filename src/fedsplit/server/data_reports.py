@@ -17,25 +17,23 @@ from fedsplit.protocol import ProtocolError, pb
 log = logging.getLogger(__name__)
 
 
-def read_data_report(client_id: str, request: pb.JoinRound, contract_hash: str = "") -> dict[str, Any]:
-    """The checked report of ``request`` as JSON-ready numbers (``{}`` when the client sent none).
+def read_data_report(client_id: str, request: pb.JoinRound, contract_hash: str = "") -> DataReport | None:
+    """The checked report of ``request`` (``None`` when the client sent none).
 
     A malformed report, or one validated against another contract, is refused with ``BAD_REQUEST``.
     """
     if not request.HasField("data_report"):
-        return {}
+        return None
     try:
-        report = report_from_message(request.data_report, contract_hash=contract_hash)
+        return report_from_message(request.data_report, contract_hash=contract_hash)
     except ContractError as exc:
         raise ProtocolError(f"JoinRound: client {client_id}: {exc}", code=pb.BAD_REQUEST) from None
-    return report.to_dict()
 
 
-def announce_data_report(client_id: str, weight: int, report: dict[str, Any]) -> dict[str, Any]:
+def announce_data_report(client_id: str, weight: int, report: DataReport | None) -> dict[str, Any]:
     """Log the lobby line of a client's first report; the fields for the ``data_report`` metrics event."""
-    if not report:
+    if report is None:
         log.info("lobby: client %s joined with %d examples (no data report)", client_id, weight)
         return {}
-    line = describe_report(DataReport.from_dict(report))
-    log.info("lobby: client %s joined: %s; FedAvg weight %d", client_id, line, weight)
-    return {"data": report}
+    log.info("lobby: client %s joined: %s; FedAvg weight %d", client_id, describe_report(report), weight)
+    return {"data": report.to_dict()}
