@@ -105,6 +105,8 @@ class EvalConfig:
     federated: bool = field(default=True, metadata={"help": "network runs: after each round its clients score the new "
                                                     "global parts on their own held-out data (docs/quality.md)"})
     federated_timeout_s: float = field(default=600.0, metadata={"help": "longest wait for the clients' evaluations"})
+    federated_zero_shot: bool = field(default=True, metadata={"help": "network runs: the clients also score the "
+                                                              "starting parts before round 1 (round 0, zero-shot)"})
     federated_generate: bool = field(default=False, metadata={"help": "federated evaluation also generates (ROUGE, "
                                                               "exact match): one FORWARD per new token, slow"})
 

@@ -44,6 +44,8 @@ def test_evaluation_and_audit_follow_the_configuration(tmp_path):
     assert federated_eval_config(off).enabled is False
     server = federated_eval_config(cfg)
     assert server.enabled and server.max_examples == cfg.data.max_eval_examples
+    assert server.baseline and not federated_eval_config(replace(cfg, eval=replace(cfg.eval,
+                                                                 federated_zero_shot=False))).baseline
     assert server.max_length == cfg.train.max_length
     audit = client_audit(audited)
     assert (audit.samples, audit.noise_std) == (2, 0.5) and isinstance(audit.inverter, RidgeInverter)
@@ -76,8 +78,10 @@ def test_simulate_ends_with_the_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| zero-shot" in out and "| federated split (final)" in out and "audit NN" in out
     (summary,) = read_metrics(tmp_path / "metrics.jsonl", "summary")
-    (row,) = summary["rounds"]
-    assert row["examples"] == 8
-    # the federated evaluation through the split equals the merged adapter's held-out loss, scored centrally
+    zero_shot, row = summary["rounds"]
+    assert zero_shot["examples"] == row["examples"] == 8
+    # the federated evaluation through the split equals the held-out loss scored centrally: of the base
+    # model at round 0, of the merged adapter after the last round
+    assert zero_shot["heldout_loss"] == pytest.approx(summary["comparison"]["zero-shot"]["loss"], abs=1e-4)
     assert row["heldout_loss"] == pytest.approx(summary["comparison"]["federated split (final)"]["loss"], abs=1e-4)
     assert (tmp_path / "loss.png").is_file() and (tmp_path / "server" / "loss.png").is_file()

@@ -52,6 +52,7 @@ def _federation(tmp_path, tokenizer, sizes: dict[str, int], rounds: int = 2):
 
 def test_the_evaluating_stage_sits_between_aggregating_and_the_next_round():
     assert RoundStage.EVALUATING in ROUND_NEXT[RoundStage.AGGREGATING]
+    assert RoundStage.EVALUATING in ROUND_NEXT[RoundStage.WAITING_FOR_CLIENTS]  # round 0, before any training
     assert ROUND_NEXT[RoundStage.EVALUATING] == {RoundStage.WAITING_FOR_CLIENTS, RoundStage.DONE, RoundStage.FAILED}
 
 
@@ -63,9 +64,9 @@ def test_federated_evaluation_is_the_example_weighted_pool_of_the_clients_and_th
     result = fed.run(timeout=120)
     metrics.close()
 
-    # Assert: one record per round, pooling exactly what each client computed
+    # Assert: one record per round (round 0: the starting parts), pooling exactly what each client computed
     records = read_metrics(tmp_path / "metrics.jsonl", "federated_eval")
-    assert [r["round"] for r in records] == [1, 2]
+    assert [r["round"] for r in records] == [0, 1, 2]
     for record in records:
         clients, pooled = record["clients"], record["aggregate"]
         assert set(clients) == {"a", "b"} and record["missing"] == []
@@ -78,8 +79,13 @@ def test_federated_evaluation_is_the_example_weighted_pool_of_the_clients_and_th
         weighted = (clients["a"]["loss"] * clients["a"]["tokens"] + clients["b"]["loss"] * clients["b"]["tokens"])
         assert pooled["loss"] == pytest.approx(weighted / tokens, rel=1e-12)
         assert pooled["perplexity"] == pytest.approx(math.exp(pooled["loss"]))
-    # ... and the last round's numbers are what the unsplit model with the final parts gives, client by client
+    # ... round 0 is the base model (fresh LoRA adapters change nothing): the zero-shot row
     model, parts = build_model()
+    with torch.no_grad():
+        base = local_metrics(unsplit_access(model.eval(), tokenizer), tokenizer, data["a"] + data["b"], SETTINGS)
+    assert records[0]["aggregate"]["loss"] == pytest.approx(base["loss"], abs=1e-4)
+    assert records[-1]["aggregate"]["loss"] < records[0]["aggregate"]["loss"]
+    # ... and the last round's numbers are what the unsplit model with the final parts gives, client by client
     load_client_adapters(parts.head, parts.tail, result.global_adapters)
     load_adapter_state_dict(parts.trunk, result.trunk_adapters)
     model.eval()
@@ -109,7 +115,7 @@ def test_a_lying_report_is_refused_and_the_round_goes_on(tmp_path, tokenizer):
 
     assert result.rounds_completed == 2
     refused = read_metrics(tmp_path / "metrics.jsonl", "eval_refused")
-    assert [(r["round"], r["client"]) for r in refused] == [(1, "liar"), (2, "liar")]
+    assert [(r["round"], r["client"]) for r in refused] == [(0, "liar"), (1, "liar"), (2, "liar")]
     assert "finite" in refused[0]["reason"]
     for record in read_metrics(tmp_path / "metrics.jsonl", "federated_eval"):
         assert list(record["clients"]) == ["honest"] and record["missing"] == ["liar"]
@@ -193,7 +199,8 @@ def test_a_run_ends_with_a_table_a_summary_and_a_loss_plot(tmp_path, tokenizer):
     table = report["table"]
     assert table[0].split("|")[1:-1] == [" round ", " clients ", " train loss ", " held-out loss ", " examples ",
                                          " audit NN "]
-    assert [row["round"] for row in report["rounds"]] == [1, 2]
+    assert [row["round"] for row in report["rounds"]] == [0, 1, 2]  # round 0: the starting parts, not trained
+    assert report["rounds"][0]["train_loss"] is None and report["rounds"][0]["clients"] == 2
     assert all(row["examples"] == 6 and row["heldout_loss"] > 0 for row in report["rounds"])
     assert any(line.startswith("| zero-shot") and "6.0000" in line for line in table)
     assert set(report["privacy_audit"]["clients"]) == {"a", "b"}
@@ -225,7 +232,8 @@ def test_classification_reports_pool_into_the_accuracy_and_macro_f1_of_all_examp
     metrics.close()
 
     # Assert: counts add up, macro-F1 comes from the summed matrix, and all of it is the unsplit model's
-    (record,) = read_metrics(tmp_path / "metrics.jsonl", "federated_eval")
+    zero_shot, record = read_metrics(tmp_path / "metrics.jsonl", "federated_eval")
+    assert (zero_shot["round"], record["round"]) == (0, 1)
     a, b, pooled = record["clients"]["a"], record["clients"]["b"], record["aggregate"]
     assert pooled["accuracy"] == pytest.approx((3 * a["accuracy"] + 4 * b["accuracy"]) / 7)
     assert sum(v for k, v in pooled.items() if k.startswith("cm.")) == 7
@@ -237,3 +245,16 @@ def test_classification_reports_pool_into_the_accuracy_and_macro_f1_of_all_examp
         central = local_metrics(unsplit_access(model.eval(), tokenizer), tokenizer, items, SETTINGS)
     assert pooled["accuracy"] == central["accuracy"]
     assert pooled["macro_f1"] == pytest.approx(central["macro_f1"])
+
+
+def test_without_the_baseline_the_first_evaluation_is_round_1(tmp_path, tokenizer):
+    metrics = MetricsWriter(tmp_path / "metrics.jsonl")
+    fed = make_federation(["a", "b"], num_rounds=1, local_steps=1, metrics=metrics,
+                          evaluation=FederatedEvalConfig(enabled=True, timeout_s=30.0, baseline=False))
+    for k, runner in enumerate(fed.runners.values()):
+        runner.evaluator = LocalEvaluator(tokenizer, _held_out(2, offset=k), SETTINGS)
+
+    fed.run(timeout=120)
+    metrics.close()
+
+    assert [r["round"] for r in read_metrics(tmp_path / "metrics.jsonl", "federated_eval")] == [1]

@@ -45,7 +45,7 @@ class SplitClient:
             raise ValueError(f"hidden_noise_std: expected >= 0, got {hidden_noise_std!r}")
         self.head, self.tail, self.channel, self.cfg = head, tail, channel, cfg
         self.total_steps = total_steps
-        self.hidden_noise_std = hidden_noise_std  # privacy: Gaussian noise on h_head sent in training
+        self.hidden_noise_std = hidden_noise_std  # privacy: Gaussian noise on every h_head sent (training, evaluation)
         self.wire_dtype = wire_dtype  # [wire] dtype of hidden states and gradients (None: as computed)
         self.params = trainable_parameters(head) + trainable_parameters(tail)
         self.optimizer = build_optimizer(self.params, cfg)
@@ -65,7 +65,7 @@ class SplitClient:
         """Head forward, then FORWARD to the server: (h_head (B, T, H), trunk output (B, T, H))."""
         with autocast(self.cfg):
             h_head = self.head(ids, mask, positions)  # (B, T, H) -> cut 1
-        sent = self._privatize(h_head) if train else h_head
+        sent = self._privatize(h_head)  # evaluation too: held-out text is as private as training text
         forward = pb.Forward(
             hidden=to_wire(sent, self.wire_dtype, "Forward.hidden"),
             attention_mask=encode_tensor(mask.bool()),

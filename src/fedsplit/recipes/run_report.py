@@ -31,6 +31,7 @@ def federated_eval_config(cfg: RunConfig):  # -> fedsplit.server.evaluation.Fede
     from fedsplit.server.evaluation import FederatedEvalConfig
 
     return FederatedEvalConfig(enabled=cfg.eval.federated, timeout_s=cfg.eval.federated_timeout_s,
+                               baseline=cfg.eval.federated_zero_shot,
                                max_examples=cfg.data.max_eval_examples, max_length=cfg.train.max_length)
 
 
@@ -114,10 +115,11 @@ def round_table(run_dir: Path) -> tuple[list[str], dict[str, Any]]:
     evals = {r["round"]: r for r in read_metrics(path, "federated_eval")}
     audits = read_metrics(path, "privacy_audit")
     rows = []
-    for number in sorted(ends):
+    for number in sorted(ends.keys() | ({0} & evals.keys())):  # round 0: the starting parts (zero-shot), if scored
         pooled = evals.get(number, {}).get("aggregate", {})
-        row = {"round": number, "clients": len(ends[number]["clients"]),
-               "train_loss": ends[number]["metrics"].get("loss"), "heldout_loss": pooled.get("loss"),
+        end = ends.get(number, {"clients": evals[number]["clients"], "metrics": {}})
+        row = {"round": number, "clients": len(end["clients"]),
+               "train_loss": end["metrics"].get("loss"), "heldout_loss": pooled.get("loss"),
                "examples": int(pooled.get("n", 0)), "accuracy": pooled.get("accuracy")}
         for attack in ("nearest_neighbour", "learned"):  # mean over the round's clients
             scores = [a[attack] for a in audits if a["round"] == number and attack in a]
@@ -173,7 +175,9 @@ def report_run(run_dir: Path, title: str, *, comparison: Mapping[str, Mapping[st
     held = [(r["round"], r["heldout_loss"]) for r in numbers["rounds"] if r["heldout_loss"] is not None]
     label = "held-out loss (federated evaluation)"
     zero_shot = (comparison or {}).get("zero-shot", {}).get("loss")
-    if held and zero_shot is not None:
+    if held and held[0][0] == 0:  # the federation scored the starting parts itself
+        label = "held-out loss (federated evaluation; round 0: zero-shot)"
+    elif held and zero_shot is not None:
         held.insert(0, (0, float(zero_shot)))
         label = "held-out loss (federated evaluation; round 0: zero-shot)"
     if held:

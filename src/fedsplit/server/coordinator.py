@@ -179,6 +179,8 @@ class RoundCoordinator:
         """Run every remaining round; returns when the last one is aggregated."""
         self._started = True
         try:
+            if self.completed_round == 0 and self._evaluation.baseline:  # round 0: the starting parts (zero-shot)
+                self._evaluate(0, self._wait_for_clients(1), [])
             while self.completed_round < self.config.num_rounds:
                 self._run_round(self.completed_round + 1)
             self._finish()
@@ -306,6 +308,8 @@ class RoundCoordinator:
     def _evaluate(self, number: int, clients: Sequence[str], results: list[ClientUpdate]) -> None:
         self._evaluation.log_audit(number, results)  # then federated evaluation, if on (server/evaluation.py)
         with self._cond:
+            if number == 0:  # before round 1: WAITING_FOR_CLIENTS -> EVALUATING
+                self._move(RoundStage.EVALUATING)
             if self._stage is RoundStage.EVALUATING:
                 self._evaluation.run(number, clients, self._global, self._sessions, self._check_not_stopping)
                 self._move(RoundStage.DONE if number == self.config.num_rounds else RoundStage.WAITING_FOR_CLIENTS)

@@ -61,6 +61,8 @@ class FederatedEvalConfig:
     enabled: bool = field(default=False, metadata={"help": "after each round the participants evaluate the new "
                                                    "global parts on their own held-out data"})
     timeout_s: float = field(default=600.0, metadata={"help": "the EVALUATING stage ends this long after it opened"})
+    baseline: bool = field(default=True, metadata={"help": "before round 1 the first lobby also scores the starting "
+                                                   "parts (round 0: zero-shot with fresh LoRA adapters)"})
     max_examples: int = field(default=0, metadata={"help": "most held-out examples a report may claim (0: the "
                                                    "client's data report)"})
     max_length: int = field(default=0, metadata={"help": "most scored tokens per example (0: unchecked)"})
@@ -146,6 +148,11 @@ class RoundEvaluation:
     @property
     def enabled(self) -> bool:
         return self.config.enabled
+
+    @property
+    def baseline(self) -> bool:
+        """Whether the first lobby scores the starting parts before round 1 (round 0)."""
+        return self.config.enabled and self.config.baseline
 
     # -- evaluation FORWARDs (lock not held) ---------------------------------------------------
     @contextlib.contextmanager

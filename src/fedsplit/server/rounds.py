@@ -52,7 +52,8 @@ class RoundStage(enum.Enum):
 
 
 ROUND_NEXT: dict[RoundStage, frozenset[RoundStage]] = {
-    RoundStage.WAITING_FOR_CLIENTS: frozenset({RoundStage.TRAINING, RoundStage.DONE, RoundStage.FAILED}),
+    RoundStage.WAITING_FOR_CLIENTS: frozenset({RoundStage.TRAINING, RoundStage.EVALUATING,  # round 0: baseline
+                                               RoundStage.DONE, RoundStage.FAILED}),
     RoundStage.TRAINING: frozenset({RoundStage.AGGREGATING, RoundStage.FAILED}),
     RoundStage.AGGREGATING: frozenset({RoundStage.WAITING_FOR_CLIENTS, RoundStage.EVALUATING, RoundStage.DONE,
                                        RoundStage.FAILED}),
