@@ -4,6 +4,7 @@ not interleave; when they do, a client's gradient is taken at the weights its FO
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from fedsplit.configio import load_config
 from fedsplit.protocol import ProtocolError, encode_tensor, pb
 from fedsplit.server import TrunkServer
 from fedsplit.server.trunk import commit_step
+from fedsplit.split import split_model
+from fedsplit.split.prefix import add_part_prefixes
 from fedsplit.train.config import TrainConfig
 
 from .federation import make_federation
@@ -249,12 +252,57 @@ def test_federation_with_ordered_turns_is_the_same_in_both_leases():
         assert torch.equal(passed.global_adapters[name], tensor), name
 
 
-def test_federation_with_pass_lease_and_semi_sync_rounds_completes():
-    fed = _lease_federation("pass", ordered_steps=False)
+class SlowBeforeBackward:
+    """A transport that waits ``delay_s`` before every BACKWARD leaves: the round trip inside a step."""
 
+    def __init__(self, inner, delay_s: float) -> None:
+        self.inner, self.delay_s = inner, delay_s
+
+    def exchange(self, frame: bytes) -> bytes:
+        if pb.Frame.FromString(frame).kind == pb.BACKWARD:
+            time.sleep(self.delay_s)
+        return self.inner.exchange(frame)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_semi_sync_rounds_with_pass_lease_serve_others_during_a_slow_round_trip():
+    # Arrange: turns off (semi_sync); "a" waits 0.4 s between each FORWARD and its BACKWARD
+    fed = _lease_federation("pass", ordered_steps=False)
+    fast_connect = fed.connector("a")
+
+    def slow_connect():
+        channel = fast_connect()
+        channel.transport = SlowBeforeBackward(channel.transport, 0.4)
+        return channel
+
+    fed.runners["a"].connect = slow_connect
+
+    # Act
     result = fed.run()
 
+    # Assert: every step of every client committed; b and c committed while a's steps were in flight
     assert [r["clients"] for r in result.history] == [["a", "b", "c"], ["a", "b", "c"]]
-    assert fed.coordinator.trunk.steps_taken == 2 * 2 * 3
-    assert sum(fed.coordinator.trunk.passes.staleness.values()) == 12
-    assert fed.coordinator.trunk.passes.in_flight() == []
+    trunk = fed.coordinator.trunk
+    assert trunk.steps_taken == 2 * 2 * 3 and sum(trunk.passes.staleness.values()) == 12
+    assert max(trunk.passes.staleness) >= 1 and trunk.passes.in_flight() == []
+
+
+def test_prefix_tuned_trunk_runs_its_snapshot_too(tiny_llama):
+    # Arrange: P-tuning v2 prefixes (ParameterDicts) are the trunk's trainable tensors
+    model, _ = tiny_llama
+    parts = split_model(model, 1, 1)
+    add_part_prefixes(parts, 3, seed=0)
+    step, passed = _server(parts.trunk, "step"), _server(parts.trunk, "pass")
+
+    # Act: b's step interleaves a's in "pass" only
+    replies = {lease: _full_step(server, "b", [1]) for lease, server in (("step", step), ("pass", passed))}
+    _forward(passed, "a", 2)
+    _full_step(passed, "b", [3])
+    _backward(passed, "a", 2)
+    _step(passed, "a")
+
+    # Assert: equal while not interleaved; the interleaved step did not touch the live prefixes' graph
+    assert replies["step"] == replies["pass"]
+    assert passed.steps_taken == 3 and passed.passes.staleness == {0: 2, 1: 1}
