@@ -13,6 +13,7 @@ from fedsplit.adapters import trainable_parameters
 from fedsplit.config import RunConfig, ServerConfig
 from fedsplit.configio import load_config
 from fedsplit.protocol import ProtocolError, encode_tensor, pb
+from fedsplit.recipes.network import make_trunk_server
 from fedsplit.server import TrunkServer
 from fedsplit.server.trunk import commit_step
 from fedsplit.split import split_model
@@ -232,7 +233,9 @@ def test_config_validation(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('[server]\ntrunk_lease = "pass"\n')
     assert RunConfig().server.trunk_lease == "step"
-    assert load_config(RunConfig, path).server.trunk_lease == "pass"
+    cfg = load_config(RunConfig, path)
+    assert cfg.server.trunk_lease == "pass"
+    assert make_trunk_server(cfg, build_model()[1]).passes is not None  # the network recipe passes it on
 
 
 def _lease_federation(lease: str, **settings):

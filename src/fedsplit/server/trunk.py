@@ -274,6 +274,9 @@ class TrunkServer:
 
     def end_round(self, round: int) -> None:
         """One trunk: nothing to reconcile at round end (the hierarchical router averages here)."""
+        if self.passes is not None:
+            log.info("round %d: trunk steps so far by staleness (other clients' commits in between): %s",
+                     round, dict(sorted(self.passes.staleness.items())))
 
     # -- the lease ----------------------------------------------------------------------------
     def _acquire(self, client_id: str) -> None:
