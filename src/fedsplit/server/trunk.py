@@ -251,7 +251,7 @@ class TrunkServer:
             self._release(client_id)
 
     def _commit_pass(self, client_id: str, request: pb.OptimizerStep) -> pb.OptimizerResult:
-        """"pass": commit the client's buffer; it is gone afterwards, whether the step was taken or refused."""
+        """OPTIMIZER_STEP with the "pass" lease: commit the client's buffer (gone afterwards, taken or refused)."""
         assert self.passes is not None
         buffer = self.passes.take(client_id)
         if buffer is None:
@@ -269,7 +269,7 @@ class TrunkServer:
         return result
 
     def _computing(self, client_id: str) -> AbstractContextManager[None]:
-        """"pass": hold the trunk while it computes; "step": the client holds its lease already."""
+        """With the "pass" lease, hold the trunk while it computes; with "step", the client holds its lease already."""
         return self.passes.hold(client_id) if self.passes is not None else nullcontext()
 
     def end_round(self, round: int) -> None:
