@@ -15,7 +15,9 @@ from fedsplit.configio import load_config
 from fedsplit.protocol import ProtocolError, encode_tensor, pb
 from fedsplit.recipes.network import make_trunk_server
 from fedsplit.server import TrunkServer
+from fedsplit.server.checkpoint import latest_checkpoint, load_checkpoint
 from fedsplit.server.trunk import commit_step
+from fedsplit.server.trunk_lease import LEASES
 from fedsplit.split import split_model
 from fedsplit.split.prefix import add_part_prefixes
 from fedsplit.train.config import TrainConfig
@@ -245,6 +247,11 @@ def _lease_federation(lease: str, **settings):
     return make_federation(["a", "b", "c"], num_rounds=2, local_steps=2, trunk_server=trunk_server, **settings)
 
 
+def _drop_second_forward(session, kind, count):
+    """c's first session breaks right after the trunk answered its second FORWARD: a step half done."""
+    return session == 1 and kind == pb.FORWARD and count == 2
+
+
 def test_federation_with_ordered_turns_is_the_same_in_both_leases():
     step = _lease_federation("step").run()
     passed = _lease_federation("pass").run()
@@ -309,3 +316,46 @@ def test_prefix_tuned_trunk_runs_its_snapshot_too(tiny_llama):
     # Assert: equal while not interleaved; the interleaved step did not touch the live prefixes' graph
     assert replies["step"] == replies["pass"]
     assert passed.steps_taken == 3 and passed.passes.staleness == {0: 2, 1: 1}
+
+
+def test_a_client_dropping_mid_step_is_handled_the_same_in_both_leases():
+    # Arrange: ordered turns (sync rounds); c drops mid-step in round 1 and is readmitted in round 2
+    runs = {lease: _lease_federation(lease, min_clients=2, drops={"c": _drop_second_forward}) for lease in LEASES}
+
+    # Act
+    results = {lease: fed.run() for lease, fed in runs.items()}
+
+    # Assert: the same rounds, the same trunk, the same aggregate, bit for bit
+    assert [(r["clients"], r["failures"]) for r in results["pass"].history] == [
+        (["a", "b"], ["c"]), (["a", "b", "c"], [])]
+    assert runs["pass"].coordinator.trunk.steps_taken == runs["step"].coordinator.trunk.steps_taken == 11
+    for name in ("trunk_adapters", "global_adapters"):
+        for key, tensor in getattr(results["step"], name).items():
+            assert torch.equal(getattr(results["pass"], name)[key], tensor), key
+
+
+def test_semi_sync_with_a_drop_checkpoints_committed_steps_only(tmp_path):
+    # Arrange: turns off; a slow round trip for a, so steps interleave; c drops mid-step in round 1
+    fed = _lease_federation("pass", min_clients=2, drops={"c": _drop_second_forward}, ordered_steps=False,
+                            checkpoint_dir=tmp_path)
+    fast_connect = fed.connector("a")
+
+    def slow_connect():
+        channel = fast_connect()
+        channel.transport = SlowBeforeBackward(channel.transport, 0.1)
+        return channel
+
+    fed.runners["a"].connect = slow_connect
+
+    # Act
+    result = fed.run()
+
+    # Assert: c's half step left nothing; the last checkpoint is the final trunk with its 11 committed steps
+    trunk = fed.coordinator.trunk
+    assert result.history[0]["failures"] == ["c"] and result.history[1]["clients"] == ["a", "b", "c"]
+    assert trunk.steps_taken == 11 and sum(trunk.passes.staleness.values()) == 11
+    assert trunk.passes.in_flight() == []
+    saved = load_checkpoint(latest_checkpoint(tmp_path))
+    assert saved.trunk.steps_taken == 11
+    for key, tensor in result.trunk_adapters.items():
+        assert torch.equal(saved.trunk.adapters[key], tensor), key
