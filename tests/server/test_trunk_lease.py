@@ -90,7 +90,7 @@ def _reference_grads(trunk: torch.nn.Module, seeds: list[int]) -> tuple[list[tor
 
 
 def _assert_same_state(a: TrunkServer, b: TrunkServer) -> None:
-    assert a.steps_taken == b.steps_taken
+    assert a.steps_taken == b.steps_taken and len(a.optimizer.state) == len(b.optimizer.state)
     for p, q in zip(a.params, b.params, strict=True):
         assert torch.equal(p, q) and p.grad is None and q.grad is None
     for p, q in zip(a.params, b.params, strict=True):
