@@ -133,8 +133,17 @@ class ServerConfig:
     deadline_s: float = field(default=300.0, metadata={"help": "client: longest wait for any reply"})
     threads: int = field(default=0, metadata={"help": "torch threads of the server process (0 = torch default)"})
     keep_checkpoints: int = field(default=3, metadata={"help": "round checkpoints kept on disk (0: all)"})
+    trunk_lease: Literal["step", "pass"] = field(
+        default="step", metadata={"help": "sequential mode: a client holds the trunk from FORWARD to OPTIMIZER_STEP "
+                                  "(step) or only while it computes, with its own gradient buffer (pass; see "
+                                  "docs/parallel.md)"}
+    )
 
     def __post_init__(self) -> None:
+        if self.trunk_lease not in ("step", "pass"):
+            raise ValueError(f"server.trunk_lease: expected step or pass, got {self.trunk_lease!r}")
+        if self.trunk_lease == "pass" and self.mode != "sequential":
+            raise ValueError(f"server.trunk_lease: pass needs mode = sequential, got mode = {self.mode!r}")
         if self.keep_checkpoints < 0:
             raise ValueError(f"server.keep_checkpoints: expected >= 0, got {self.keep_checkpoints}")
         if ":" not in self.address:

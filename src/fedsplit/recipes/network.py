@@ -107,7 +107,7 @@ def make_trunk_server(cfg: RunConfig, parts: SplitParts):
                                    wire_dtype=cfg.wire.torch_dtype())
     return TrunkServer(parts.trunk, cfg.train, trunk_total_steps(cfg), max_tokens=cfg.max_tokens,
                        max_abs=cfg.server.max_abs_value, lease_timeout_s=cfg.server.step_timeout_s,
-                       wire_dtype=cfg.wire.torch_dtype())
+                       wire_dtype=cfg.wire.torch_dtype(), lease=cfg.server.trunk_lease)
 
 
 # -- server --------------------------------------------------------------------------------------

@@ -1,8 +1,12 @@
 """The server's side of a split step: the trunk and its optimizer (FL-GLM, arXiv 2406.14898, Alg. 1).
 
-One :class:`TrunkServer` serves any number of client sessions. In sequential mode a client holds
-a *lease* on the trunk from its first training FORWARD until its OPTIMIZER_STEP, so the
-gradients the trunk accumulates belong to one client step only; other clients wait their turn.
+One :class:`TrunkServer` serves any number of client sessions. In sequential mode with
+``lease="step"`` (the default) a client holds a *lease* on the trunk from its first training
+FORWARD until its OPTIMIZER_STEP, so the gradients the trunk accumulates belong to one client step
+only; other clients wait their turn. With ``lease="pass"`` the trunk is held only while it computes
+and each client's step accumulates its gradient in its own buffer, at the weights its first FORWARD
+saw (:mod:`fedsplit.server.trunk_lease` states the exactness: equal to "step" bit for bit unless
+clients' steps interleave; asynchronous SGD with bounded staleness when they do).
 Everything that arrives is checked (dtype, shape, size, NaN/Inf, protocol state) and a bad
 request is answered with an error to that client alone.
 """
@@ -14,6 +18,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,6 +29,7 @@ from fedsplit.adapters import trainable_parameters
 from fedsplit.protocol import ProtocolError, decode_tensor, kind_name, pb
 from fedsplit.protocol.precision import from_wire, to_wire
 from fedsplit.server.checkpoint import TrunkHolder
+from fedsplit.server.trunk_lease import PassLease, check_lease
 from fedsplit.split.parts import Trunk
 from fedsplit.train.config import TrainConfig
 from fedsplit.train.optim import (
@@ -120,7 +126,9 @@ class TrunkServer:
         max_abs: float = 65504.0,
         lease_timeout_s: float = 120.0,
         wire_dtype: torch.dtype | None = None,
+        lease: str = "step",
     ) -> None:
+        check_lease(lease)
         if not max_abs > 0:
             raise ValueError(f"max_abs: expected > 0, got {max_abs}")
         self.trunk = trunk
@@ -139,6 +147,8 @@ class TrunkServer:
         self._pending: dict[str, _Pending] = {}
         self._owner: str | None = None
         self._cond = threading.Condition()
+        self.lease = lease  # "step": held from FORWARD to OPTIMIZER_STEP; "pass": per computation (trunk_lease.py)
+        self.passes = PassLease(trunk, self.params, lease_timeout_s) if lease == "pass" else None
 
     # -- dispatch -----------------------------------------------------------------------------
     def handle(self, client_id: str, kind: int, round: int, step: int, request: Message) -> Message:
@@ -185,12 +195,24 @@ class TrunkServer:
         if not request.train:
             with torch.no_grad(), autocast(self.cfg):
                 return pb.ForwardResult(hidden=self.encode_hidden(self.trunk(hidden, mask, positions)))
+        if self.passes is not None:  # "pass": hold the trunk for this FORWARD only, run the step's snapshot
+            with self.passes.hold(client_id):
+                return self._forward_train(client_id, hidden, mask, positions,
+                                           self.passes.weights(client_id, self.steps_taken))
         self._acquire(client_id)
+        return self._forward_train(client_id, hidden, mask, positions, None)
+
+    def _forward_train(self, client_id: str, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                       weights: dict[str, torch.Tensor] | None) -> pb.ForwardResult:
+        """Run the trunk for a training step with the live parameters, or with ``weights`` in their place."""
         if client_id in self._pending:
             raise ProtocolError("FORWARD again before BACKWARD of the previous step", code=pb.FAILED_PRECONDITION)
         inputs = hidden.requires_grad_()  # (B, T, H) leaf: its gradient is the reply to BACKWARD
         with autocast(self.cfg):
-            outputs = self.trunk(inputs, mask, positions)  # (B, T, H)
+            if weights is None:
+                outputs = self.trunk(inputs, mask, positions)  # (B, T, H)
+            else:  # the graph holds the snapshot, not the live parameters other clients' commits update
+                outputs = torch.func.functional_call(self.trunk, weights, (inputs, mask, positions))  # (B, T, H)
         reply = pb.ForwardResult(hidden=self.encode_hidden(outputs))  # before the step is pending: may not fit fp16
         self._pending[client_id] = _Pending(inputs, outputs)
         return reply
@@ -205,7 +227,8 @@ class TrunkServer:
             wire=self.wire_dtype,
         )
         del self._pending[client_id]
-        pending.outputs.backward(grad)
+        with self._computing(client_id):
+            pending.outputs.backward(grad)  # "pass": into the client's snapshot's .grad, its own buffer
         assert pending.inputs.grad is not None  # the inputs are a leaf that requires grad
         return pb.BackwardResult(grad=to_wire(pending.inputs.grad, self.wire_dtype, "BackwardResult.grad"))
 
@@ -214,6 +237,8 @@ class TrunkServer:
         return to_wire(outputs, self.wire_dtype, "ForwardResult.hidden")
 
     def optimizer_step(self, client_id: str, request: pb.OptimizerStep) -> pb.OptimizerResult:
+        if self.passes is not None:
+            return self._commit_pass(client_id, request)
         if self._owner != client_id:
             raise ProtocolError("OPTIMIZER_STEP without accumulated gradients", code=pb.FAILED_PRECONDITION)
         try:
@@ -225,8 +250,33 @@ class TrunkServer:
         finally:
             self._release(client_id)
 
+    def _commit_pass(self, client_id: str, request: pb.OptimizerStep) -> pb.OptimizerResult:
+        """OPTIMIZER_STEP with the "pass" lease: commit the client's buffer (gone afterwards, taken or refused)."""
+        assert self.passes is not None
+        buffer = self.passes.take(client_id)
+        if buffer is None:
+            raise ProtocolError("OPTIMIZER_STEP without accumulated gradients", code=pb.FAILED_PRECONDITION)
+        with self.passes.hold(client_id):
+            staleness = self.steps_taken - buffer.snapshot_step  # other clients' commits since its snapshot
+            try:
+                check_client_sq_norm(request.client_grad_sq_norm)
+                buffer.load_grads(self.params)
+                result = commit_step(self, request.client_grad_sq_norm)
+            except ProtocolError:
+                self.optimizer.zero_grad(set_to_none=True)  # the refused step is rolled back for this client only
+                raise
+            self.passes.staleness[staleness] += 1
+        return result
+
+    def _computing(self, client_id: str) -> AbstractContextManager[None]:
+        """With the "pass" lease, hold the trunk while it computes; with "step", the client holds its lease already."""
+        return self.passes.hold(client_id) if self.passes is not None else nullcontext()
+
     def end_round(self, round: int) -> None:
         """One trunk: nothing to reconcile at round end (the hierarchical router averages here)."""
+        if self.passes is not None:
+            log.info("round %d: trunk steps so far by staleness (other clients' commits in between): %s",
+                     round, dict(sorted(self.passes.staleness.items())))
 
     # -- the lease ----------------------------------------------------------------------------
     def _acquire(self, client_id: str) -> None:
@@ -250,6 +300,11 @@ class TrunkServer:
     def abort(self, client_id: str) -> bool:
         """Forget a client's partial step (it disconnected or timed out). Returns whether there was one."""
         had_pending = self._pending.pop(client_id, None) is not None
+        if self.passes is not None:  # its buffer never reached the live parameters: the others are unaffected
+            had_buffer = self.passes.discard(client_id)
+            if had_buffer:
+                log.warning("client %s: partial step discarded", client_id)
+            return had_pending or had_buffer
         with self._cond:
             owned = self._owner == client_id
         if owned:
