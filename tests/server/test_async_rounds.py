@@ -5,6 +5,7 @@ sends is bounded as in sync rounds."""
 from __future__ import annotations
 
 import copy
+import functools
 import threading
 import time
 
@@ -254,3 +255,50 @@ def test_async_needs_fedavg_weights_and_a_buffer_the_clients_can_fill():
         AsyncCoordinator(trunk, Median(plan=plan), parts, ["a", "b"], cfg, settings=AsyncSettings())
     with pytest.raises(ValueError, match=r"buffer_size: expected 2..2 \(the clients\), got 3"):
         AsyncCoordinator(trunk, plan, parts, ["a", "b"], cfg, settings=AsyncSettings(buffer_size=3))
+
+
+def test_over_grpc_a_client_behind_a_shaped_link_is_not_waited_for(tmp_path):
+    # Arrange: a real gRPC server (insecure: no TLS files; frames stay sealed); c dials it through a
+    # ShapingProxy adding 100 ms each way (handshake + a pass: >= 7 round trips, 1.4 s), a and b dial it directly
+    from fedsplit.protocol import PROTOCOL_VERSION
+    from fedsplit.security.handshake import HandshakeVerifier, hash_run_config
+    from fedsplit.security.identity import generate_identity
+    from fedsplit.transport.grpc_client import connect_grpc
+    from fedsplit.transport.grpc_server import GrpcServer
+    from fedsplit.transport.handshake import ClientCredentials, SessionFactory
+    from fedsplit.transport.shaping import LinkShape, shaped_address
+
+    metrics = MetricsWriter(tmp_path / "metrics.jsonl")
+    fed = make_async_federation(["a", "b", "c"], num_rounds=40, max_staleness=1000, metrics=metrics)
+    coordinator = fed.coordinator
+    server_key, config_hash = generate_identity(), hash_run_config({"test": "async"})
+    identities = {cid: generate_identity() for cid in "abc"}
+    verifier = HandshakeVerifier(server_key, {cid: key.public_key() for cid, key in identities.items()}, [],
+                                 int(PROTOCOL_VERSION), config_hash, run_id="test-run")
+    server = GrpcServer("127.0.0.1:0", SessionFactory(verifier, coordinator.handler_for, "test-run"), insecure=True,
+                        on_disconnect=coordinator.on_disconnect).start()
+    direct = f"127.0.0.1:{server.port}"
+    slow, _, proxy = shaped_address(direct, LinkShape(latency_ms=100, seed=1))
+    for cid, runner in fed.runners.items():
+        credentials = ClientCredentials(identities[cid], server_key.public_key(), cid, "test-run", config_hash)
+        runner.connect = functools.partial(connect_grpc, slow if cid == "c" else direct, credentials, insecure=True)
+
+    # Act
+    try:
+        with metrics:
+            result = fed.run(timeout=120)
+    finally:
+        server.stop(0)
+        if proxy is not None:
+            proxy.close()
+
+    # Assert: 40 rounds; the fast two made the first ones alone; c's updates came in stale and discounted
+    assert result.rounds_completed == 40
+    assert all(r["clients"] == ["a", "b"] for r in result.history[:2]), result.history[:3]
+    c_updates = [e for e in read_metrics(tmp_path / "metrics.jsonl", "client_update") if e["client"] == "c"]
+    assert c_updates and c_updates[0]["staleness"] >= 2, c_updates
+    for event in c_updates:
+        assert event["discount"] == pytest.approx((1 + event["staleness"]) ** -0.5)
+    rounds_with_c = [r["updates"]["c"]["staleness"] for r in result.history if "c" in r["clients"]]
+    assert [tau for taus in rounds_with_c for tau in taus] == [e["staleness"] for e in c_updates][:sum(map(len,
+                                                                                                rounds_with_c))]
