@@ -19,7 +19,7 @@ from fedsplit.protocol import decode_named, pb
 from fedsplit.server import TrunkServer
 from fedsplit.server.async_rounds import AsyncCoordinator
 from fedsplit.server.buffered import AsyncSettings
-from fedsplit.server.rounds import CoordinatorConfig, RoundStage
+from fedsplit.server.rounds import CoordinatorConfig, RoundFailedError, RoundStage
 from fedsplit.strategy import FedAvg, Median
 from fedsplit.train.config import TrainConfig
 
@@ -31,7 +31,7 @@ TRAIN = TrainConfig(lr=1e-2, schedule="constant", warmup_steps=0)
 
 def make_async_federation(client_ids, *, num_rounds: int, buffer_size: int = 2, max_staleness: int = 16,
                           max_share: float = 1.0, metrics: MetricsWriter | None = None,
-                          batch_sizes: dict[str, int] | None = None, **config) -> Federation:
+                          batch_sizes: dict[str, int] | None = None, checkpoint_dir=None, **config) -> Federation:
     _, server = build_model()
     trunk = TrunkServer(server.trunk, TRAIN, total_steps=100, lease_timeout_s=5.0)
     settings = dict(round_timeout_s=60.0, step_timeout_s=10.0, join_timeout_s=30.0, join_grace_s=0.5, poll_s=0.01,
@@ -41,7 +41,7 @@ def make_async_federation(client_ids, *, num_rounds: int, buffer_size: int = 2, 
         trunk, FedAvg(local_steps=1, lr=TRAIN.lr, max_share=max_share), client_adapters(server.head, server.tail),
         list(client_ids), CoordinatorConfig(num_rounds=num_rounds, **settings),
         settings=AsyncSettings(buffer_size=buffer_size, max_staleness=max_staleness), metrics=metrics,
-        run_id="test-run", config_hash="0" * 64,
+        checkpoint_dir=checkpoint_dir, run_id="test-run", config_hash="0" * 64,
     )
     fed = Federation(coordinator, {}, Recorder(), server, {})  # type: ignore[arg-type]
     for index, cid in enumerate(client_ids):
@@ -302,3 +302,36 @@ def test_over_grpc_a_client_behind_a_shaped_link_is_not_waited_for(tmp_path):
     rounds_with_c = [r["updates"]["c"]["staleness"] for r in result.history if "c" in r["clients"]]
     assert [tau for taus in rounds_with_c for tau in taus] == [e["staleness"] for e in c_updates][:sum(map(len,
                                                                                                 rounds_with_c))]
+
+
+def test_every_round_is_checkpointed_and_a_resumed_run_goes_on_from_the_last(tmp_path):
+    # Arrange: 2 rounds with checkpoints
+    from fedsplit.server.checkpoint import latest_checkpoint, load_checkpoint
+
+    fed = make_async_federation(["a", "b"], num_rounds=2, checkpoint_dir=tmp_path / "ckpt")
+    first = fed.run()
+    saved = load_checkpoint(latest_checkpoint(tmp_path / "ckpt"))
+
+    # Act: a new server for 3 rounds resumes from it
+    again = make_async_federation(["a", "b"], num_rounds=3)
+    again.coordinator.restore(saved)
+    resumed = again.run()
+
+    # Assert
+    assert saved.round == 2 and all(torch.equal(saved.global_adapters[k], v) for k, v in first.global_adapters.items())
+    assert saved.round_clients == ("a", "b") and sum(saved.client_steps.values()) >= 4
+    assert resumed.rounds_completed == 3 and [r["round"] for r in resumed.history] == [3]
+
+
+def test_the_run_fails_when_no_round_is_aggregated_within_the_round_timeout():
+    # Arrange: buffers of 2 but only a ever joins
+    fed = make_async_federation(["a", "b"], num_rounds=1, round_timeout_s=1.0, step_timeout_s=0.4, poll_s=0.01)
+    runner = fed.runners.pop("b")
+    assert runner.client_id == "b"
+
+    # Act / Assert
+    fed.start_clients()
+    fed.coordinator.start()
+    with pytest.raises(RoundFailedError, match="round 1: too few results"):
+        fed.coordinator.wait(20)
+    assert fed.coordinator.stage is RoundStage.FAILED
