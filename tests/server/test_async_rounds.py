@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import threading
 import time
 
@@ -15,7 +16,7 @@ import torch
 from fedsplit.channel import Channel
 from fedsplit.client.runner import ClientRunner, client_adapters
 from fedsplit.metrics import MetricsWriter, read_metrics
-from fedsplit.protocol import decode_named, pb
+from fedsplit.protocol import decode_named, encode_named, pb
 from fedsplit.server import TrunkServer
 from fedsplit.server.async_rounds import AsyncCoordinator
 from fedsplit.server.buffered import AsyncSettings
@@ -213,7 +214,19 @@ def test_an_update_past_max_staleness_is_refused_and_the_client_gets_fresh_parts
     assert "stale: trained on global parts 2 aggregations old, more than max_staleness = 1" in failure["reason"]
 
 
-def test_an_update_that_moved_too_far_is_refused_as_in_sync_rounds(tmp_path):
+def _move_far(update: pb.ClientUpdate) -> None:
+    tensors = {k: v + 1.0 for k, v in decode_named(update.adapters, "u").items()}
+    del update.adapters[:]
+    update.adapters.extend(encode_named(tensors))
+
+
+def _nan_loss(update: pb.ClientUpdate) -> None:
+    update.metrics["loss"] = math.nan
+
+
+@pytest.mark.parametrize(("poison", "reason"), [(_move_far, "(update_bound_factor)"),
+                                                (_nan_loss, "ClientUpdate.metrics: expected finite values")])
+def test_an_update_out_of_bounds_is_refused_as_in_sync_rounds(tmp_path, poison, reason):
     # Arrange: update_bound_factor 1: an element may move 1 x 1 step x lr 0.01
     metrics = MetricsWriter(tmp_path / "metrics.jsonl")
     fed = make_async_federation(["a", "b"], num_rounds=1, update_bound_factor=1.0, metrics=metrics)
@@ -221,19 +234,14 @@ def test_an_update_that_moved_too_far_is_refused_as_in_sync_rounds(tmp_path):
     a = Passes(fed, "a")
     with metrics:
         a.join()
-        runner = a.runner
-        original = runner._update
+        original = a.runner._update
 
         def poisoned(plan, steps, losses):
             update = original(plan, steps, losses)
-            tensors = {k: v + 1.0 for k, v in decode_named(update.adapters, "u").items()}
-            from fedsplit.protocol import encode_named
-
-            del update.adapters[:]
-            update.adapters.extend(encode_named(tensors))
+            poison(update)
             return update
 
-        runner._update = poisoned
+        a.runner._update = poisoned
 
         # Act
         lost = a.train()
@@ -242,7 +250,7 @@ def test_an_update_that_moved_too_far_is_refused_as_in_sync_rounds(tmp_path):
     # Assert
     assert lost == 1 and coordinator.history == []
     [failure] = read_metrics(tmp_path / "metrics.jsonl", "client_failed")
-    assert failure["reason"].startswith("update refused:") and "update_bound_factor" in failure["reason"]
+    assert failure["reason"].startswith("update refused:") and reason in failure["reason"]
 
 
 def test_async_needs_fedavg_weights_and_a_buffer_the_clients_can_fill():

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -508,6 +509,8 @@ class AsyncCoordinator:
         check_compatible(base, tensors, "ClientUpdate.adapters", against="global adapters", error=ProtocolError)
         if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
             raise ProtocolError("ClientUpdate.adapters: expected finite values, got NaN or Inf")
+        if not all(math.isfinite(value) for value in request.metrics.values()):
+            raise ProtocolError(f"ClientUpdate.metrics: expected finite values, got {dict(request.metrics)}")
         check_distance(tensors, base, local_steps=self._local_steps, lr=self._lr, factor=cfg.update_bound_factor,
                        max_norm=cfg.max_update_norm)
         examples = self._data_reports.get(client_id, int(request.num_examples))  # fixed at its first join
