@@ -32,7 +32,8 @@ TRAIN = TrainConfig(lr=1e-2, schedule="constant", warmup_steps=0)
 
 def make_async_federation(client_ids, *, num_rounds: int, buffer_size: int = 2, max_staleness: int = 16,
                           max_share: float = 1.0, metrics: MetricsWriter | None = None,
-                          batch_sizes: dict[str, int] | None = None, checkpoint_dir=None, **config) -> Federation:
+                          batch_sizes: dict[str, int] | None = None, checkpoint_dir=None, drops=None,
+                          **config) -> Federation:
     _, server = build_model()
     trunk = TrunkServer(server.trunk, TRAIN, total_steps=100, lease_timeout_s=5.0)
     settings = dict(round_timeout_s=60.0, step_timeout_s=10.0, join_timeout_s=30.0, join_grace_s=0.5, poll_s=0.01,
@@ -48,8 +49,8 @@ def make_async_federation(client_ids, *, num_rounds: int, buffer_size: int = 2, 
     for index, cid in enumerate(client_ids):
         parts = copy.deepcopy(server)  # the same initial weights, a model load saved per client
         batches = token_batches(2, (batch_sizes or {}).get(cid, 2), seed=100 + index)
-        fed.runners[cid] = ClientRunner(cid, parts.head, parts.tail, batches, TRAIN, fed.connector(cid),
-                                        backoff=FAST_BACKOFF)
+        fed.runners[cid] = ClientRunner(cid, parts.head, parts.tail, batches, TRAIN,
+                                        fed.connector(cid, (drops or {}).get(cid)), backoff=FAST_BACKOFF)
     return fed
 
 
@@ -344,3 +345,21 @@ def test_the_run_fails_when_no_round_is_aggregated_within_the_round_timeout():
     with pytest.raises(RoundFailedError, match="round 1: too few results"):
         fed.coordinator.wait(20)
     assert fed.coordinator.stage is RoundStage.FAILED
+
+
+def test_a_client_that_drops_mid_pass_loses_that_pass_only_and_trains_on_after_reconnecting(tmp_path):
+    # Arrange: b's first session breaks after its first BACKWARD (its trunk step half done)
+    metrics = MetricsWriter(tmp_path / "metrics.jsonl")
+    fed = make_async_federation(["a", "b"], num_rounds=4, metrics=metrics,
+                                drops={"b": lambda session, kind, count: session == 1 and kind == pb.BACKWARD})
+
+    # Act
+    with metrics:
+        result = fed.run()
+
+    # Assert: the pass was failed (its partial step discarded); b came back and every round had both
+    [failure] = [e for e in read_metrics(tmp_path / "metrics.jsonl", "client_failed") if e["round"] <= 4
+                 and "last round" not in e["reason"]]
+    assert (failure["client"], failure["reason"], failure["partial_step_discarded"]) == ("b", "disconnected", True)
+    assert result.rounds_completed == 4 and all(r["clients"] == ["a", "b"] for r in result.history)
+    assert fed.outcomes["b"].reconnects == 1
