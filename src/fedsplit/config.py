@@ -77,15 +77,33 @@ class FederationConfig:
                                                                "more than this x local_steps x lr (0: off)"})
     max_update_norm: float = field(default=0.0, metadata={"help": "refuse a client update farther than this (L2) "
                                                           "from the global parts (0: off)"})
-    round_mode: Literal["sync", "semi_sync"] = field(
+    round_mode: Literal["sync", "semi_sync", "async"] = field(
         default="sync", metadata={"help": "sync: a round waits for every participant (up to server.round_timeout_s); "
-                                          "semi_sync: it aggregates what arrived by round_deadline_s"})
+                                          "semi_sync: it aggregates what arrived by round_deadline_s; async: FedBuff, "
+                                          "clients never wait, every buffer_size clients' updates are one round"})
     round_deadline_s: float = field(default=0.0, metadata={"help": "semi_sync: seconds after a round's start at "
                                                            "which it aggregates (0: server.round_timeout_s)"})
+    buffer_size: int = field(default=2, metadata={"help": "async: distinct clients whose updates one aggregation "
+                                                  "(round) takes, 2..clients (FedBuff's K)"})
+    staleness_exponent: float = field(default=0.5, metadata={"help": "async: an update trained on parts tau rounds "
+                                                             "old counts (1 + tau)^-exponent (0.5: FedBuff)"})
+    max_staleness: int = field(default=16, metadata={"help": "async: refuse an update trained on parts more than "
+                                                     "this many rounds old"})
+    server_lr: float = field(default=1.0, metadata={"help": "async: the server's step on the buffered mean update "
+                                                    "(1: a buffer of fresh updates gives their FedAvg)"})
 
     def __post_init__(self) -> None:
-        if self.round_mode not in ("sync", "semi_sync"):
-            raise ValueError(f"federation.round_mode: expected sync or semi_sync, got {self.round_mode!r}")
+        if self.round_mode not in ("sync", "semi_sync", "async"):
+            raise ValueError(f"federation.round_mode: expected sync, semi_sync or async, got {self.round_mode!r}")
+        for key, least in (("buffer_size", 2), ("max_staleness", 0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"federation.{key}: expected an int >= {least}, got {value!r}")
+        if not (math.isfinite(self.staleness_exponent) and self.staleness_exponent >= 0):
+            raise ValueError(f"federation.staleness_exponent: expected a finite value >= 0, got "
+                             f"{self.staleness_exponent!r}")
+        if not (math.isfinite(self.server_lr) and self.server_lr > 0):
+            raise ValueError(f"federation.server_lr: expected a finite value > 0, got {self.server_lr!r}")
         if not (math.isfinite(self.round_deadline_s) and self.round_deadline_s >= 0):
             raise ValueError(f"federation.round_deadline_s: expected a finite value >= 0, got {self.round_deadline_s}")
         for key in ("rounds", "local_steps", "min_clients"):

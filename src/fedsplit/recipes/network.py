@@ -28,7 +28,7 @@ from fedsplit.metrics import MetricsWriter
 from fedsplit.models import load_model
 from fedsplit.recipes.common import encode, load_federated_data
 from fedsplit.recipes.own_data import own_client_batches, report_message
-from fedsplit.recipes.round_mode import round_timing
+from fedsplit.recipes.round_mode import check_async, make_coordinator, round_timing
 from fedsplit.recipes.run_report import (
     client_audit,
     client_evaluator,
@@ -119,7 +119,7 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
     from fedsplit.security.identity import load_private_key, load_public_key
     from fedsplit.security.tls import load_server_tls
     from fedsplit.server.checkpoint import latest_checkpoint, load_checkpoint
-    from fedsplit.server.coordinator import CoordinatorConfig, RoundCoordinator
+    from fedsplit.server.coordinator import CoordinatorConfig
     from fedsplit.server.generation import attach_generation
     from fedsplit.server.private_resume import resume_private
     from fedsplit.server.private_round import build_private_strategy, private_frame_bound
@@ -131,6 +131,7 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.security.clients:
         raise ValueError("security.clients: the server admits no client; list their ids")
+    check_async(cfg, len(cfg.security.clients))  # round_mode = "async": refuse what it cannot run, first
     tokenizer, parts = build_parts(cfg, role="server")
     config_hash = run_config_hash(cfg, tokenizer)
     keys = keys_dir(cfg, config_dir)
@@ -152,8 +153,8 @@ def run_server(cfg: RunConfig, config_dir: Path, out: Path, *, resume: bool = Fa
     )
     metrics = MetricsWriter(out / "metrics.jsonl", fresh=not resume)  # a rerun keeps the last one as metrics.1
     hierarchy = start_hierarchy(cfg, parts, keys, config_hash, out) if cfg.server.mode == "hierarchical" else None
-    coordinator = RoundCoordinator(
-        hierarchy.router if hierarchy else make_trunk_server(cfg, parts), strategy,
+    coordinator = make_coordinator(  # [federation] round_mode = "async": an AsyncCoordinator
+        cfg, hierarchy.router if hierarchy else make_trunk_server(cfg, parts), strategy,
         client_adapters(parts.head, parts.tail), cfg.security.clients,
         coordinator_cfg, metrics=metrics, checkpoint_dir=out / "checkpoints",
         run_id=cfg.security.run_id, config_hash=config_hash.hex(), evaluation=federated_eval_config(cfg),
