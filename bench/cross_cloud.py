@@ -15,8 +15,15 @@ every step. Held-out loss: the global head/tail with the trunk, on the task's va
    FedAdam and the dynamic weights omega_k. The B_k of omega_k are simulated per-client link
    bandwidths (10 to 100 MB/s, fixed by seed; in-process there is no link to measure).
 
-Prints a table and, last, one JSON line with ``robust_loss_gap_pct`` (the worst gap of any robust
-strategy under any attack) and ``fedavg_poisoned_loss_gap_pct`` (FedAvg's worst), and the details.
+3. Slow link (``bench/slow_link.py``; not in process: a server process and four TLS client sessions):
+   client-3 behind a link 10x slower than the others'; sync vs semi-synchronous (and asynchronous /
+   per-pass trunk lease where the config has them) rounds: time to the sync run's held-out loss.
+
+``--only`` picks sections (``poisoning``, ``non_iid``, ``slow_link``; default all). Prints a table and,
+last, one JSON line with ``robust_loss_gap_pct`` (the worst gap of any robust strategy under any
+attack), ``fedavg_poisoned_loss_gap_pct`` (FedAvg's worst), ``async_time_ratio`` and
+``async_loss_gap_pct`` (the best non-sync mode's time to the sync loss over the sync wall time, and its
+final loss's gap), and the details.
 """
 
 from __future__ import annotations
