@@ -15,8 +15,15 @@ every step. Held-out loss: the global head/tail with the trunk, on the task's va
    FedAdam and the dynamic weights omega_k. The B_k of omega_k are simulated per-client link
    bandwidths (10 to 100 MB/s, fixed by seed; in-process there is no link to measure).
 
-Prints a table and, last, one JSON line with ``robust_loss_gap_pct`` (the worst gap of any robust
-strategy under any attack) and ``fedavg_poisoned_loss_gap_pct`` (FedAvg's worst), and the details.
+3. Slow link (``bench/slow_link.py``; not in process: a server process and four TLS client sessions):
+   client-3 behind a link 10x slower than the others'; sync vs semi-synchronous (and asynchronous /
+   per-pass trunk lease where the config has them) rounds: time to the sync run's held-out loss.
+
+``--only`` picks sections (``poisoning``, ``non_iid``, ``slow_link``; default all). Prints a table and,
+last, one JSON line with ``robust_loss_gap_pct`` (the worst gap of any robust strategy under any
+attack), ``fedavg_poisoned_loss_gap_pct`` (FedAvg's worst), ``async_time_ratio`` and
+``async_loss_gap_pct`` (the best non-sync mode's time to the sync loss over the sync wall time, and its
+final loss's gap), and the details.
 """
 
 from __future__ import annotations
@@ -257,20 +264,11 @@ def gap(loss: float, reference: float) -> float | None:
     return round(100 * (loss - reference) / reference, 2) if math.isfinite(loss) else None
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny-llama, 2 rounds, few rows (for the tests)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=0, help="override the number of rounds")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    s = settings(args.quick)
-    if args.rounds:
-        s.rounds = args.rounds
-    shared = shared_data_dir()
-    if shared is None:
-        raise SystemExit("cross_cloud needs the shared data (emotion): set FEDSPLIT_SHARED")
-    start = time.perf_counter()
+SECTIONS = ("poisoning", "non_iid", "slow_link")
+
+
+def poisoning_and_non_iid(s: Settings, shared: Path, sections: set[str], threads: int) -> dict:
+    """Sections 1 and 2 (non-IID reuses the clean FedAvg run of 1 as its fedavg/iid)."""
     base, tokenizer = load_model(s.model)
     model = prepare_model(base, s.seed)
     task = load_task(s, tokenizer, shared)
@@ -281,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     clean = run_federation(s, model, tokenizer, task, clean_silos, strategy_for("fedavg", s))
     runs["fedavg/clean"] = clean
     reference = clean["final_loss"]
-    for name in ("fedavg", *ROBUST):
+    for name in ("fedavg", *ROBUST) if "poisoning" in sections else ():
         for attack in ATTACKS:
             runs[f"{name}/{attack}"] = run_federation(
                 s, model, tokenizer, task, clean_silos, strategy_for(name, s), attack=attack
@@ -289,15 +287,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
             print(f"{name:>12} {attack:>9}: loss {runs[f'{name}/{attack}']['final_loss']:.4f} "
                   f"(clean fedavg {reference:.4f})", file=sys.stderr)  # fmt: skip
     gaps = {key: gap(run["final_loss"], reference) for key, run in runs.items()}
-    robust_gaps = [gaps[f"{n}/{a}"] for n in ROBUST for a in ATTACKS]
-    fedavg_gaps = [gaps[f"fedavg/{a}"] for a in ATTACKS]
+    robust_gaps = [gaps[f"{n}/{a}"] for n in ROBUST for a in ATTACKS if f"{n}/{a}" in gaps]
+    fedavg_gaps = [gaps[f"fedavg/{a}"] for a in ATTACKS if f"fedavg/{a}" in gaps]
 
     # 2. non-IID (Dirichlet 0.3) vs IID
     skewed = dirichlet_labels(task.labels, s.clients, 0.3, s.seed)
     rng = np.random.default_rng([s.seed, 7])
     bandwidths = [float(b) for b in 10 ** rng.uniform(7, 8, s.clients)]  # 10-100 MB/s
     non_iid: dict[str, dict] = {}
-    for split_name, silos in (("iid", clean_silos), ("dirichlet-0.3", skewed)):
+    for split_name, silos in (("iid", clean_silos), ("dirichlet-0.3", skewed)) if "non_iid" in sections else ():
         for name in NON_IID:
             if (name, split_name) == ("fedavg", "iid"):  # the clean poisoning reference: the same run
                 non_iid["fedavg/iid"] = clean
@@ -306,18 +304,62 @@ def main(argv: Sequence[str] | None = None) -> dict:
             non_iid[f"{name}/{split_name}"] = run
             print(f"{name:>12} {split_name:>13}: loss {run['final_loss']:.4f}", file=sys.stderr)
 
-    result = {
-        "bench": "cross_cloud",
-        "robust_loss_gap_pct": worst(robust_gaps),  # None: a run diverged
-        "fedavg_poisoned_loss_gap_pct": worst(fedavg_gaps),
+    return {
+        "robust_loss_gap_pct": worst(robust_gaps) if robust_gaps else None,  # None: a run diverged (or not run)
+        "fedavg_poisoned_loss_gap_pct": worst(fedavg_gaps) if fedavg_gaps else None,
         "clean_fedavg_loss": round(reference, 4),
         "poisoning_gap_pct": gaps,
         "final_loss": {key: _finite(run["final_loss"]) for key, run in {**runs, **non_iid}.items()},  # None: diverged
         "train_loss_per_round": {key: run["train_loss"] for key, run in {**runs, **non_iid}.items()},
         "label_skew": [dict(sorted(Counter(task.labels[i] for i in silo).items())) for silo in skewed],
-        "settings": {**s.__dict__, "threads": args.threads, "attacks": list(ATTACKS), "partition_alpha": 0.3},
-        "seconds": round(time.perf_counter() - start, 1),
+        "settings": {**s.__dict__, "threads": threads, "attacks": list(ATTACKS), "partition_alpha": 0.3},
     }
+
+
+def slow_link_section(quick: bool, shared: Path, args: argparse.Namespace) -> dict:
+    """Section 3 (bench/slow_link.py): async_time_ratio and async_loss_gap_pct on top, the details under slow_link."""
+    import tempfile
+
+    from slow_link import run_slow_link, slow_link_settings
+
+    s = slow_link_settings(quick)
+    s.repeats = args.repeats or s.repeats
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    with tempfile.TemporaryDirectory(prefix="slow_link-") as tmp:
+        root = Path(args.out) if args.out else Path(tmp)
+        found = run_slow_link(s, shared, root, deadline_s=args.deadline_s, log=log)
+    return {"async_time_ratio": found.pop("async_time_ratio"), "async_loss_gap_pct": found.pop("async_loss_gap_pct"),
+            "slow_link": found}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny-llama, 2 rounds, few rows (for the tests)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=0, help="override the number of rounds (poisoning, non-IID)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"sections, comma-separated: {', '.join(SECTIONS)}")
+    parser.add_argument("--repeats", type=int, default=0, help="slow_link: runs of each mode (0: 2, --quick 1)")
+    parser.add_argument("--deadline-s", type=float, default=0.0,
+                        help="slow_link: semi_sync round deadline (0: 0.75 x the first sync run's round time)")
+    parser.add_argument("--out", default="", help="slow_link: keep the runs' directories here (default: a temp dir)")
+    args = parser.parse_args(argv)
+    sections = {name.strip() for name in args.only.split(",") if name.strip()}
+    if not sections or sections - set(SECTIONS):
+        parser.error(f"--only: expected names among {', '.join(SECTIONS)}, got {args.only!r}")
+    torch.set_num_threads(args.threads)
+    s = settings(args.quick)
+    if args.rounds:
+        s.rounds = args.rounds
+    shared = shared_data_dir()
+    if shared is None:
+        raise SystemExit("cross_cloud needs the shared data (emotion): set FEDSPLIT_SHARED")
+    start = time.perf_counter()
+    result: dict = {"bench": "cross_cloud", "sections": [name for name in SECTIONS if name in sections]}
+    if sections & {"poisoning", "non_iid"}:
+        result.update(poisoning_and_non_iid(s, shared, sections, args.threads))
+    if "slow_link" in sections:
+        result.update(slow_link_section(args.quick, shared, args))
+    result["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result))
     return result
 

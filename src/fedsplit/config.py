@@ -401,6 +401,22 @@ class MethodConfig:
 
 
 @dataclass
+class SimulateConfig:
+    """``fedsplit simulate`` only: per-client settings of the client processes it starts (docs/cross_cloud.md)."""
+
+    links: dict[str, LinkShape] = field(
+        default_factory=dict, metadata={"help": "[simulate.links.client-K]: client-K's link (latency_ms, "
+                                                "bandwidth_mbps, jitter_ms, seed) instead of [link]"})
+
+    def __post_init__(self) -> None:
+        for key, shape in self.links.items():
+            if not (key.startswith("client-") and key[7:].isdigit()):
+                raise ValueError(f"simulate.links: expected client ids such as 'client-3' as keys, got {key!r}")
+            if not isinstance(shape, LinkShape):
+                raise ValueError(f"simulate.links.{key}: expected a table of link settings, got {shape!r}")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -421,6 +437,7 @@ class RunConfig:
     link: LinkShape = field(default_factory=LinkShape)  # client: shape its own link to the server (simulation)
     wire: WireConfig = field(default_factory=WireConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)  # fedsplit simulate: per-client links
 
     @property
     def lora(self) -> list[LoraSettings]:

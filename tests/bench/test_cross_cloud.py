@@ -23,7 +23,7 @@ def test_quick_mode_reports_the_poisoning_and_non_iid_numbers(capsys, monkeypatc
     monkeypatch.setitem(sys.modules, "cross_cloud", bench)  # dataclasses look their module up
     spec.loader.exec_module(bench)
 
-    result = bench.main(["--quick"])
+    result = bench.main(["--quick", "--only", "poisoning,non_iid"])  # slow_link: tests/bench/test_slow_link.py
 
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith('{"bench": "cross_cloud"')

@@ -351,11 +351,13 @@ def free_port() -> int:
 def write_federation(cfg: RunConfig, out: Path) -> tuple[Path, list[Path]]:
     """Keys (CA, server, one identity per client) and one TOML per process, under ``out``."""
     from fedsplit.recipes.keygen import run_keygen
+    from fedsplit.recipes.links import client_config, client_links
     from fedsplit.security.pki import run_issue_client_cert
 
+    clients = [f"client-{k}" for k in range(cfg.data.num_clients)]
+    links = client_links(cfg, clients)  # [simulate.links.<id>], else [link]
     out.mkdir(parents=True, exist_ok=True)
     keys = out / "keys"
-    clients = [f"client-{k}" for k in range(cfg.data.num_clients)]
     if not (keys / "ca.crt").exists():
         run_keygen(keys, cfg.security.server_name, with_ca=True)
         run_keygen(keys, "root")  # the root server's identity towards its sub-servers (hierarchical mode)
@@ -372,7 +374,8 @@ def write_federation(cfg: RunConfig, out: Path) -> tuple[Path, list[Path]]:
     client_files = []
     for silo, cid in enumerate(clients):
         path = out / f"{cid}.toml"
-        path.write_text(dump_config(replace(server_cfg, client=replace(cfg.client, id=cid, silo=silo))))
+        own = replace(server_cfg, client=replace(cfg.client, id=cid, silo=silo))
+        path.write_text(dump_config(client_config(own, links[cid])))
         client_files.append(path)
     return out / "server.toml", client_files
 

@@ -1,0 +1,74 @@
+"""The slow-link experiment (bench/cross_cloud.py --only slow_link, bench/slow_link.py): its --quick mode
+runs sync and semi_sync end to end (a server process, four shaped client sessions) and reports finite
+numbers; the modes this checkout's config does not know are skipped with the reason."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedsplit.data import shared_data_dir
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "cross_cloud.py"
+
+
+def _needs_shared() -> None:
+    shared = shared_data_dir()
+    if shared is None or not (shared / "emotion" / "train.jsonl").is_file() \
+            or not (shared / "models" / "stories260k").is_dir():
+        pytest.skip("shared data (emotion, models/stories260k) not found: set FEDSPLIT_SHARED to the folder "
+                    "holding data/")
+
+
+@pytest.mark.slow
+def test_quick_slow_link_reports_the_time_ratio_and_loss_gap(capsys, monkeypatch, tmp_path) -> None:
+    _needs_shared()
+    spec = importlib.util.spec_from_file_location("cross_cloud", BENCH)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "cross_cloud", bench)  # dataclasses look their module up
+    spec.loader.exec_module(bench)
+
+    result = bench.main(["--quick", "--only", "slow_link", "--out", str(tmp_path)])
+
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["bench"] == "cross_cloud" and last["sections"] == ["slow_link"]
+    details = result["slow_link"]
+    assert {"sync", "semi_sync"} <= set(details["modes"])
+    assert all(not run["error"] for mode in details["modes"].values() for run in mode["runs"])
+    for key in ("async_time_ratio", "async_loss_gap_pct"):
+        assert isinstance(result[key], float) and math.isfinite(result[key]), (key, result[key])
+    for key in ("sync_loss", "sync_wall_s", "target_loss", "semi_sync_deadline_s"):
+        assert math.isfinite(details[key]) and details[key] > 0
+    slow, fast = details["slow_link"]["step_network_s"]["slow_s"], details["slow_link"]["step_network_s"]["fast_s"]
+    assert slow == pytest.approx(10 * fast, rel=1e-3)  # "10x slower": the modelled network time per step
+    for name, reason in details["skipped"].items():  # async / trunk_lease: skipped only for an unknown key
+        assert name in ("async", "async+pass", "semi_sync+pass") and "the config refuses it" in reason
+
+
+def test_a_mode_the_config_refuses_is_skipped_with_the_reason(monkeypatch) -> None:
+    import slow_link
+
+    base = slow_link.base_overrides(slow_link.slow_link_settings(True), Path("/shared"), 5000, 1)
+    unknown = slow_link.Mode("bogus", ("federation.round_mode=bogus",))
+
+    reason = slow_link.mode_config(base, unknown, 1.0)
+    semi = slow_link.mode_config(base, slow_link.MODES[1], 2.5)
+
+    assert isinstance(reason, str) and "federation.round_mode" in reason
+    assert semi.federation.round_mode == "semi_sync" and semi.federation.round_deadline_s == 2.5
+    assert semi.simulate.links["client-3"].latency_ms == 10 * semi.link.latency_ms
+
+
+def test_time_to_target_is_the_first_aggregation_at_or_below_it() -> None:
+    import slow_link
+
+    curve = [(1.0, 3.0), (2.0, 2.5), (3.0, 2.6), (4.0, 2.0)]
+
+    assert slow_link.time_to_target(curve, 2.55) == 2.0
+    assert slow_link.time_to_target(curve, 1.0) is None
