@@ -4,6 +4,7 @@ BoolQ and SAMSum, all with the same examples seen and the same hyper-parameters.
 
     python bench/quality.py                 # the full comparison (about an hour on 2 CPU cores)
     python bench/quality.py --quick         # tiny random model, tiny data: seconds (the tests run it)
+    python bench/quality.py --resume        # a cut-short run: keep the tasks it measured, run the rest
 
 Writes quality.json, quality.md and quality.png to --out and prints one JSON line last with
 ``mean_accuracy_gap_points`` (centralized minus federated, classification, x100) and
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shared", type=Path, help="shared data directory (default: $FEDSPLIT_SHARED/data)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "0")) or 2)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the tasks already in --out/quality.json (same settings) and run the others")
     for name, default in QualityConfig.__dataclass_fields__.items():
         if name in ("progress",):
             continue
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     shared = args.shared or shared_data_dir()
     if shared is None:
         raise SystemExit("bench/quality.py: shared data not found; set FEDSPLIT_SHARED (its data/ dir) or --shared")
-    summary = run_quality(cfg, shared, args.out) | {"threads": args.threads, "quick": args.quick}
+    summary = run_quality(cfg, shared, args.out, resume=args.resume) | {"threads": args.threads, "quick": args.quick}
     print(json.dumps(summary))
     return summary
 

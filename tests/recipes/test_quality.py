@@ -38,3 +38,23 @@ def test_quick_quality_run_writes_table_json_plot_and_the_gap_line(shared_data, 
     assert last["mean_accuracy_gap_points"] == pytest.approx(gap)
     assert "| cb | centralized |" in (out / "quality.md").read_text()
     assert (out / "quality.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_measured_tasks_and_refuses_other_settings(shared_data, tmp_path, capsys) -> None:
+    out = tmp_path / "quality"
+    flags = ["--quick", "--out", str(out), "--shared", str(shared_data), "--threads", "1", "--no-progress",
+             "--rounds", "1", "--local-steps", "1", "--max-eval", "4", "--samsum-test", "4", "--max-new-tokens", "4",
+             "--local-only", "false", "--exact-match", "false"]
+    first = _bench().main([*flags, "--tasks", "cb"])
+    measured = json.loads((out / "quality.json").read_text())["results"]["cb"]
+
+    second = _bench().main([*flags, "--tasks", "cb,samsum", "--resume"])
+
+    record = json.loads((out / "quality.json").read_text())
+    assert record["results"]["cb"] == measured and set(record["results"]) == {"cb", "samsum"}
+    assert second["mean_accuracy_gap_points"] == first["mean_accuracy_gap_points"]
+    assert isinstance(second["rouge_l_gap"], float) and second["minutes"] > first["minutes"]
+    assert "cb: kept from" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"other settings: rounds = 1 there, 2 now"):
+        _bench().main([*flags, "--tasks", "cb", "--resume", "--rounds", "2"])

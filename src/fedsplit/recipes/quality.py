@@ -270,19 +270,50 @@ def plot_results(results: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run_quality(cfg: QualityConfig, shared: Path, out: Path) -> dict[str, Any]:
-    """Every task, every method; writes ``quality.json``, ``quality.md`` and ``quality.png`` to ``out``."""
+def run_quality(cfg: QualityConfig, shared: Path, out: Path, *, resume: bool = False) -> dict[str, Any]:
+    """Every task, every method; writes ``quality.json``, ``quality.md`` and ``quality.png`` to ``out``.
+
+    ``resume``: keep the tasks an earlier run into ``out`` measured with the same settings (every
+    field but ``tasks`` and ``progress``) and run only the others; other settings are refused.
+    """
     start = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict] = {}
+    results: dict[str, dict] = measured_tasks(cfg, out / "quality.json") if resume else {}
+    minutes = results.pop("_minutes", 0.0)
+    table = ""
     for task in cfg.tasks:  # the outputs are rewritten after every task: a cut-short run keeps what it measured
+        if task in results:
+            print(f"{task}: kept from {out / 'quality.json'}")
+            continue
         data = load_task(task, shared, cfg)
         print(f"{task}: {len(data.train)} training examples available, {len(data.test)} held out ({data.kind})")
         results[task] = {"kind": data.kind, "n_test": len(data.test), "rows": compare_task(data, cfg)}
-        summary = summarize(results, cfg) | {"minutes": (time.monotonic() - start) / 60}
+        summary = summarize(results, cfg) | {"minutes": minutes + (time.monotonic() - start) / 60}
+        table = write_outputs(results, summary, cfg, out)
+    summary = summarize(results, cfg) | {"minutes": minutes + (time.monotonic() - start) / 60}
+    if not table:  # every task was kept
         table = write_outputs(results, summary, cfg, out)
     print(table)
     return summary
+
+
+def measured_tasks(cfg: QualityConfig, path: Path) -> dict[str, Any]:
+    """The results of ``path`` (an earlier run's quality.json) if its settings are ``cfg``'s; ``{}`` if
+    there is none. The earlier run's minutes come back under ``_minutes``."""
+    if not path.is_file():
+        return {}
+    record = json.loads(path.read_text())
+    ours, theirs = asdict(cfg), dict(record.get("config", {}))
+    differ = sorted(k for k in ours if k not in ("tasks", "progress") and _plain(ours[k]) != _plain(theirs.get(k)))
+    if differ:
+        raise ValueError(f"quality --resume: {path} was measured with other settings: "
+                         + ", ".join(f"{k} = {theirs.get(k)!r} there, {ours[k]!r} now" for k in differ))
+    kept = {task: result for task, result in record.get("results", {}).items() if task in cfg.tasks}
+    return kept | {"_minutes": float(record.get("summary", {}).get("minutes", 0.0))}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value  # JSON keeps tuples as lists
 
 
 def write_outputs(results: dict[str, dict], summary: dict[str, Any], cfg: QualityConfig, out: Path) -> str:
