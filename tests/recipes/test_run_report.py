@@ -10,7 +10,7 @@ import torch
 
 from fedsplit.attacks.inversion import RidgeInverter
 from fedsplit.config import RunConfig
-from fedsplit.metrics import read_metrics
+from fedsplit.metrics import MetricsWriter, read_metrics
 from fedsplit.recipes.common import load_federated_data
 from fedsplit.recipes.run_report import (
     audit_summary,
@@ -18,6 +18,7 @@ from fedsplit.recipes.run_report import (
     client_evaluator,
     client_held_out,
     federated_eval_config,
+    round_table,
 )
 
 
@@ -85,3 +86,24 @@ def test_simulate_ends_with_the_report(tmp_path, capsys):
     assert zero_shot["heldout_loss"] == pytest.approx(summary["comparison"]["zero-shot"]["loss"], abs=1e-4)
     assert row["heldout_loss"] == pytest.approx(summary["comparison"]["federated split (final)"]["loss"], abs=1e-4)
     assert (tmp_path / "loss.png").is_file() and (tmp_path / "server" / "loss.png").is_file()
+
+
+def test_the_round_table_reads_runs_with_and_without_federated_evaluation(tmp_path):
+    plain, evaluated = tmp_path / "plain", tmp_path / "evaluated"
+    for run_dir, evals in ((plain, []), (evaluated, [0, 1])):
+        run_dir.mkdir()
+        with MetricsWriter(run_dir / "metrics.jsonl") as metrics:
+            for number in evals[:1]:  # round 0: the starting parts, before any round_end
+                metrics.write("federated_eval", round=number, clients={"a": {}}, aggregate={"loss": 3.0, "n": 4})
+            metrics.write("round_end", round=1, clients=["a", "b"], metrics={"loss": 2.5})
+            for number in evals[1:]:
+                metrics.write("federated_eval", round=number, clients={"a": {}, "b": {}},
+                              aggregate={"loss": 2.0, "n": 8})
+
+    _, without = round_table(plain)
+    _, with_eval = round_table(evaluated)
+
+    assert [(r["round"], r["clients"], r["train_loss"], r["heldout_loss"]) for r in without["rounds"]] == [
+        (1, 2, 2.5, None)]
+    assert [(r["round"], r["clients"], r["train_loss"], r["heldout_loss"]) for r in with_eval["rounds"]] == [
+        (0, 1, None, 3.0), (1, 2, 2.5, 2.0)]

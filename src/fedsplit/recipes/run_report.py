@@ -117,7 +117,7 @@ def round_table(run_dir: Path) -> tuple[list[str], dict[str, Any]]:
     rows = []
     for number in sorted(ends.keys() | ({0} & evals.keys())):  # round 0: the starting parts (zero-shot), if scored
         pooled = evals.get(number, {}).get("aggregate", {})
-        end = ends.get(number, {"clients": evals[number]["clients"], "metrics": {}})
+        end = ends[number] if number in ends else {"clients": evals[number]["clients"], "metrics": {}}
         row = {"round": number, "clients": len(end["clients"]),
                "train_loss": end["metrics"].get("loss"), "heldout_loss": pooled.get("loss"),
                "examples": int(pooled.get("n", 0)), "accuracy": pooled.get("accuracy")}
