@@ -89,3 +89,27 @@ def test_optimizer_step_rejects_non_finite_norm(served):
 
     with pytest.raises(RemoteError, match="client_grad_sq_norm: expected a finite value"):
         channels["a"].call(pb.OPTIMIZER_STEP, pb.OptimizerStep(client_grad_sq_norm=float("nan")))
+
+
+@pytest.mark.parametrize("lease", ["step", "pass"])
+def test_a_step_with_a_forward_still_pending_is_refused_and_the_step_goes_on(tiny_llama, lease):
+    # Arrange: a commits while its second micro-batch's FORWARD waits for its BACKWARD; a step taken
+    # then would release the lease and that BACKWARD would land in the next client's step
+    model, _ = tiny_llama
+    _, trunk, _ = split_model(model, 1, 1)
+    add_lora(trunk, LoraSettings(r=2))
+    server = TrunkServer(trunk, TrainConfig(), total_steps=10, max_tokens=64, lease_timeout_s=0.2, lease=lease)
+    a, b = (in_process_channel(cid, lambda k, r, s, m, cid=cid: server.handle(cid, k, r, s, m))[0] for cid in "ab")
+    grad = pb.Backward(grad=encode_tensor(torch.ones(1, 4, 64)))
+    a.call(pb.FORWARD, _forward(torch.randn(1, 4, 64)))
+    a.call(pb.BACKWARD, grad)
+    a.call(pb.FORWARD, _forward(torch.randn(1, 4, 64)))
+
+    # Act / Assert: refused, nothing committed; the BACKWARD then the step go through as usual
+    with pytest.raises(RemoteError, match="FAILED_PRECONDITION: OPTIMIZER_STEP before the BACKWARD"):
+        a.call(pb.OPTIMIZER_STEP, pb.OptimizerStep(client_grad_sq_norm=0.0))
+    assert server.steps_taken == 0
+    a.call(pb.BACKWARD, grad)
+    a.call(pb.OPTIMIZER_STEP, pb.OptimizerStep(client_grad_sq_norm=0.0))
+    assert server.steps_taken == 1
+    b.call(pb.FORWARD, _forward(torch.randn(1, 4, 64)))

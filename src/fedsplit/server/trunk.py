@@ -237,6 +237,9 @@ class TrunkServer:
         return to_wire(outputs, self.wire_dtype, "ForwardResult.hidden")
 
     def optimizer_step(self, client_id: str, request: pb.OptimizerStep) -> pb.OptimizerResult:
+        if client_id in self._pending:  # else its BACKWARD would land in a later step (another client's, "step")
+            raise ProtocolError("OPTIMIZER_STEP before the BACKWARD of a pending training FORWARD",
+                                code=pb.FAILED_PRECONDITION)
         if self.passes is not None:
             return self._commit_pass(client_id, request)
         if self._owner != client_id:
