@@ -6,6 +6,9 @@ the baseline. The client's head and tail run in this process's main thread. Gree
 of a chat prompt, EOS ignored so that every run generates exactly N tokens; both modes must give
 the same tokens. Reported per N: tokens/s (the prefill included) and bytes on the wire per
 generated token (serialized gRPC messages, both directions).
+With --repeats K the two modes alternate K times per length (the machine is shared: a load change
+then hits both); tokens/s are medians, ``speedup_N`` the median of the K ratios, ``speedup_N_range``
+their min and max.
 Prints one JSON line last with "speedup_128" and "bytes_per_token" (cached, at 128 tokens).
 
     OMP_NUM_THREADS=1 python bench/split_inference.py                # SmolLM2-135M, 32/128/512 tokens
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -167,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--head-layers", type=int, default=2)
     parser.add_argument("--tail-layers", type=int, default=2)
     parser.add_argument("--new-tokens", default="32,128,512", help="comma-separated generation lengths")
-    parser.add_argument("--repeats", type=int, default=1, help="cached runs per length (the median is kept)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="cached + re-run pairs per length, interleaved (medians and the speedups' range kept)")
     parser.add_argument("--rerun-stride", type=int, default=16,
                         help="baseline above --full-rerun-max: time every k-th step and interpolate the others")
     parser.add_argument("--full-rerun-max", type=int, default=128, help="longest baseline run step by step in full")
@@ -192,19 +197,29 @@ def main(argv: Sequence[str] | None = None) -> dict:
         server, channel = _serve(parts.trunk, Path(keys), context)
     cached_link, rerun_link = RemoteTrunk(channel), RerunTrunk(channel)
     results: dict[str, dict[str, dict[str, float]]] = {"cached": {}, "rerun": {}}
+    ratios: dict[int, list[float]] = {}
     match = True
+    load_before = os.getloadavg()[0]
     try:
         for n in lengths:
-            seconds, wire, tokens = _cached(parts, cached_link, prompt, n, channel, args.repeats)
-            rerun_s, rerun_wire, same = _rerun(parts, rerun_link, prompt, tokens, channel,
-                                               1 if n <= args.full_rerun_max else args.rerun_stride)
-            if len(tokens) != n:
-                raise SystemExit(f"{n} new tokens do not fit the context after a {prompt.shape[1]}-token prompt")
-            match &= same
-            for mode, (s, w) in (("cached", (seconds, wire)), ("rerun", (rerun_s, rerun_wire))):
-                results[mode][str(n)] = {"tokens_per_s": round(n / s, 3), "seconds": round(s, 3),
+            pairs = []  # (cached seconds, cached wire, rerun seconds, rerun wire), one per repeat
+            for _ in range(args.repeats):  # interleaved: a load change on the shared machine hits both modes
+                seconds, wire, tokens = _cached(parts, cached_link, prompt, n, channel, 1)
+                if len(tokens) != n:
+                    raise SystemExit(f"{n} new tokens do not fit the context after a {prompt.shape[1]}-token prompt")
+                rerun_s, rerun_wire, same = _rerun(parts, rerun_link, prompt, tokens, channel,
+                                                   1 if n <= args.full_rerun_max else args.rerun_stride)
+                match &= same
+                pairs.append((seconds, wire, rerun_s, rerun_wire))
+                print(f"  {n:4d} tokens: cached {n / seconds:6.2f} tokens/s, re-run {n / rerun_s:6.2f} tokens/s: "
+                      f"{rerun_s / seconds:5.2f}x (load {os.getloadavg()[0]:.1f})", flush=True)
+            ratios[n] = [r / c for c, _, r, _ in pairs]
+            for mode, column in (("cached", 0), ("rerun", 2)):
+                sec = statistics.median(pair[column] for pair in pairs)
+                w = pairs[-1][column + 1]  # the bytes do not change between repeats
+                results[mode][str(n)] = {"tokens_per_s": round(n / sec, 3), "seconds": round(sec, 3),
                                          "bytes_per_token": round(w / n, 1)}
-                print(f"{mode:6s} {n:4d} tokens: {n / s:8.2f} tokens/s  {w / n:12.0f} bytes/token", flush=True)
+                print(f"{mode:6s} {n:4d} tokens: {n / sec:8.2f} tokens/s  {w / n:12.0f} bytes/token", flush=True)
     finally:
         channel.close()
         server.stop(grace=1.0)
@@ -212,10 +227,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result: dict = {"bench": "split_inference", "model": args.model, "threads": args.threads,
                     "prompt_tokens": int(prompt.shape[1]), "cut": [args.head_layers, args.tail_layers],
                     "tokens_match": match, "rerun_stride": args.rerun_stride, "full_rerun_max": args.full_rerun_max,
+                    "repeats": args.repeats, "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                     **results}
-    for n in lengths:
-        result[f"speedup_{n}"] = round(results["cached"][str(n)]["tokens_per_s"]
-                                       / results["rerun"][str(n)]["tokens_per_s"], 2)
+    for n in lengths:  # the median of the per-repeat ratios, and their range
+        result[f"speedup_{n}"] = round(statistics.median(ratios[n]), 2)
+        result[f"speedup_{n}_range"] = [round(min(ratios[n]), 2), round(max(ratios[n]), 2)]
     if args.clients:
         result["client_batching"] = {"clients": args.clients, "new_tokens": lengths[0],
                                      **client_batching(parts, prompt, lengths[0], args.clients)}
