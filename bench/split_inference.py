@@ -6,8 +6,9 @@ the baseline. The client's head and tail run in this process's main thread. Gree
 of a chat prompt, EOS ignored so that every run generates exactly N tokens; both modes must give
 the same tokens. Reported per N: tokens/s (the prefill included) and bytes on the wire per
 generated token (serialized gRPC messages, both directions).
-With --repeats K the two modes alternate K times per length (the machine is shared: a load change
-then hits both); tokens/s are medians, ``speedup_N`` the median of the K ratios, ``speedup_N_range``
+The two modes alternate token by token (after each cached token, the baseline's step for the
+same prefix), so that a load change on the shared machine hits both. With --repeats K each length
+runs K times; tokens/s are medians, ``speedup_N`` the median of the K ratios, ``speedup_N_range``
 their min and max.
 Prints one JSON line last with "speedup_128" and "bytes_per_token" (cached, at 128 tokens).
 
@@ -91,38 +92,37 @@ def _wire(channel) -> int:
     return int(stats.bytes_sent + stats.bytes_received)
 
 
-def _cached(parts, link, prompt, n: int, channel, repeats: int) -> tuple[float, int, list[int]]:
-    """(median seconds, wire bytes of one run, tokens) of cached split generation of ``n`` tokens."""
-    settings = SamplingSettings(max_new_tokens=n)
-    times, tokens, wire = [], [], 0
-    for _ in range(repeats):
-        before = _wire(channel)
-        start = time.perf_counter()
-        tokens = [int(t[0]) for t in iter_tokens(parts.head, parts.tail, link, prompt, None, settings)]
-        times.append(time.perf_counter() - start)
-        wire = _wire(channel) - before
-    return statistics.median(times), wire, tokens
+def _paired(parts, cached_link, rerun_link, prompt, n: int, channel, stride: int):
+    """Cached generation of ``n`` tokens, with the baseline's step for the same prefix run between two tokens.
 
-
-def _rerun(parts, link, prompt, tokens: list[int], channel, stride: int) -> tuple[float, float, bool]:
-    """(seconds, wire bytes, same tokens) of the baseline generating ``tokens``, each step over the whole prefix.
-
-    Step ``i`` runs head, trunk (an evaluation FORWARD) and tail on prompt + tokens[:i] and must
+    Returns (cached seconds, cached wire bytes, re-run seconds, re-run wire bytes, tokens, same tokens).
+    The two modes alternate token by token, so that a load change on the shared machine hits both.
+    The cached time is the time spent inside the generator (prefill, steps, GENERATE_END). Re-run
+    step ``i`` runs head, trunk (an evaluation FORWARD) and tail on prompt + tokens[:i] and must
     predict tokens[i]. With ``stride`` > 1 only every stride-th step (and the last) is run and
     timed; the others are interpolated linearly between their measured neighbours (a step's cost
     depends only on its prefix length).
     """
-    n = len(tokens)
-    sampled = sorted(set(range(0, n, stride)) | {n - 1})
+    sampled = set(range(0, n, stride)) | {n - 1}
+    steps = iter_tokens(parts.head, parts.tail, cached_link, prompt, None, SamplingSettings(max_new_tokens=n))
+    cached_s, cached_wire, tokens = 0.0, 0, []
     seconds, wire, match = {}, {}, True
-    for i in sampled:
-        ids = torch.cat([prompt, torch.tensor(tokens[:i], dtype=torch.long).reshape(1, -1)], dim=1)  # (1, T + i)
-        before = _wire(channel)
-        start = time.perf_counter()
-        predicted = int(rerun_step(parts.head, parts.tail, link.forward, ids).argmax(-1)[0])
-        seconds[i], wire[i] = time.perf_counter() - start, _wire(channel) - before
-        match &= predicted == tokens[i]
-    return _interpolated_sum(seconds, n), _interpolated_sum(wire, n), match
+    while True:
+        before, start = _wire(channel), time.perf_counter()
+        token = next(steps, None)  # after the last token: GENERATE_END, then None
+        cached_s, cached_wire = cached_s + time.perf_counter() - start, cached_wire + _wire(channel) - before
+        if token is None:
+            break
+        i = len(tokens)
+        tokens.append(int(token[0]))
+        if i in sampled:
+            ids = torch.cat([prompt, torch.tensor(tokens[:i], dtype=torch.long).reshape(1, -1)], dim=1)  # (1, T + i)
+            before, start = _wire(channel), time.perf_counter()
+            predicted = int(rerun_step(parts.head, parts.tail, rerun_link.forward, ids).argmax(-1)[0])
+            seconds[i], wire[i] = time.perf_counter() - start, _wire(channel) - before
+            match &= predicted == tokens[i]
+    return (cached_s, cached_wire, _interpolated_sum(seconds, len(tokens)), _interpolated_sum(wire, len(tokens)),
+            tokens, match)
 
 
 def _interpolated_sum(samples: dict[int, float], n: int) -> float:
@@ -172,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--tail-layers", type=int, default=2)
     parser.add_argument("--new-tokens", default="32,128,512", help="comma-separated generation lengths")
     parser.add_argument("--repeats", type=int, default=1,
-                        help="cached + re-run pairs per length, interleaved (medians and the speedups' range kept)")
+                        help="runs per length (medians and the speedups' range kept)")
     parser.add_argument("--rerun-stride", type=int, default=16,
                         help="baseline above --full-rerun-max: time every k-th step and interpolate the others")
     parser.add_argument("--full-rerun-max", type=int, default=128, help="longest baseline run step by step in full")
@@ -203,12 +203,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     try:
         for n in lengths:
             pairs = []  # (cached seconds, cached wire, rerun seconds, rerun wire), one per repeat
-            for _ in range(args.repeats):  # interleaved: a load change on the shared machine hits both modes
-                seconds, wire, tokens = _cached(parts, cached_link, prompt, n, channel, 1)
+            for _ in range(args.repeats):
+                seconds, wire, rerun_s, rerun_wire, tokens, same = _paired(
+                    parts, cached_link, rerun_link, prompt, n, channel,
+                    1 if n <= args.full_rerun_max else args.rerun_stride)
                 if len(tokens) != n:
                     raise SystemExit(f"{n} new tokens do not fit the context after a {prompt.shape[1]}-token prompt")
-                rerun_s, rerun_wire, same = _rerun(parts, rerun_link, prompt, tokens, channel,
-                                                   1 if n <= args.full_rerun_max else args.rerun_stride)
                 match &= same
                 pairs.append((seconds, wire, rerun_s, rerun_wire))
                 print(f"  {n:4d} tokens: cached {n / seconds:6.2f} tokens/s, re-run {n / rerun_s:6.2f} tokens/s: "
