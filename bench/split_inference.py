@@ -92,7 +92,7 @@ def _wire(channel) -> int:
     return int(stats.bytes_sent + stats.bytes_received)
 
 
-def _paired(parts, cached_link, rerun_link, prompt, n: int, channel, stride: int):
+def _paired(parts, cached_link, rerun_link, prompt, n: int, channel, stride: int, all_logits: bool = True):
     """Cached generation of ``n`` tokens, with the baseline's step for the same prefix run between two tokens.
 
     Returns (cached seconds, cached wire bytes, re-run seconds, re-run wire bytes, tokens, same tokens).
@@ -118,7 +118,8 @@ def _paired(parts, cached_link, rerun_link, prompt, n: int, channel, stride: int
         if i in sampled:
             ids = torch.cat([prompt, torch.tensor(tokens[:i], dtype=torch.long).reshape(1, -1)], dim=1)  # (1, T + i)
             before, start = _wire(channel), time.perf_counter()
-            predicted = int(rerun_step(parts.head, parts.tail, rerun_link.forward, ids).argmax(-1)[0])
+            logits = rerun_step(parts.head, parts.tail, rerun_link.forward, ids, all_logits=all_logits)  # (1, V)
+            predicted = int(logits.argmax(-1)[0])
             seconds[i], wire[i] = time.perf_counter() - start, _wire(channel) - before
             match &= predicted == tokens[i]
     return (cached_s, cached_wire, _interpolated_sum(seconds, len(tokens)), _interpolated_sum(wire, len(tokens)),
@@ -179,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--long-prompt", action="store_true",
                         help="a report to summarize (~270 tokens on SmolLM2) instead of the short request")
+    parser.add_argument("--rerun-last-logits", action="store_true",
+                        help="a stronger baseline: the LM head on the last position only (FL-GLM: every one)")
     parser.add_argument("--clients", type=int, default=0,
                         help="also: this many concurrent clients (in process), trunk steps batched vs one at a time")
     parser.add_argument("--quick", action="store_true", help="tiny-llama, 8 and 16 tokens, 1 repeat")
@@ -206,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for _ in range(args.repeats):
                 seconds, wire, rerun_s, rerun_wire, tokens, same = _paired(
                     parts, cached_link, rerun_link, prompt, n, channel,
-                    1 if n <= args.full_rerun_max else args.rerun_stride)
+                    1 if n <= args.full_rerun_max else args.rerun_stride, not args.rerun_last_logits)
                 if len(tokens) != n:
                     raise SystemExit(f"{n} new tokens do not fit the context after a {prompt.shape[1]}-token prompt")
                 match &= same
@@ -227,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result: dict = {"bench": "split_inference", "model": args.model, "threads": args.threads,
                     "prompt_tokens": int(prompt.shape[1]), "cut": [args.head_layers, args.tail_layers],
                     "tokens_match": match, "rerun_stride": args.rerun_stride, "full_rerun_max": args.full_rerun_max,
-                    "repeats": args.repeats, "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+                    "repeats": args.repeats, "rerun_logits": "last" if args.rerun_last_logits else "all",
+                    "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                     **results}
     for n in lengths:  # the median of the per-repeat ratios, and their range
         result[f"speedup_{n}"] = round(statistics.median(ratios[n]), 2)
