@@ -6,6 +6,10 @@ the baseline. The client's head and tail run in this process's main thread. Gree
 of a chat prompt, EOS ignored so that every run generates exactly N tokens; both modes must give
 the same tokens. Reported per N: tokens/s (the prefill included) and bytes on the wire per
 generated token (serialized gRPC messages, both directions).
+The two modes alternate token by token (after each cached token, the baseline's step for the
+same prefix), so that a load change on the shared machine hits both. With --repeats K each length
+runs K times; tokens/s are medians, ``speedup_N`` the median of the K ratios, ``speedup_N_range``
+their min and max.
 Prints one JSON line last with "speedup_128" and "bytes_per_token" (cached, at 128 tokens).
 
     OMP_NUM_THREADS=1 python bench/split_inference.py                # SmolLM2-135M, 32/128/512 tokens
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -87,38 +92,38 @@ def _wire(channel) -> int:
     return int(stats.bytes_sent + stats.bytes_received)
 
 
-def _cached(parts, link, prompt, n: int, channel, repeats: int) -> tuple[float, int, list[int]]:
-    """(median seconds, wire bytes of one run, tokens) of cached split generation of ``n`` tokens."""
-    settings = SamplingSettings(max_new_tokens=n)
-    times, tokens, wire = [], [], 0
-    for _ in range(repeats):
-        before = _wire(channel)
-        start = time.perf_counter()
-        tokens = [int(t[0]) for t in iter_tokens(parts.head, parts.tail, link, prompt, None, settings)]
-        times.append(time.perf_counter() - start)
-        wire = _wire(channel) - before
-    return statistics.median(times), wire, tokens
+def _paired(parts, cached_link, rerun_link, prompt, n: int, channel, stride: int, all_logits: bool = True):
+    """Cached generation of ``n`` tokens, with the baseline's step for the same prefix run between two tokens.
 
-
-def _rerun(parts, link, prompt, tokens: list[int], channel, stride: int) -> tuple[float, float, bool]:
-    """(seconds, wire bytes, same tokens) of the baseline generating ``tokens``, each step over the whole prefix.
-
-    Step ``i`` runs head, trunk (an evaluation FORWARD) and tail on prompt + tokens[:i] and must
+    Returns (cached seconds, cached wire bytes, re-run seconds, re-run wire bytes, tokens, same tokens).
+    The two modes alternate token by token, so that a load change on the shared machine hits both.
+    The cached time is the time spent inside the generator (prefill, steps, GENERATE_END). Re-run
+    step ``i`` runs head, trunk (an evaluation FORWARD) and tail on prompt + tokens[:i] and must
     predict tokens[i]. With ``stride`` > 1 only every stride-th step (and the last) is run and
     timed; the others are interpolated linearly between their measured neighbours (a step's cost
     depends only on its prefix length).
     """
-    n = len(tokens)
-    sampled = sorted(set(range(0, n, stride)) | {n - 1})
+    sampled = set(range(0, n, stride)) | {n - 1}
+    steps = iter_tokens(parts.head, parts.tail, cached_link, prompt, None, SamplingSettings(max_new_tokens=n))
+    cached_s, cached_wire, tokens = 0.0, 0, []
     seconds, wire, match = {}, {}, True
-    for i in sampled:
-        ids = torch.cat([prompt, torch.tensor(tokens[:i], dtype=torch.long).reshape(1, -1)], dim=1)  # (1, T + i)
-        before = _wire(channel)
-        start = time.perf_counter()
-        predicted = int(rerun_step(parts.head, parts.tail, link.forward, ids).argmax(-1)[0])
-        seconds[i], wire[i] = time.perf_counter() - start, _wire(channel) - before
-        match &= predicted == tokens[i]
-    return _interpolated_sum(seconds, n), _interpolated_sum(wire, n), match
+    while True:
+        before, start = _wire(channel), time.perf_counter()
+        token = next(steps, None)  # after the last token: GENERATE_END, then None
+        cached_s, cached_wire = cached_s + time.perf_counter() - start, cached_wire + _wire(channel) - before
+        if token is None:
+            break
+        i = len(tokens)
+        tokens.append(int(token[0]))
+        if i in sampled:
+            ids = torch.cat([prompt, torch.tensor(tokens[:i], dtype=torch.long).reshape(1, -1)], dim=1)  # (1, T + i)
+            before, start = _wire(channel), time.perf_counter()
+            logits = rerun_step(parts.head, parts.tail, rerun_link.forward, ids, all_logits=all_logits)  # (1, V)
+            predicted = int(logits.argmax(-1)[0])
+            seconds[i], wire[i] = time.perf_counter() - start, _wire(channel) - before
+            match &= predicted == tokens[i]
+    return (cached_s, cached_wire, _interpolated_sum(seconds, len(tokens)), _interpolated_sum(wire, len(tokens)),
+            tokens, match)
 
 
 def _interpolated_sum(samples: dict[int, float], n: int) -> float:
@@ -167,13 +172,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--head-layers", type=int, default=2)
     parser.add_argument("--tail-layers", type=int, default=2)
     parser.add_argument("--new-tokens", default="32,128,512", help="comma-separated generation lengths")
-    parser.add_argument("--repeats", type=int, default=1, help="cached runs per length (the median is kept)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs per length (medians and the speedups' range kept)")
     parser.add_argument("--rerun-stride", type=int, default=16,
                         help="baseline above --full-rerun-max: time every k-th step and interpolate the others")
     parser.add_argument("--full-rerun-max", type=int, default=128, help="longest baseline run step by step in full")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--long-prompt", action="store_true",
                         help="a report to summarize (~270 tokens on SmolLM2) instead of the short request")
+    parser.add_argument("--rerun-last-logits", action="store_true",
+                        help="a stronger baseline: the LM head on the last position only (FL-GLM: every one)")
     parser.add_argument("--clients", type=int, default=0,
                         help="also: this many concurrent clients (in process), trunk steps batched vs one at a time")
     parser.add_argument("--quick", action="store_true", help="tiny-llama, 8 and 16 tokens, 1 repeat")
@@ -192,19 +200,29 @@ def main(argv: Sequence[str] | None = None) -> dict:
         server, channel = _serve(parts.trunk, Path(keys), context)
     cached_link, rerun_link = RemoteTrunk(channel), RerunTrunk(channel)
     results: dict[str, dict[str, dict[str, float]]] = {"cached": {}, "rerun": {}}
+    ratios: dict[int, list[float]] = {}
     match = True
+    load_before = os.getloadavg()[0]
     try:
         for n in lengths:
-            seconds, wire, tokens = _cached(parts, cached_link, prompt, n, channel, args.repeats)
-            rerun_s, rerun_wire, same = _rerun(parts, rerun_link, prompt, tokens, channel,
-                                               1 if n <= args.full_rerun_max else args.rerun_stride)
-            if len(tokens) != n:
-                raise SystemExit(f"{n} new tokens do not fit the context after a {prompt.shape[1]}-token prompt")
-            match &= same
-            for mode, (s, w) in (("cached", (seconds, wire)), ("rerun", (rerun_s, rerun_wire))):
-                results[mode][str(n)] = {"tokens_per_s": round(n / s, 3), "seconds": round(s, 3),
+            pairs = []  # (cached seconds, cached wire, rerun seconds, rerun wire), one per repeat
+            for _ in range(args.repeats):
+                seconds, wire, rerun_s, rerun_wire, tokens, same = _paired(
+                    parts, cached_link, rerun_link, prompt, n, channel,
+                    1 if n <= args.full_rerun_max else args.rerun_stride, not args.rerun_last_logits)
+                if len(tokens) != n:
+                    raise SystemExit(f"{n} new tokens do not fit the context after a {prompt.shape[1]}-token prompt")
+                match &= same
+                pairs.append((seconds, wire, rerun_s, rerun_wire))
+                print(f"  {n:4d} tokens: cached {n / seconds:6.2f} tokens/s, re-run {n / rerun_s:6.2f} tokens/s: "
+                      f"{rerun_s / seconds:5.2f}x (load {os.getloadavg()[0]:.1f})", flush=True)
+            ratios[n] = [r / c for c, _, r, _ in pairs]
+            for mode, column in (("cached", 0), ("rerun", 2)):
+                sec = statistics.median(pair[column] for pair in pairs)
+                w = pairs[-1][column + 1]  # the bytes do not change between repeats
+                results[mode][str(n)] = {"tokens_per_s": round(n / sec, 3), "seconds": round(sec, 3),
                                          "bytes_per_token": round(w / n, 1)}
-                print(f"{mode:6s} {n:4d} tokens: {n / s:8.2f} tokens/s  {w / n:12.0f} bytes/token", flush=True)
+                print(f"{mode:6s} {n:4d} tokens: {n / sec:8.2f} tokens/s  {w / n:12.0f} bytes/token", flush=True)
     finally:
         channel.close()
         server.stop(grace=1.0)
@@ -212,10 +230,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result: dict = {"bench": "split_inference", "model": args.model, "threads": args.threads,
                     "prompt_tokens": int(prompt.shape[1]), "cut": [args.head_layers, args.tail_layers],
                     "tokens_match": match, "rerun_stride": args.rerun_stride, "full_rerun_max": args.full_rerun_max,
+                    "repeats": args.repeats, "rerun_logits": "last" if args.rerun_last_logits else "all",
+                    "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                     **results}
-    for n in lengths:
-        result[f"speedup_{n}"] = round(results["cached"][str(n)]["tokens_per_s"]
-                                       / results["rerun"][str(n)]["tokens_per_s"], 2)
+    for n in lengths:  # the median of the per-repeat ratios, and their range
+        result[f"speedup_{n}"] = round(statistics.median(ratios[n]), 2)
+        result[f"speedup_{n}_range"] = [round(min(ratios[n]), 2), round(max(ratios[n]), 2)]
     if args.clients:
         result["client_batching"] = {"clients": args.clients, "new_tokens": lengths[0],
                                      **client_batching(parts, prompt, lengths[0], args.clients)}

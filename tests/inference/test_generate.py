@@ -187,3 +187,18 @@ def test_smollm2_greedy_answer_equals_unsplit_generate_with_merged_adapters(tmp_
 
     assert tokens == reference(unsplit, ids, torch.ones_like(ids), 20)[0].tolist()
     assert generator.decode(tokens)  # real text, not an empty decode
+
+
+@pytest.mark.parametrize("walk", [True, False])
+def test_eval_mode_turns_training_off_and_puts_back_only_what_was_training(walk):
+    from fedsplit.inference.generate import all_modules, eval_mode
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5), torch.nn.Sequential(torch.nn.Dropout(0.5)))
+    net.train()
+    net[2].eval()  # a submodule already in eval mode stays so
+    before = [m.training for m in net.modules()]
+    x = torch.ones(2, 4)
+    with eval_mode(*(all_modules(net) if not walk else [net]), walk=walk):
+        assert not any(m.training for m in net.modules())
+        assert torch.equal(net(x), net(x))  # no dropout
+    assert [m.training for m in net.modules()] == before

@@ -57,17 +57,18 @@ class LocalTrunk:
     def __init__(self, trunk: Trunk) -> None:
         self.trunk = trunk
         self.state: PartCache | None = None
+        self.modules: list[nn.Module] = []  # the trunk's modules, listed at each prefill
 
     def prefill(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 max_new_tokens: int) -> torch.Tensor:
-        self.state = PartCache(self.trunk)
-        with torch.no_grad(), eval_mode(self.trunk):
+        self.state, self.modules = PartCache(self.trunk), all_modules(self.trunk)
+        with torch.no_grad(), eval_mode(*self.modules, walk=False):
             return run_blocks_cached(self.trunk, hidden, attention_mask, position_ids, self.state)
 
     def step(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         if self.state is None:
             raise GenerationError("trunk step without a prefill")
-        with torch.no_grad(), eval_mode(self.trunk):
+        with torch.no_grad(), eval_mode(*self.modules, walk=False):
             return run_blocks_cached(self.trunk, hidden, self.state.step_mask(), position_ids, self.state)
 
     def end(self) -> None:
@@ -75,19 +76,31 @@ class LocalTrunk:
 
 
 @contextlib.contextmanager
-def eval_mode(*modules: nn.Module) -> Iterator[None]:
+def eval_mode(*modules: nn.Module, walk: bool = True) -> Iterator[None]:
     """Dropout off while generating; the submodules that were training are put back afterwards.
 
     Flips only the flags that are set (no recursive ``train()`` calls: this runs at every step).
+    ``walk=False`` takes ``modules`` as the complete list (:func:`all_modules`, listed once per
+    request: walking the trunk's ~340 modules costs about a millisecond a step).
     """
-    training = [m for root in modules for m in root.modules() if m.training]
-    for m in training:
-        m.training = False
+    training = [m for m in (all_modules(*modules) if walk else modules) if m.training]
+    _set_training(training, False)
     try:
         yield
     finally:
-        for m in training:
-            m.training = True
+        _set_training(training, True)
+
+
+def all_modules(*roots: nn.Module) -> list[nn.Module]:
+    """Every module below (and including) ``roots``, for :func:`eval_mode` with ``walk=False``."""
+    return [m for root in roots for m in root.modules()]
+
+
+def _set_training(modules: Sequence[nn.Module], mode: bool) -> None:
+    for m in modules:
+        # The plain attribute write: nn.Module.__setattr__ first looks the name up among parameters,
+        # buffers and submodules (~8 us a module, 2.6 ms a step for a trained trunk's ~340 modules).
+        object.__setattr__(m, "training", mode)
 
 
 def context_length(config: Any) -> int | None:
@@ -126,8 +139,9 @@ def iter_tokens(
     head_state, tail_state = PartCache(head), PartCache(tail)
     done = torch.zeros(batch, dtype=torch.bool)
     positions = positions_from_mask(mask)  # (B, T)
+    client_modules = all_modules(head, tail)  # listed once: eval_mode runs at every step
     try:
-        with torch.no_grad(), eval_mode(head, tail):
+        with torch.no_grad(), eval_mode(*client_modules, walk=False):
             h1 = head_cached(head, input_ids, mask, positions, head_state)  # (B, T, H) crosses cut 1
             h2 = trunk.prefill(h1, mask, positions, max_new)  # (B, T, H) crosses cut 2
             logits = tail_cached(tail, h2, mask, positions, tail_state)  # (B, V)
@@ -140,7 +154,7 @@ def iter_tokens(
             if bool(done.all()) or index == max_new - 1:
                 return
             last = last + 1  # (B, 1): the new token's position
-            with torch.no_grad(), eval_mode(head, tail):
+            with torch.no_grad(), eval_mode(*client_modules, walk=False):
                 step_mask = head_state.step_mask()
                 h1 = head_cached(head, token[:, None], step_mask, last, head_state)  # (B, 1, H) crosses cut 1
                 h2 = trunk.step(h1, last)  # (B, 1, H) crosses cut 2

@@ -34,7 +34,7 @@ import torch
 from google.protobuf.message import Message
 
 from fedsplit.inference.cached import PartCache, run_blocks_cached
-from fedsplit.inference.generate import context_length, eval_mode
+from fedsplit.inference.generate import all_modules, context_length, eval_mode
 from fedsplit.protocol import ProtocolError, decode_tensor, encode_tensor, kind_name, pb
 from fedsplit.server.generation_batch import StepBatcher, StepItem, can_batch, combine, split_back
 from fedsplit.server.trunk import decode_activation
@@ -99,6 +99,7 @@ class GenerationService:
         self._lock = threading.Lock()  # the session table
         self._compute = threading.Lock()  # the trunk: one pass at a time
         self._batcher = StepBatcher(self._step_alone, self._step_many) if batch_steps and can_batch(trunk) else None
+        self._modules = all_modules(trunk)  # listed again at every prefill; eval_mode walks this list at every step
 
     # -- dispatch -----------------------------------------------------------------------------
     def handle(self, client_id: str, kind: int, round: int, step: int, request: Message) -> Message:
@@ -130,7 +131,7 @@ class GenerationService:
             session.last_used = self.clock()
             self._sessions[key] = session
         try:
-            output = self._run(session, hidden, mask, positions)  # (B, T, H)
+            output = self._run(session, hidden, mask, positions, prefill=True)  # (B, T, H)
         except BaseException:
             with self._lock:
                 self._sessions.pop(key, None)
@@ -186,20 +187,23 @@ class GenerationService:
 
     # -- helpers ------------------------------------------------------------------------------
     def _run(self, session: _Session, hidden: torch.Tensor, mask: torch.Tensor,
-             positions: torch.Tensor) -> torch.Tensor:
-        with self._compute, torch.no_grad(), eval_mode(self.trunk):
-            output = run_blocks_cached(self.trunk, hidden, mask, positions, session.state)
+             positions: torch.Tensor, *, prefill: bool = False) -> torch.Tensor:
+        with self._compute, torch.no_grad():
+            if prefill:  # a request starts: list the trunk's modules again (adapters may have come since)
+                self._modules = all_modules(self.trunk)
+            with eval_mode(*self._modules, walk=False):
+                output = run_blocks_cached(self.trunk, hidden, mask, positions, session.state)
         session.last_used = self.clock()
         return output
 
     def _step_alone(self, item: StepItem) -> None:
-        with self._compute, torch.no_grad(), eval_mode(self.trunk):
+        with self._compute, torch.no_grad(), eval_mode(*self._modules, walk=False):
             item.output = run_blocks_cached(self.trunk, item.hidden, item.state.step_mask(), item.positions,
                                             item.state)
 
     def _step_many(self, items: list[StepItem]) -> None:
         """Client-batching: the steps of several requests in one trunk pass (server/generation_batch.py)."""
-        with self._compute, torch.no_grad(), eval_mode(self.trunk):
+        with self._compute, torch.no_grad(), eval_mode(*self._modules, walk=False):
             combined, hidden, positions = combine(self.trunk, items)  # (N, 1, H), (N, 1)
             output = run_blocks_cached(self.trunk, hidden, combined.step_mask(), positions, combined)  # (N, 1, H)
             split_back(self.trunk, combined, output, items)
