@@ -18,7 +18,9 @@ The modes run interleaved, ``--repeats`` times.
 Measured: after every aggregation the server checkpoints the global head/tail and the trunk
 adapters; afterwards this process scores each checkpoint on one fixed held-out set (the same
 for every mode; not counted in the wall time). Wall time is the server's clock from the first
-round's start to the aggregation's end (process start-up and the clients' join excluded).
+round's start to the aggregation's end (process start-up and the clients' join excluded; async
+has no lobby: its clock starts when the server begins serving passes, ``async_start``, so the
+clients' join counts against it).
 ``L_sync`` and ``T_sync`` are the medians of the sync runs' final held-out loss and wall time; for
 every other run, its time to the first aggregation with loss <= ``L_sync * 1.02`` over ``T_sync``,
 and its final loss's gap to ``L_sync`` (the non-sync modes run ``--rounds-factor`` times as many
@@ -198,7 +200,8 @@ def run_mode(cfg: RunConfig, out: Path, scorer, mode: str, repeat: int, timeout_
     for e in events:
         if e["event"] == "client_failed":
             failures[e["client"]] = failures.get(e["client"], 0) + 1
-    t0 = min(starts.values()) if starts else math.nan
+    begun = [e["time"] for e in events if e["event"] in ("round_start", "async_start")]  # async: no round_start
+    t0 = min(begun) if begun else math.nan
     curve = [(round(ends[r] - t0, 3), scorer(out / "server" / "checkpoints", r)) for r in sorted(ends)]
     round_s = [round(ends[r] - starts[r], 3) for r in sorted(ends) if r in starts]
     error = "" if code == 0 else f"server exit {code}; " + "; ".join(errors)
@@ -306,7 +309,9 @@ def summarize(s: SlowLinkSettings, runs: list[RunRecord], skipped: dict[str, str
             "reached": f"{sum(t is not None for t in reach)}/{len(mine)}",
             "runs": [{**asdict(r), "time_to_sync_loss_s": t} for r, t in zip(mine, reach, strict=True)],
         }
-    others = {k: v for k, v in per_mode.items() if k != "sync" and v["time_ratio"] is not None}
+    # the headline mode reached the sync loss in every one of its runs; among those, the fastest
+    others = {k: v for k, v in per_mode.items() if k != "sync" and v["time_ratio"] is not None
+              and v["time_ratio"]["n"] == len(v["runs"])}
     best = min(others, key=lambda k: others[k]["time_ratio"]["median"]) if others else None
     return {
         "async_time_ratio": others[best]["time_ratio"]["median"] if best else None,  # None: no mode reached L_sync

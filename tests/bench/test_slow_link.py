@@ -72,3 +72,26 @@ def test_time_to_target_is_the_first_aggregation_at_or_below_it() -> None:
 
     assert slow_link.time_to_target(curve, 2.55) == 2.0
     assert slow_link.time_to_target(curve, 1.0) is None
+
+
+def test_the_headline_mode_reached_the_sync_loss_in_every_run() -> None:
+    # Arrange: sync ends at 1.0 after 10 s; "lucky" reaches it once (at 2 s) and misses once; "steady" twice
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        from slow_link import RunRecord, slow_link_settings, summarize
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    runs = [RunRecord("sync", k, 2, [(5.0, 1.5), (10.0, 1.0)], [5.0, 5.0], {}) for k in range(2)]
+    runs += [RunRecord("lucky", 0, 4, [(2.0, 1.0), (4.0, 1.2)], [], {}),
+             RunRecord("lucky", 1, 4, [(2.0, 1.3), (4.0, 1.2)], [], {}),
+             RunRecord("steady", 0, 4, [(3.0, 1.1), (6.0, 1.01)], [], {}),
+             RunRecord("steady", 1, 4, [(3.0, 1.1), (7.0, 0.99)], [], {})]
+
+    # Act
+    summary = summarize(slow_link_settings(quick=True), runs, {}, 1.0, 2.0, {})
+
+    # Assert: the faster "lucky" is not the headline; "steady" is, with its own median ratio and gap
+    assert summary["best_mode"] == "steady"
+    assert summary["async_time_ratio"] == pytest.approx(0.65)
+    assert summary["async_loss_gap_pct"] == pytest.approx(0.0)
+    assert summary["modes"]["lucky"]["reached"] == "1/2"
