@@ -278,8 +278,7 @@ def run_quality(cfg: QualityConfig, shared: Path, out: Path, *, resume: bool = F
     """
     start = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict] = measured_tasks(cfg, out / "quality.json") if resume else {}
-    minutes = results.pop("_minutes", 0.0)
+    results, minutes = measured_tasks(cfg, out / "quality.json") if resume else ({}, 0.0)
     table = ""
     for task in cfg.tasks:  # the outputs are rewritten after every task: a cut-short run keeps what it measured
         if task in results:
@@ -297,11 +296,11 @@ def run_quality(cfg: QualityConfig, shared: Path, out: Path, *, resume: bool = F
     return summary
 
 
-def measured_tasks(cfg: QualityConfig, path: Path) -> dict[str, Any]:
-    """The results of ``path`` (an earlier run's quality.json) if its settings are ``cfg``'s; ``{}`` if
-    there is none. The earlier run's minutes come back under ``_minutes``."""
+def measured_tasks(cfg: QualityConfig, path: Path) -> tuple[dict[str, dict], float]:
+    """The results of ``path`` (an earlier run's quality.json) if its settings are ``cfg``'s (``{}`` if
+    there is none), and the minutes that run took."""
     if not path.is_file():
-        return {}
+        return {}, 0.0
     record = json.loads(path.read_text())
     ours, theirs = asdict(cfg), dict(record.get("config", {}))
     differ = sorted(k for k in ours if k not in ("tasks", "progress") and _plain(ours[k]) != _plain(theirs.get(k)))
@@ -309,7 +308,7 @@ def measured_tasks(cfg: QualityConfig, path: Path) -> dict[str, Any]:
         raise ValueError(f"quality --resume: {path} was measured with other settings: "
                          + ", ".join(f"{k} = {theirs.get(k)!r} there, {ours[k]!r} now" for k in differ))
     kept = {task: result for task, result in record.get("results", {}).items() if task in cfg.tasks}
-    return kept | {"_minutes": float(record.get("summary", {}).get("minutes", 0.0))}
+    return kept, float(record.get("summary", {}).get("minutes", 0.0))
 
 
 def _plain(value: Any) -> Any:
