@@ -327,7 +327,10 @@ def slow_link_section(quick: bool, shared: Path, args: argparse.Namespace) -> di
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="slow_link-") as tmp:
         root = Path(args.out) if args.out else Path(tmp)
-        found = run_slow_link(s, shared, root, deadline_s=args.deadline_s, log=log)
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else None
+        if quick and modes is None:  # the tests: the headline pair and semi_sync (each mode is a server start)
+            modes = ["sync", "semi_sync", "async"]
+        found = run_slow_link(s, shared, root, deadline_s=args.deadline_s, log=log, modes=modes)
     return {"async_time_ratio": found.pop("async_time_ratio"), "async_loss_gap_pct": found.pop("async_loss_gap_pct"),
             "slow_link": found}
 
@@ -342,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--deadline-s", type=float, default=0.0,
                         help="slow_link: semi_sync round deadline (0: 0.75 x the first sync run's round time)")
     parser.add_argument("--out", default="", help="slow_link: keep the runs' directories here (default: a temp dir)")
+    parser.add_argument("--modes", default="", help="slow_link: modes to run, comma-separated (default: all; "
+                                                    "--quick: sync,semi_sync,async); sync is always run")
     args = parser.parse_args(argv)
     sections = {name.strip() for name in args.only.split(",") if name.strip()}
     if not sections or sections - set(SECTIONS):

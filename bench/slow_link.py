@@ -255,14 +255,19 @@ def _summary(values: Sequence[float | None]) -> dict | None:
 
 
 def run_slow_link(s: SlowLinkSettings, shared: Path, root: Path, *, timeout_s: float = 600.0,
-                  deadline_s: float = 0.0, log=print) -> dict:
-    """Every mode, interleaved, ``s.repeats`` times; the summary (keys ``async_time_ratio``, ...)."""
+                  deadline_s: float = 0.0, log=print, modes: Sequence[str] | None = None) -> dict:
+    """Every mode (or those named in ``modes``; sync always), interleaved, ``s.repeats`` times; the
+    summary (keys ``async_time_ratio``, ...)."""
+    known = [m.name for m in MODES]
+    if modes is not None and (unknown := sorted(set(modes) - set(known))):
+        raise ValueError(f"slow_link modes: expected names among {', '.join(known)}, got {unknown}")
+    chosen = [m for m in MODES if modes is None or m.name in modes or m.name == "sync"]
     from fedsplit.recipes.network import free_port
 
     sync_rounds, other_rounds = s.rounds, math.ceil(s.rounds * s.rounds_factor)
     probe = base_overrides(s, shared, free_port(), sync_rounds)
-    skipped = {m.name: reason for m in MODES if isinstance(reason := mode_config(probe, m, 1.0), str)}
-    modes = [m for m in MODES if m.name not in skipped]
+    skipped = {m.name: reason for m in chosen if isinstance(reason := mode_config(probe, m, 1.0), str)}
+    runnable = [m for m in chosen if m.name not in skipped]
     for name, reason in skipped.items():
         log(f"slow_link: skipping {name}: {reason}")
     scorer = CheckpointScorer(mode_config(probe, MODES[0], 1.0))  # type: ignore[arg-type]
@@ -274,7 +279,7 @@ def run_slow_link(s: SlowLinkSettings, shared: Path, root: Path, *, timeout_s: f
 
     runs: list[RunRecord] = []
     for repeat in range(s.repeats):
-        for mode in modes:
+        for mode in runnable:
             if mode.name != "sync" and deadline_s <= 0:
                 first_sync = next(r for r in runs if r.mode == "sync" and r.round_s)
                 deadline_s = s.deadline_fraction * statistics.median(first_sync.round_s)

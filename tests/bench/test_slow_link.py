@@ -39,7 +39,7 @@ def test_quick_slow_link_reports_the_time_ratio_and_loss_gap(capsys, monkeypatch
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["bench"] == "cross_cloud" and last["sections"] == ["slow_link"]
     details = result["slow_link"]
-    assert {"sync", "semi_sync"} <= set(details["modes"])
+    assert set(details["modes"]) == {"sync", "semi_sync", "async"}  # --quick: the headline pair and semi_sync
     assert all(not run["error"] for mode in details["modes"].values() for run in mode["runs"])
     for key in ("async_time_ratio", "async_loss_gap_pct"):
         assert isinstance(result[key], float) and math.isfinite(result[key]), (key, result[key])
@@ -95,3 +95,10 @@ def test_the_headline_mode_reached_the_sync_loss_in_every_run() -> None:
     assert summary["async_time_ratio"] == pytest.approx(0.65)
     assert summary["async_loss_gap_pct"] == pytest.approx(0.0)
     assert summary["modes"]["lucky"]["reached"] == "1/2"
+
+
+def test_an_unknown_mode_is_refused_before_any_run(tmp_path) -> None:
+    import slow_link
+
+    with pytest.raises(ValueError, match=r"slow_link modes: expected names among sync, .*got \['fast'\]"):
+        slow_link.run_slow_link(slow_link.slow_link_settings(True), tmp_path, tmp_path, modes=["async", "fast"])

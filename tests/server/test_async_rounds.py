@@ -75,6 +75,26 @@ class SlowLink:
         self.inner.close()
 
 
+class HeldUpdate:
+    """A transport that holds each CLIENT_UPDATE until two rounds were aggregated after the version the
+    client trained from (its frame's round is that version + 1): stale by >= 2 whatever the machine's load."""
+
+    def __init__(self, inner, coordinator) -> None:
+        self.inner, self.coordinator = inner, coordinator
+
+    def exchange(self, frame: bytes) -> bytes:
+        header = pb.Frame.FromString(frame)
+        if header.kind == pb.CLIENT_UPDATE:
+            deadline = time.monotonic() + 60
+            while len(self.coordinator.history) < min(header.round + 1, self.coordinator.config.num_rounds):
+                assert time.monotonic() < deadline, "the fast clients never got ahead"
+                time.sleep(0.005)
+        return self.inner.exchange(frame)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 class Passes:
     """Drives one client pass by pass from the test (no thread): join, train, send."""
 
@@ -271,7 +291,8 @@ def test_async_needs_fedavg_weights_and_a_buffer_the_clients_can_fill():
 
 def test_over_grpc_a_client_behind_a_shaped_link_is_not_waited_for(tmp_path):
     # Arrange: a real gRPC server (insecure: no TLS files; frames stay sealed); c dials it through a
-    # ShapingProxy adding 200 ms each way (handshake + a pass: >= 7 round trips, 2.8 s), a and b dial it directly
+    # ShapingProxy adding 200 ms each way (handshake + a pass: >= 7 round trips, 2.8 s), a and b dial it directly;
+    # c's updates are also held until the fast two made 2 rounds past c's version (no race on a loaded machine)
     from fedsplit.protocol import PROTOCOL_VERSION
     from fedsplit.security.handshake import HandshakeVerifier, hash_run_config
     from fedsplit.security.identity import generate_identity
@@ -291,9 +312,15 @@ def test_over_grpc_a_client_behind_a_shaped_link_is_not_waited_for(tmp_path):
                         on_disconnect=coordinator.on_disconnect).start()
     direct = f"127.0.0.1:{server.port}"
     slow, _, proxy = shaped_address(direct, LinkShape(latency_ms=200, seed=1))
+    def held(connect):
+        channel = connect()
+        channel.transport = HeldUpdate(channel.transport, coordinator)  # above the shaped socket
+        return channel
+
     for cid, runner in fed.runners.items():
         credentials = ClientCredentials(identities[cid], server_key.public_key(), cid, "test-run", config_hash)
         runner.connect = functools.partial(connect_grpc, slow if cid == "c" else direct, credentials, insecure=True)
+    fed.runners["c"].connect = functools.partial(held, fed.runners["c"].connect)
 
     # Act
     try:
