@@ -36,7 +36,6 @@ on from the last checkpointed round (updates in flight at the crash are lost).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -51,7 +50,6 @@ import torch
 from google.protobuf.message import Message
 from torch import Tensor
 
-from fedsplit.adapters import adapter_state_dict
 from fedsplit.channel import Handler
 from fedsplit.metrics import MetricsWriter
 from fedsplit.protocol import ProtocolError, decode_named, encode_named, kind_name, pb
@@ -65,6 +63,7 @@ from fedsplit.server.checkpoint import (
     save_checkpoint,
 )
 from fedsplit.server.data_reports import announce_data_report, read_data_report
+from fedsplit.server.driving import RunDriver
 from fedsplit.server.evaluation import FederatedEvalConfig, RoundEvaluation
 from fedsplit.server.rounds import (
     ROUND_NEXT,
@@ -72,7 +71,6 @@ from fedsplit.server.rounds import (
     RoundFailedError,
     RoundStage,
     RunResult,
-    RunStoppedError,
     Session,
     TrunkService,
     check_checkpoint,
@@ -111,9 +109,11 @@ class _Aggregated:
     audits: list[ClientUpdate] = field(default_factory=list)
 
 
-class AsyncCoordinator:
+class AsyncCoordinator(RunDriver):
     """The server's side of asynchronous rounds; the same surface as :class:`RoundCoordinator`
     (``handler_for``, ``on_disconnect``, ``run``/``start``/``wait``, ``stop``, ``restore``, ...)."""
+
+    _thread_name = "async-coordinator"
 
     def __init__(
         self,
@@ -258,60 +258,6 @@ class AsyncCoordinator:
             if self._stage not in (RoundStage.DONE, RoundStage.FAILED):
                 self._move(RoundStage.FAILED)
         self._log("run_failed", error=f"{type(exc).__name__}: {exc}")
-
-    def stop(self) -> None:
-        """End the run now (e.g. on SIGTERM): the buffered updates are dropped, the last checkpoint stays."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-
-    def _check_not_stopping(self) -> None:
-        if self._stopping:
-            raise RunStoppedError(f"stopped after round {self.completed_round} of {self.config.num_rounds}")
-
-    def start(self) -> AsyncCoordinator:
-        """Run in a background thread; :meth:`wait` for the result."""
-        if self._thread is not None:
-            raise RuntimeError("AsyncCoordinator.start: already started")
-        self._thread = threading.Thread(target=self._run_quietly, name="async-coordinator", daemon=True)
-        self._thread.start()
-        return self
-
-    def _run_quietly(self) -> None:
-        with contextlib.suppress(BaseException):  # kept in self._error, re-raised by wait()
-            self.run()
-
-    def wait(self, timeout: float | None = None) -> RunResult:
-        """Block until the background run ends; re-raise its error."""
-        if self._thread is None:
-            raise RuntimeError("AsyncCoordinator.wait: call start() first")
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise TimeoutError(f"the run did not finish within {timeout} s (stage {self._stage.name})")
-        if self._error is not None:
-            raise self._error
-        return self.result()
-
-    # -- state ------------------------------------------------------------------------------------
-    @property
-    def stage(self) -> RoundStage:
-        return self._stage
-
-    @property
-    def global_adapters(self) -> dict[str, Tensor]:
-        with self._cond:
-            return {k: v.clone() for k, v in self._global.items()}
-
-    @property
-    def client_steps(self) -> dict[str, int]:
-        with self._cond:
-            return dict(self._client_steps)
-
-    def trunk_adapters(self) -> dict[str, Tensor]:
-        return adapter_state_dict(self.trunk.trunk)
-
-    def result(self) -> RunResult:
-        return RunResult(self.completed_round, self.global_adapters, self.trunk_adapters(), list(self.history))
 
     def checkpoint(self) -> Checkpoint:
         """The server state after the last round; OPTIMIZER_STEPs wait while the trunk is copied."""
