@@ -132,6 +132,16 @@ def wait_rounds(coordinator, count: int) -> None:
         time.sleep(0.01)
 
 
+def fast_rounds(coordinator, a, b, count: int) -> None:
+    """``a`` and ``b`` make rounds 1..count alone, each joining again for fresh parts after every round."""
+    for number in range(1, count + 1):
+        for client in (a, b):
+            assert client.train() == 0
+        wait_rounds(coordinator, number)
+        for client in (a, b):
+            client.join()
+
+
 def test_fast_clients_aggregate_without_the_slow_one_and_its_stale_update_is_discounted(tmp_path):
     # Arrange: a and b fast; c behind a slow link, its first update held until 2 rounds are done
     metrics = MetricsWriter(tmp_path / "metrics.jsonl")
@@ -183,12 +193,7 @@ def test_a_stale_update_moves_the_global_parts_exactly_by_the_rule():
         client.join()  # every data report is in: weights a 4, b 2, c 2 (one batch per pass)
 
     # Act: rounds 1 and 2 by a and b; then c, still on version 0, and a fresh a make round 3
-    for number in (1, 2):
-        for client in (a, b):
-            assert client.train() == 0
-        wait_rounds(coordinator, number)
-        for client in (a, b):
-            client.join()
+    fast_rounds(coordinator, a, b, 2)
     g2 = coordinator.global_adapters
     assert c.train() == 0 and a.train() == 0
     wait_rounds(coordinator, 3)
@@ -217,12 +222,7 @@ def test_an_update_past_max_staleness_is_refused_and_the_client_gets_fresh_parts
     with metrics:
         for client in (a, b, c):
             client.join()
-        for number in (1, 2):
-            for client in (a, b):
-                assert client.train() == 0
-            wait_rounds(coordinator, number)
-            for client in (a, b):
-                client.join()
+        fast_rounds(coordinator, a, b, 2)
 
         # Act: c trains on version 0, two rounds old
         lost = c.train()
