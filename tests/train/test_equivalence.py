@@ -54,6 +54,9 @@ CONFIGS = {
     "linear+wd": TrainConfig(lr=5e-3, weight_decay=0.1, schedule="linear", max_grad_norm=1.0),
     "bf16-autocast": TrainConfig(lr=1e-2, precision="bf16", max_grad_norm=0.05, grad_accum=2),
     "left-padding": TrainConfig(lr=1e-2, padding_side="left"),
+    "loss-in-chunks-of-7": TrainConfig(lr=1e-2, loss_chunk_tokens=7, grad_accum=2),
+    "bf16+loss-in-chunks-of-5": TrainConfig(lr=1e-2, precision="bf16", loss_chunk_tokens=5),
+    "loss-all-at-once": TrainConfig(lr=1e-2, loss_chunk_tokens=0),
 }
 
 
@@ -84,9 +87,10 @@ def test_clipping_really_clips(tiny_llama):
     assert result.grad_norm > 1e-4  # so the coefficient applied was < 1 on both sides
 
 
-def test_split_eval_loss_equals_centralized(tiny_llama):
+@pytest.mark.parametrize("chunk", [0, 7, 128])
+def test_split_eval_loss_equals_centralized(tiny_llama, chunk):
     model, _ = tiny_llama
-    client, trainer, *_ = _pair(model, TrainConfig(), steps=1)
+    client, trainer, *_ = _pair(model, TrainConfig(loss_chunk_tokens=chunk), steps=1)
     batches = [m for step in _batches(2, 1) for m in step]
 
     assert client.eval_loss(batches) == pytest.approx(trainer.eval_loss(batches), abs=1e-6)

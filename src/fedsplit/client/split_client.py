@@ -26,6 +26,7 @@ from fedsplit.train.optim import (
     autocast,
     build_optimizer,
     causal_lm_loss,
+    chunked_causal_lm_loss,
     grad_sq_norm,
     guarded_step,
     scale_grads,
@@ -89,8 +90,7 @@ class SplitClient:
         h_head, trunk_out = self._through_trunk(ids, mask, positions, train=True)
         h_trunk = trunk_out.requires_grad_()  # (B, T, H)
         with autocast(self.cfg):
-            logits = self.tail(h_trunk, mask, positions)  # (B, T, V)
-            loss = causal_lm_loss(logits, labels)
+            loss = self._loss(self.tail.final_hidden(h_trunk, mask, positions), labels)
         (loss / self.cfg.grad_accum).backward()
         assert h_trunk.grad is not None  # h_trunk is a leaf that requires grad, and the loss used it
         reply = self.channel.call(
@@ -133,14 +133,34 @@ class SplitClient:
         result.loss = sum(losses) / len(losses)
         return result
 
+    def _loss(self, final_hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The causal-LM loss of the tail's normed output ``(B, T, H)``: LM head + cross-entropy, in chunks of
+        ``train.loss_chunk_tokens`` positions (the batch's logits are never held at once), or all at once (0)."""
+        with autocast(self.cfg):
+            if self.cfg.loss_chunk_tokens:
+                return chunked_causal_lm_loss(final_hidden, self.tail.output_head(), labels, self.cfg.loss_chunk_tokens)
+            return causal_lm_loss(self.tail.output_head()(final_hidden), labels)
+
     @torch.no_grad()
     def eval_loss(self, batches: Iterable[Mapping[str, torch.Tensor]]) -> float:
         """Mean supervised-token loss, through the server without keeping a graph."""
-        return token_weighted_loss((self._eval_logits(batch), batch["labels"]) for batch in batches)
+        def scored(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            with autocast(self.cfg):
+                return self.tail.final_hidden(*self._eval_trunk(batch))  # (B, T, H)
 
-    def _eval_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return token_weighted_loss(((scored(batch), batch["labels"]) for batch in batches), loss=self._loss)
+
+    def _eval_trunk(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the trunk's output (B, T, H), mask, positions) of an evaluation batch."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         positions = positions_from_mask(mask)
         _, trunk_out = self._through_trunk(ids, mask, positions, train=False)
+        return trunk_out, mask, positions
+
+    def _eval_logits(self, batch: Mapping[str, torch.Tensor], keep: int | None = None) -> torch.Tensor:
+        """Logits ``(B, T, V)``, or of the last ``keep`` positions only ``(B, keep, V)``: the LM head (a
+        49k-token vocabulary for SmolLM2) runs only where it is read (a :data:`fedsplit.eval.scoring.LogitsFn`)."""
         with autocast(self.cfg):
-            return self.tail(trunk_out, mask, positions)  # (B, T, V)
+            hidden = self.tail.final_hidden(*self._eval_trunk(batch))  # (B, T, H)
+            logits: torch.Tensor = self.tail.output_head()(hidden[:, -keep:] if keep else hidden)
+            return logits

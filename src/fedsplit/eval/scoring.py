@@ -66,12 +66,10 @@ def sequence_logprobs(
         logits = access.logits(batch, keep)[:, -keep:-1, :]  # (B, keep-1, V): predicts the last keep-1 tokens
         targets = batch["labels"][:, batch["labels"].shape[1] - logits.shape[1] :]  # (B, keep-1)
         scored = targets != IGNORE_INDEX
-        picked = logits[scored].float()  # (N, V): only the scored positions
-        logp = torch.log_softmax(picked, dim=-1).gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1)  # (N,)
-        sums = torch.zeros(len(rows), dtype=torch.float64).index_add_(
-            0, scored.nonzero()[:, 0], logp.double())  # (B,)
-        for index, total, count in zip(chunk, sums.tolist(), scored.sum(dim=1).tolist(), strict=True):
-            results[index] = (total, int(count))
+        for row, index in enumerate(chunk):  # one row at a time: the log-softmax copies are (n, V), not (B, n, V)
+            picked = logits[row][scored[row]].float()  # (n, V): only this row's scored positions
+            logp = torch.log_softmax(picked, dim=-1).gather(-1, targets[row][scored[row]].unsqueeze(-1))  # (n, 1)
+            results[index] = (float(logp.double().sum()), int(scored[row].sum()))
     return [results[i] for i in range(len(sequences))]
 
 
@@ -80,16 +78,6 @@ def unsplit_logits(model: torch.nn.Module) -> LogitsFn:
         mask = batch["attention_mask"]
         return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions_from_mask(mask),
                      logits_to_keep=keep or 0).logits  # (B, keep or T, V)
-
-    return logits
-
-
-def full_logits(fn: Callable[[Batch], torch.Tensor]) -> LogitsFn:
-    """A ``batch -> (B, T, V)`` function (e.g. a split client's head -> trunk -> tail) as a :data:`LogitsFn`."""
-
-    def logits(batch: Batch, keep: int | None = None) -> torch.Tensor:
-        out = fn(batch)  # (B, T, V)
-        return out[:, -keep:, :] if keep else out
 
     return logits
 
@@ -159,11 +147,10 @@ def greedy_decode(
     return new
 
 
-def function_access(fn: Callable[[Batch], torch.Tensor], tokenizer) -> ModelAccess:
-    """:class:`ModelAccess` from a bare ``batch -> (B, T, V)`` function, e.g. a split client's
-    head -> trunk -> tail (``SplitClient._eval_logits``): no example leaves the client."""
+def function_access(logits_fn: LogitsFn, tokenizer) -> ModelAccess:
+    """:class:`ModelAccess` from a bare :data:`LogitsFn`, e.g. a split client's head -> trunk -> tail
+    (``SplitClient._eval_logits``): no example leaves the client."""
     stop = _stop_ids(tokenizer)
-    logits_fn = full_logits(fn)
 
     def generate(prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         return greedy_decode(logits_fn, prompts, max_new_tokens, pad_token_id=tokenizer.pad_token_id, stop_ids=stop)

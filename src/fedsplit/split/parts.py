@@ -192,10 +192,19 @@ class Tail(SplitPart):
     def forward(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
-        hidden = self.run_blocks(hidden, attention_mask, position_ids)
-        hidden = self.get_submodule(self.spec.norm)(hidden)
-        logits: torch.Tensor = self.get_submodule(self.spec.lm_head)(hidden)  # (B, T, V)
-        return logits
+        logits: torch.Tensor = self.output_head()(self.final_hidden(hidden, attention_mask, position_ids))
+        return logits  # (B, T, V)
+
+    def final_hidden(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """The tail blocks and the final norm: what the LM head reads ``(B, T, H)``."""
+        normed: torch.Tensor = self.get_submodule(self.spec.norm)(self.run_blocks(hidden, attention_mask, position_ids))
+        return normed
+
+    def output_head(self) -> nn.Module:
+        """The LM head (hidden ``(..., H)`` -> logits ``(..., V)``)."""
+        return self.get_submodule(self.spec.lm_head)
 
 
 class SplitParts(NamedTuple):

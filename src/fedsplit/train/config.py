@@ -23,6 +23,9 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = field(default="fp32", metadata={"help": "bf16 = CPU/GPU autocast"})
     padding_side: Literal["right", "left"] = field(default="right", metadata={"help": "where padding goes"})
     seed: int = field(default=0, metadata={"help": "seed for data order and adapter init"})
+    loss_chunk_tokens: int = field(
+        default=128, metadata={"help": "split client: LM head + loss over this many positions at a time "
+                                       "(the batch's logits are never held at once); 0 = all at once"})
 
     def __post_init__(self) -> None:
         checks = {
@@ -34,6 +37,7 @@ class TrainConfig:
             "warmup_steps": isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
             "batch_size": isinstance(self.batch_size, int) and self.batch_size >= 1,
             "max_length": isinstance(self.max_length, int) and self.max_length >= 2,
+            "loss_chunk_tokens": isinstance(self.loss_chunk_tokens, int) and self.loss_chunk_tokens >= 0,
         }
         for name, ok in checks.items():
             if not ok:
