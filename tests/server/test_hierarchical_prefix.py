@@ -101,6 +101,7 @@ def _settle(router) -> None:
 
 
 # -- (a) replicas averaged after every step = one sequential trunk ----------------------------------
+@pytest.mark.slow  # the first user of the hierarchy pays its start-up (~15-25 s: two sub-server processes)
 def test_replicas_synced_every_step_train_the_trunk_prefixes_as_one_sequential_trunk(hierarchy):
     # Arrange: clients a (sub-server 1) and b (sub-server 2) alternate steps on their own batches; the
     # reference is one TrunkServer taking the same steps in the same order (sequential mode)
@@ -148,6 +149,7 @@ def test_replicas_synced_every_step_train_the_trunk_prefixes_as_one_sequential_t
 
 
 # -- (c) resume: a checkpoint's trunk prefixes reach every replica ----------------------------------
+@pytest.mark.slow  # needs the hierarchy (~15-25 s to start when run alone)
 def test_resuming_from_a_checkpoint_restores_every_replicas_trunk_prefixes_and_moments(hierarchy, tmp_path: Path):
     # Arrange: a checkpoint of the root's (averaged) state, then steps that move the replicas away from it
     router = hierarchy.router
