@@ -149,7 +149,8 @@ def start_hierarchy(spec: SubServerSpec, trunk: Trunk, root_identity: ed25519.Ed
 
     ``hierarchy.control_port`` 0 in ``spec`` is replaced by the port actually bound. ``launch=False`` starts
     no process: run ``fedsplit subserver --root-config hierarchy.toml --rank K`` on each sub-server machine instead.
-    ``trunk`` is the root's copy (LoRA injected as on the clients); it is never run.
+    ``trunk`` is the root's copy (LoRA, or the prefixes of ``method.name = "prefix"``, injected as the replicas
+    do); it is never run.
     """
     from fedsplit.security.identity import load_private_key
     from fedsplit.security.tls import load_channel_tls
