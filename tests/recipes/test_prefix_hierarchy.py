@@ -123,7 +123,8 @@ def test_a_hierarchical_prefix_run_averages_the_replicas_trunk_prefixes_and_save
             averaged = final[f"base_model.model.prefix_tuning.{which}.{layer}"]  # (kv_heads, P, head_dim)
             assert torch.equal(grid[:, 2 * layer + i], averaged.permute(1, 0, 2).flatten(1))
 
-    # the last checkpoint holds the averaged trunk prefixes (what --resume pushes to the replicas)
+    # the last checkpoint holds the averaged trunk prefixes (what --resume pushes to the replicas) and the
+    # global head/tail prefixes, which are the adapter's other rows
     from fedsplit.server.checkpoint import latest_checkpoint, load_checkpoint
 
     found = latest_checkpoint(tmp_path / "server" / "checkpoints")
@@ -131,6 +132,11 @@ def test_a_hierarchical_prefix_run_averages_the_replicas_trunk_prefixes_and_save
     checkpoint = load_checkpoint(found)
     assert checkpoint.round == ROUNDS and checkpoint.trunk.adapters.keys() == final.keys()
     assert all(torch.equal(checkpoint.trunk.adapters[k], final[k]) for k in final)
+    for name in ("head", "tail"):
+        for layer in getattr(initial, name).layer_indices:
+            for i, which in enumerate(("key", "value")):
+                value = checkpoint.global_adapters[f"{name}/base_model.model.prefix_tuning.{which}.{layer}"]
+                assert torch.equal(grid[:, 2 * layer + i], value.permute(1, 0, 2).flatten(1))
 
 
 def _adapters(trunk) -> dict[str, torch.Tensor]:
