@@ -222,3 +222,26 @@ def test_a_replica_spec_round_trips_its_method_through_the_spec_file(tmp_path: P
     assert trainable == [f"prefix_tuning.{w}.{i}" for w in ("key", "value") for i in trunk.layer_indices]
     lora = build_replica_trunk(replace(read, method=MethodConfig()))
     assert part_prefix(lora) is None and any("lora_" in k for k in adapter_state_dict(lora))
+
+
+def test_a_replica_built_with_another_method_refuses_the_roots_group_naming_the_method_section():
+    from fedsplit.adapters import LoraSettings, add_lora
+    from fedsplit.models import load_model
+    from fedsplit.server.hierarchy.collectives import TrainableState
+    from fedsplit.server.hierarchy.control import ControlMessage, ControlOp
+    from fedsplit.server.hierarchy.replica import SubServer, SubServerStage
+
+    # Arrange: the root trains prefixes; this replica was started from a spec that says LoRA
+    root = TrunkServer(build_prefix_parts().trunk, CFG, TOTAL_STEPS)
+    lora_trunk = split_model(load_model("tiny-llama")[0], 1, 1).trunk
+    add_lora(lora_trunk, LoraSettings(r=2), seed=CFG.seed + 1)
+    replica = SubServer(1, TrunkServer(lora_trunk, CFG, TOTAL_STEPS))
+    layout = TrainableState(root.trunk, root.params, root.optimizer).layout
+    form = ControlMessage(1, ControlOp.FORM, 1, members=(1,), host="127.0.0.1", port=1, timeout_s=1.0,
+                          layout=layout)
+
+    # Act
+    result = replica.apply(form)
+
+    # Assert: refused before any process group is joined, the error naming the spec sections to fix
+    assert not result.ok and "[method]" in result.error and replica.stage is SubServerStage.STARTING
