@@ -7,7 +7,7 @@ The root, in one call (:func:`start_hierarchy`)::
     -> ReplicaRouter.start(): wait for the announcements, assign the clients, form the group, push
 
 The spec file holds everything a sub-server needs (run identity, key and TLS files, model, train
-and LoRA settings, the hierarchy section); :mod:`fedsplit.recipes.subserver` runs one sub-server
+and LoRA or prefix settings, the hierarchy section); :mod:`fedsplit.recipes.subserver` runs one sub-server
 from it. The parts themselves are in :mod:`fedsplit.server.hierarchy`.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedsplit.adapters import LoraSettings
-from fedsplit.config import HierarchyConfig, ModelConfig, WireConfig
+from fedsplit.config import HierarchyConfig, MethodConfig, ModelConfig, WireConfig
 from fedsplit.security.wire import check_identifier
 from fedsplit.server.hierarchy import ROOT_PREFIX
 from fedsplit.server.hierarchy.control import RootControl
@@ -79,6 +79,7 @@ class SubServerSpec:
     lora_trunk: LoraSettings = field(default_factory=LoraSettings)
     hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)
     wire: WireConfig = field(default_factory=WireConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)  # prefix: the replicas train trunk prefixes, not LoRA
 
 
 def write_spec(path: Path | str, spec: SubServerSpec) -> Path:
@@ -148,7 +149,8 @@ def start_hierarchy(spec: SubServerSpec, trunk: Trunk, root_identity: ed25519.Ed
 
     ``hierarchy.control_port`` 0 in ``spec`` is replaced by the port actually bound. ``launch=False`` starts
     no process: run ``fedsplit subserver --root-config hierarchy.toml --rank K`` on each sub-server machine instead.
-    ``trunk`` is the root's copy (LoRA injected as on the clients); it is never run.
+    ``trunk`` is the root's copy (LoRA, or the prefixes of ``method.name = "prefix"``, injected as the replicas
+    do); it is never run.
     """
     from fedsplit.security.identity import load_private_key
     from fedsplit.security.tls import load_channel_tls

@@ -223,6 +223,7 @@ def start_hierarchy(cfg: RunConfig, parts: SplitParts, keys: Path, config_hash: 
         security=SecurityFiles(keys / f"{cfg.security.server_name}.key", keys / "root.pub",
                                insecure=cfg.security.insecure, **tls),
         model=cfg.model, train=cfg.train, lora_trunk=cfg.lora_trunk, hierarchy=cfg.hierarchy, wire=cfg.wire,
+        method=cfg.method,  # prefix: the replicas build prefixed trunks (docs/ptuning.md)
     )
     return hierarchy.start_hierarchy(spec, parts.trunk, load_private_key(keys / "root.key"), out)
 

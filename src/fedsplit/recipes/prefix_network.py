@@ -6,6 +6,11 @@ optimizer, and never leave it) plus the global head/tail prefixes it averages; `
 builds its head and tail with their prefixes. Every part's prefixes are initialized from the run seed
 (part ``i``: ``seed + i``), so the server's global head/tail prefixes and every client's start equal.
 The FedAvg payload (``client_adapters(head, tail)``) carries the head/tail prefixes like LoRA weights.
+
+``server.mode = "hierarchical"``: the root's trunk built here is the averaging target; every sub-server
+builds the same seeded trunk prefixes (:func:`fedsplit.recipes.subserver.build_replica_trunk`, told by
+the spec's ``method``), trains them, and the replicas' averaging covers them and their AdamW moments like
+LoRA weights (they are the trunk's adapter tensors); the root saves the averaged ones with the head/tail.
 """
 
 from __future__ import annotations
@@ -25,9 +30,6 @@ def build_prefix_parts(cfg: Any, role: str) -> tuple[object, SplitParts]:
 
     if role not in ROLES:
         raise ValueError(f"role: expected one of {', '.join(ROLES)}, got {role!r}")
-    if cfg.server.mode == "hierarchical":
-        raise ValueError("method.name = 'prefix': server.mode = 'hierarchical' is not supported "
-                         "(its sub-servers build LoRA trunks); use client-serial or client-batch")
     tokenizer, parts = load_parts(cfg.model.name, cfg.model.head_layers, cfg.model.tail_layers, hold=ROLES[role])
     for index, name in enumerate(PARTS):
         if name in ROLE_ADAPTERS[role]:

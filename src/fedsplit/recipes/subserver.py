@@ -4,7 +4,8 @@
 
 reads the spec file the root wrote (:mod:`fedsplit.recipes.hierarchy`), then, top to bottom:
 load the trunk replica (base weights memory-mapped, :mod:`fedsplit.server.shared_weights`; the
-seeded LoRA every replica and the root share) -> a TrunkServer -> serve the root's relay sessions
+seeded LoRA, or with ``method.name = "prefix"`` the seeded P-tuning v2 prefixes, every replica and the
+root share) -> a TrunkServer -> serve the root's relay sessions
 on its own gRPC endpoint (the root's TLS material and server identity) -> connect to the root's
 control plane and announce the endpoint -> follow the root's messages until STOP
 (:class:`~fedsplit.server.hierarchy.replica.SubServer`).
@@ -35,12 +36,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TRUNK_PART_INDEX = 1  # add_part_adapters seeds part i with seed + i: the trunk is part 1
+TRUNK_PART_INDEX = 1  # add_part_adapters / build_prefix_parts seed part i with seed + i: the trunk is part 1
 
 
 def build_replica_trunk(spec: SubServerSpec) -> Trunk:
     """The trunk (base weights shared unless ``hierarchy.shared_weights`` is off) with the seeded LoRA
-    init every replica and the root share."""
+    (or, ``method.name = "prefix"``, P-tuning v2 prefix) init every replica and the root share."""
     from fedsplit.server.shared_weights import SharedWeightsError, load_shared_trunk, resolve_weights_dir
 
     m = spec.model
@@ -58,7 +59,13 @@ def build_replica_trunk(spec: SubServerSpec) -> Trunk:
         from fedsplit.split import split_model
 
         trunk = split_model(load_model(m.name)[0], m.head_layers, m.tail_layers).trunk
-    add_lora(trunk, spec.lora_trunk, seed=spec.train.seed + TRUNK_PART_INDEX)
+    seed = spec.train.seed + TRUNK_PART_INDEX
+    if spec.method.name == "prefix":  # as fedsplit.recipes.prefix_network.build_prefix_parts does on the root
+        from fedsplit.split.prefix import add_prefix
+
+        add_prefix(trunk, spec.method.num_virtual_tokens, seed=seed)
+    else:
+        add_lora(trunk, spec.lora_trunk, seed=seed)
     return trunk
 
 

@@ -16,7 +16,7 @@ One module per concern:
   Ed25519-signed (:mod:`fedsplit.security.signing`; root identity / server identity) and bound to
   the run id, a fresh root nonce and a sequence number: a party on the network can read or delete
   them, not forge or replay them.
-* :mod:`.collectives` - the trainable state (LoRA weights and AdamW moments) as one vector, the
+* :mod:`.collectives` - the trainable state (LoRA weights or trunk prefixes, and AdamW moments) as one vector, the
   averaging all-reduce and the gather over it, process-group generations, backend choice.
 * :mod:`.router` - the root's trunk, :class:`~fedsplit.server.hierarchy.router.ReplicaRouter`:
   relay, rerouting after a failure, the gate that drains steps before a sync; with

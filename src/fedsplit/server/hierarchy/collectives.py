@@ -1,9 +1,9 @@
 """The collectives of server-hierarchical training (FL-GLM, arXiv 2406.14898, Sec. 3.3).
 
-A replica's trainable trunk state (LoRA weights and AdamW moments) as one float64 vector, the
-averaging all-reduce and the gather over it, and the process groups they run in (one generation
-at a time: a group is formed again, on a new port, after a member died). Every rank calls the
-same collective with the same arguments where the docstring says so; the root is rank 0.
+A replica's trainable trunk state (LoRA weights or P-tuning v2 prefixes, and AdamW moments) as one
+float64 vector, the averaging all-reduce and the gather over it, and the process groups they run in
+(one generation at a time: a group is formed again, on a new port, after a member died). Every rank
+calls the same collective with the same arguments where the docstring says so; the root is rank 0.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ class ReplicaState:
 
 
 class TrainableState:
-    """A trunk's LoRA weights and AdamW state as one float64 vector (the all-reduce payload).
+    """A trunk's adapter tensors (LoRA weights or P-tuning v2 prefixes) and AdamW state as one float64 vector
+    (the all-reduce payload).
 
     Per parameter, in ``trainable_parameters`` order: ``[weights, exp_avg, exp_avg_sq, step]``.
     """
@@ -64,7 +65,8 @@ class TrainableState:
     def __init__(self, trunk: Trunk, params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
         shapes = {k: tuple(v.shape) for k, v in adapter_state_dict(trunk).items()}
         if [tuple(p.shape) for p in params] != list(shapes.values()):
-            raise HierarchyError("the optimizer's parameters are not the trunk's LoRA weights in order")
+            raise HierarchyError("the optimizer's parameters are not the trunk's adapter (LoRA / prefix) tensors "
+                                 "in order")
         self.names, self.params, self.optimizer = list(shapes), list(params), optimizer
         self.layout = hashlib.sha256(json.dumps(list(shapes.items())).encode()).hexdigest()
         self.numel = sum(3 * p.numel() + 1 for p in self.params)

@@ -189,7 +189,7 @@ class SubServer:
             return self._result(message, ok=False, error="retired: not a member")
         if message.layout != self.state.layout:
             raise HierarchyError(f"adapter layout {self.state.layout[:12]} differs from the root's "
-                                 f"{message.layout[:12]}")
+                                 f"{message.layout[:12]} (the spec's [method] and [lora_trunk] must be the root's)")
         spec = GroupSpec(message.generation, message.host, message.port, message.members.index(self.rank) + 1,
                          len(message.members) + 1, message.backend, message.timeout_s)
         self.group = None
