@@ -6,43 +6,74 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from fedsplit.train.config import TrainConfig
-from fedsplit.train.optim import IGNORE_INDEX, causal_lm_loss, chunked_causal_lm_loss
+from fedsplit.train.lm_loss import LinearCrossEntropy, chunked_causal_lm_loss
+from fedsplit.train.optim import IGNORE_INDEX, causal_lm_loss
 
 B, T, H, V = 3, 11, 8, 50
 
 
-def _inputs(seed: int = 0) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]:
+class Wrapped(nn.Module):
+    """A head that is not a plain ``nn.Linear`` (as a LoRA-wrapped one): the checkpointed path."""
+
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.inner = nn.Linear(H, V, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+HEADS = {  # name -> (head, is the fused path expected)
+    "linear, frozen (a tied head)": lambda: (nn.Linear(H, V, bias=False).requires_grad_(False), True),
+    "linear with bias, trained": lambda: (nn.Linear(H, V, bias=True), True),
+    "wrapped (checkpointed)": lambda: (Wrapped(bias=True), False),
+}
+
+
+def _inputs(make, seed: int = 0) -> tuple[nn.Module, bool, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    head = torch.nn.Linear(H, V, bias=False)
+    head, fused = make()
     hidden = torch.randn(B, T, H, generator=g, requires_grad=True)
     labels = torch.randint(0, V, (B, T), generator=g)
     labels[:, :3] = IGNORE_INDEX  # a prompt
     labels[1, 8:] = IGNORE_INDEX  # padding
-    return head, hidden, labels
+    return head, fused, hidden, labels
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 7, 1000])
-def test_loss_and_gradients_equal_the_whole_batch_loss(chunk):
-    head, hidden, labels = _inputs()
+def _grads(hidden: torch.Tensor, head: nn.Module) -> list[torch.Tensor]:
+    grads = [hidden.grad] + [p.grad for p in head.parameters() if p.requires_grad]
+    out = [g.clone() for g in grads]
+    hidden.grad = None
+    head.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+@pytest.mark.parametrize("name", HEADS)
+def test_loss_and_gradients_equal_the_whole_batch_loss(name, chunk):
+    head, _, hidden, labels = _inputs(HEADS[name])
     expected = causal_lm_loss(head(hidden), labels)
     expected.backward()
-    grads = hidden.grad.clone(), head.weight.grad.clone()
-    hidden.grad, head.weight.grad = None, None
+    want = _grads(hidden, head)
 
     loss = chunked_causal_lm_loss(hidden, head, labels, chunk)
-    loss.backward()
+    (2.5 * loss).backward()  # an upstream gradient other than 1 reaches every gradient
 
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
-    torch.testing.assert_close(hidden.grad, grads[0], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(head.weight.grad, grads[1], atol=1e-6, rtol=1e-5)
+    for got, ref in zip(_grads(hidden, head), want, strict=True):
+        torch.testing.assert_close(got, 2.5 * ref, atol=1e-6, rtol=1e-5)
 
 
-def test_no_chunk_holds_the_logits_of_every_supervised_position():
-    head, hidden, labels = _inputs()
+@pytest.mark.parametrize("name", HEADS)
+def test_the_path_taken_and_what_it_keeps_for_backward(name, monkeypatch):
+    head, fused, hidden, labels = _inputs(HEADS[name])
     supervised = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    calls: list[int] = []
+    monkeypatch.setattr(LinearCrossEntropy, "apply", _counting(LinearCrossEntropy.apply, calls))
     saved: list[int] = []
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -51,29 +82,51 @@ def test_no_chunk_holds_the_logits_of_every_supervised_position():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         chunked_causal_lm_loss(hidden, head, labels, 4).backward()
-    assert max(saved) < 4 * V + 1  # the biggest thing kept for backward is one chunk's logits or less
+    assert bool(calls) == fused
+    # the biggest thing kept for backward: one chunk's logits, or a trained weight's gradient (V, H)
+    assert max(saved) <= max(4 * V, V * H) < supervised * V
+    saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         causal_lm_loss(head(hidden), labels)
     assert max(saved) >= supervised * V  # the whole-batch loss keeps them all (what the chunks avoid)
 
 
+def _counting(fn, calls: list[int]):
+    def wrapper(*args):
+        calls.append(1)
+        return fn(*args)
+
+    return wrapper
+
+
+def test_under_bf16_autocast_it_matches_the_autocast_whole_batch_loss():
+    head, _, hidden, labels = _inputs(HEADS["linear with bias, trained"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = causal_lm_loss(head(hidden), labels)
+        loss = chunked_causal_lm_loss(hidden, head, labels, 4)  # not fused: the head runs in bf16 as above
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
 def test_no_supervised_token_gives_nan_like_the_whole_batch_loss():
-    head, hidden, labels = _inputs()
-    labels[:] = IGNORE_INDEX
-    assert math.isnan(float(causal_lm_loss(head(hidden), labels)))
-    assert math.isnan(float(chunked_causal_lm_loss(hidden, head, labels, 4)))
+    for make in HEADS.values():
+        head, _, hidden, labels = _inputs(make)
+        labels[:] = IGNORE_INDEX
+        assert math.isnan(causal_lm_loss(head(hidden), labels).item())
+        assert math.isnan(chunked_causal_lm_loss(hidden, head, labels, 4).item())
 
 
 def test_without_grad_it_runs_plainly():
-    head, hidden, labels = _inputs()
-    with torch.no_grad():
-        loss = chunked_causal_lm_loss(hidden, head, labels, 5)
-    assert not loss.requires_grad
-    assert float(loss) == pytest.approx(float(causal_lm_loss(head(hidden), labels)), abs=1e-6)
+    for make in HEADS.values():
+        head, _, hidden, labels = _inputs(make)
+        with torch.no_grad():
+            loss = chunked_causal_lm_loss(hidden, head, labels, 5)
+            expected = causal_lm_loss(head(hidden), labels)
+        assert not loss.requires_grad
+        assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
 
 
 def test_a_chunk_must_hold_a_position():
-    head, hidden, labels = _inputs()
+    head, _, hidden, labels = _inputs(HEADS["wrapped (checkpointed)"])
     with pytest.raises(ValueError, match="chunk_tokens: expected >= 1, got 0"):
         chunked_causal_lm_loss(hidden, head, labels, 0)
     with pytest.raises(ValueError, match="train.loss_chunk_tokens"):

@@ -20,13 +20,13 @@ from fedsplit.protocol import decode_tensor, encode_tensor, pb
 from fedsplit.protocol.precision import from_wire, to_wire
 from fedsplit.split.parts import Head, Tail, positions_from_mask
 from fedsplit.train.config import TrainConfig
+from fedsplit.train.lm_loss import chunked_causal_lm_loss
 from fedsplit.train.optim import (
     NonFiniteStepError,
     StepResult,
     autocast,
     build_optimizer,
     causal_lm_loss,
-    chunked_causal_lm_loss,
     grad_sq_norm,
     guarded_step,
     scale_grads,

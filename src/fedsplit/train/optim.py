@@ -154,40 +154,6 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-def chunked_causal_lm_loss(hidden: torch.Tensor, lm_head: Callable[[torch.Tensor], torch.Tensor],
-                           labels: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
-    """:func:`causal_lm_loss` of ``lm_head(hidden)`` without ever holding the logits of the whole batch.
-
-    ``hidden`` ``(B, T, H)`` is what the LM head reads (after the final norm). Only the positions
-    with a supervised next token are scored, ``chunk_tokens`` at a time; each chunk's logits
-    ``(chunk, V)`` are recomputed in the backward pass (``torch.utils.checkpoint``) instead of being
-    kept. For SmolLM2's 49,152-token vocabulary at batch 4 x 128 the logits, their fp32 copy, the
-    log-softmax and their gradients are ~96 MiB each; a chunk of 128 positions holds a quarter of
-    one. The price is one more LM-head forward per step. The loss equals :func:`causal_lm_loss` up
-    to the order of a float sum (sum of chunk sums / supervised tokens; NaN when none is supervised,
-    as there). Written here because no maintained CPU implementation exists (Liger-Kernel's fused
-    linear cross-entropy is Triton, GPU only).
-    """
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens: expected >= 1, got {chunk_tokens!r}")
-    from torch.utils.checkpoint import checkpoint
-
-    targets = labels[:, 1:].reshape(-1)  # (B * (T-1),)
-    keep = targets != IGNORE_INDEX
-    rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]  # (N, H): positions whose next token is supervised
-    targets = targets[keep]  # (N,)
-
-    def chunk_sum(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(lm_head(h).float(), y, reduction="sum")
-
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.numel(), chunk_tokens):
-        h, y = rows[start:start + chunk_tokens], targets[start:start + chunk_tokens]
-        part = checkpoint(chunk_sum, h, y, use_reentrant=False) if torch.is_grad_enabled() else chunk_sum(h, y)
-        total = total + part
-    return total / targets.numel()
-
-
 def token_weighted_loss(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]],
                         loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = causal_lm_loss) -> float:
     """Mean loss over every supervised token of several batches of ``(logits, labels)`` (or of
