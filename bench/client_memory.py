@@ -11,8 +11,12 @@ and the server only the trunk. Each mode runs in a fresh process; its peak RSS i
   the server's peak is reported too.
 * ``client-whole-load``: the same client and server, but building their parts the old way (whole
   model loaded, then cut): what partial loading saves.
+* ``client-loss-unchunked``: the client with ``train.loss_chunk_tokens = 0`` (the LM head and the loss over
+  the whole batch at once): what the chunked loss saves.
 * ``whole``: one process doing ``--steps`` whole-model LoRA steps (LoRA on every block, as the split
   run) on the same micro-batches: what a FedAvg client must do.
+* ``whole-chunked``: the same whole-model steps with the client's chunked LM head + loss: the ratio
+  when both sides use the same loss (``client_rss_ratio_same_loss``).
 * ``floor``: a process that only imports what a client imports (torch, transformers, peft, gRPC,
   fedsplit) and the model's class: the runtime every mode pays, reported to read the ratios.
 
@@ -79,8 +83,10 @@ def worker_cli(mode: str, argv: list[str]) -> int:
     return cli.main(argv)
 
 
-def worker_whole(config: Path, steps: int) -> int:
-    """Whole-model LoRA training steps on this client's micro-batches (what a FedAvg client runs)."""
+def worker_whole(config: Path, steps: int, chunked: bool) -> int:
+    """Whole-model LoRA training steps on this client's micro-batches (what a FedAvg client runs):
+    the model's own forward and loss (``CentralizedTrainer``), or, ``chunked``, the same blocks with the
+    split client's LM head + loss in chunks of ``train.loss_chunk_tokens`` positions."""
     import torch
 
     from fedsplit.adapters import add_part_adapters, trainable_parameters
@@ -88,7 +94,10 @@ def worker_whole(config: Path, steps: int) -> int:
     from fedsplit.models import load_model
     from fedsplit.recipes.network import client_batches
     from fedsplit.split import split_model
+    from fedsplit.split.parts import positions_from_mask
     from fedsplit.train.centralized import CentralizedTrainer
+    from fedsplit.train.lm_loss import chunked_causal_lm_loss
+    from fedsplit.train.optim import build_optimizer
 
     cfg = load_config(RunConfig, config)
     torch.set_num_threads(cfg.client.threads or 1)
@@ -96,10 +105,23 @@ def worker_whole(config: Path, steps: int) -> int:
     parts = split_model(model, cfg.model.head_layers, cfg.model.tail_layers)
     add_part_adapters(parts, cfg.lora, seed=cfg.train.seed)  # LoRA on every block, as the split run
     params = [p for part in parts for p in trainable_parameters(part)]
-    trainer = CentralizedTrainer(model, params, cfg.train, steps)
     batches = client_batches(cfg, tokenizer)
+    if not chunked:
+        trainer = CentralizedTrainer(model, params, cfg.train, steps)
+        for step in range(steps):
+            trainer.train_step([batches[step % len(batches)]])
+        return 0
+    optimizer = build_optimizer(params, cfg.train)
     for step in range(steps):
-        trainer.train_step([batches[step % len(batches)]])
+        batch = batches[step % len(batches)]
+        mask = batch["attention_mask"]
+        positions = positions_from_mask(mask)
+        hidden = parts.trunk(parts.head(batch["input_ids"], mask, positions), mask, positions)
+        hidden = parts.tail.final_hidden(hidden, mask, positions)
+        loss = chunked_causal_lm_loss(hidden, parts.tail.output_head(), batch["labels"], cfg.train.loss_chunk_tokens)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return 0
 
 
@@ -123,7 +145,8 @@ def run_worker(argv: list[str]) -> int:
     if mode == "floor":
         code = worker_floor()
     else:
-        code = worker_whole(Path(rest[0]), int(rest[1])) if mode == "whole" else worker_cli(mode, rest)
+        whole = mode.startswith("whole")
+        code = worker_whole(Path(rest[0]), int(rest[1]), mode == "whole-chunked") if whole else worker_cli(mode, rest)
     rss_out.write_text(json.dumps({"mode": mode, "peak_rss_mib": round(_peak_mib(), 1),
                                    "seconds": round(time.perf_counter() - start, 1), "exit": code}))
     return code
@@ -156,30 +179,39 @@ def main() -> None:
     args = parser.parse_args()
 
     results: dict[str, dict] = {}
-    for mode in ("client", "client-whole-load"):
+    # label -> (worker mode, train.loss_chunk_tokens or None for the default)
+    clients = {"client": ("client", None), "client-whole-load": ("client-whole-load", None),
+               "client-loss-unchunked": ("client", 0)}
+    for label, (mode, chunk) in clients.items():
         cfg = _config(args.model, args.steps, args.threads)
-        results[mode], results[f"server ({mode})"] = federation(cfg, args.out / mode, mode)
-        print(mode, json.dumps(results[mode]), "server", json.dumps(results[f"server ({mode})"]), flush=True)
+        if chunk is not None:
+            cfg = replace(cfg, train=replace(cfg.train, loss_chunk_tokens=chunk))
+        results[label], results[f"server ({label})"] = federation(cfg, args.out / label, mode)
+        print(label, json.dumps(results[label]), "server", json.dumps(results[f"server ({label})"]), flush=True)
     whole_dir = args.out / "whole"
     whole_dir.mkdir(parents=True, exist_ok=True)
     config = whole_dir / "run.toml"
     from fedsplit.configio import dump_config
 
     config.write_text(dump_config(_config(args.model, args.steps, args.threads)))
-    proc = _spawn("whole", whole_dir / "whole.json", str(config), str(args.steps))
-    if proc.wait(timeout=900) != 0:
-        raise RuntimeError(f"the whole-model worker failed; log in {whole_dir}")
-    results["whole"] = _read(whole_dir / "whole.json")
-    print("whole", json.dumps(results["whole"]), flush=True)
+    for mode in ("whole", "whole-chunked"):
+        proc = _spawn(mode, whole_dir / f"{mode}.json", str(config), str(args.steps))
+        if proc.wait(timeout=900) != 0:
+            raise RuntimeError(f"the {mode} worker failed; log in {whole_dir}")
+        results[mode] = _read(whole_dir / f"{mode}.json")
+        print(mode, json.dumps(results[mode]), flush=True)
     if _spawn("floor", whole_dir / "floor.json").wait(timeout=300) != 0:
         raise RuntimeError(f"the floor worker failed; log in {whole_dir}")
     floor = _read(whole_dir / "floor.json")["peak_rss_mib"]
-    whole = results["whole"]["peak_rss_mib"]
+    whole, whole_chunked = results["whole"]["peak_rss_mib"], results["whole-chunked"]["peak_rss_mib"]
     print(json.dumps({
         "bench": "client_memory", "model": args.model, "steps": args.steps, "threads": args.threads,
         "client_rss_ratio": round(results["client"]["peak_rss_mib"] / whole, 4),
         "client_whole_load_rss_ratio": round(results["client-whole-load"]["peak_rss_mib"] / whole, 4),
         "client_rss_ratio_above_floor": round((results["client"]["peak_rss_mib"] - floor) / (whole - floor), 4),
+        "client_rss_ratio_same_loss": round(results["client"]["peak_rss_mib"] / whole_chunked, 4),
+        "client_loss_unchunked_peak_rss_mib": results["client-loss-unchunked"]["peak_rss_mib"],
+        "whole_model_chunked_loss_peak_rss_mib": whole_chunked,
         "runtime_floor_rss_mib": floor,
         "client_peak_rss_mib": results["client"]["peak_rss_mib"],
         "client_whole_load_peak_rss_mib": results["client-whole-load"]["peak_rss_mib"],
