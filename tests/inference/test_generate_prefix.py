@@ -137,3 +137,16 @@ def test_the_prefix_positions_count_in_the_context(tmp_path):
                           SamplingSettings(max_new_tokens=20))
 
     assert len(result.tokens[0]) == 256 - 250 - P and result.stop_reasons == ["context"]
+
+
+def test_the_cacheless_baseline_runs_prefixed_parts_to_the_same_tokens(tmp_path):
+    from fedsplit.inference.baseline import rerun_generate
+
+    parts, _, _ = prefixed_parts("tiny-qwen2", tmp_path)
+    ids, _ = prompts(1)
+    settings = SamplingSettings(max_new_tokens=10)
+
+    rerun = rerun_generate(parts.head, parts.tail, parts.trunk, ids, settings)
+
+    assert rerun == generate_ids(parts.head, parts.tail, LocalTrunk(parts.trunk), ids, None, settings).tokens[0]
+    assert len(rerun_generate(parts.head, parts.tail, parts.trunk, torch.full((1, 250), 5), settings)) == 256 - 250 - P
