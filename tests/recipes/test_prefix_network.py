@@ -46,7 +46,7 @@ def prefix_config(port: int) -> RunConfig:
     )
 
 
-def test_build_parts_puts_prefixes_on_the_parts_each_role_trains_and_generation_is_refused():
+def test_build_parts_puts_prefixes_on_the_parts_each_role_trains_and_generation_builds_all_three():
     cfg = prefix_config(0)
 
     _, server = network.build_parts(cfg, role="server")
@@ -60,8 +60,12 @@ def test_build_parts_puts_prefixes_on_the_parts_each_role_trains_and_generation_
     for name in ("head", "tail"):  # same seed per part: the server's global prefixes start where the clients' do
         ours, theirs = getattr(server, name).state_dict(), getattr(client, name).state_dict()
         assert all(torch.equal(ours[k], theirs[k]) for k in ours if k.startswith("prefix_tuning."))
-    with pytest.raises(ValueError, match="generation"):
-        network.build_parts(cfg)
+    _, whole = network.build_parts(cfg)  # no role: split generation (fedsplit generate) loads the run's prefixes
+    for name in ("head", "tail"):
+        ours, theirs = getattr(whole, name).state_dict(), getattr(client, name).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours if k.startswith("prefix_tuning."))
+    assert all(torch.equal(v, server.trunk.state_dict()[k]) for k, v in whole.trunk.state_dict().items()
+               if k.startswith("prefix_tuning."))
 
 
 def test_a_prefix_federation_over_grpc_averages_head_and_tail_prefixes_and_trains_the_trunk_ones(

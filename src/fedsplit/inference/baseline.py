@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from fedsplit.inference.generate import eval_mode, max_new_tokens
+from fedsplit.inference.generate import client_prefix, eval_mode, max_new_tokens
 from fedsplit.inference.sampling import SamplingSettings, next_tokens
 from fedsplit.split.parts import Head, Tail, positions_from_mask
 
@@ -45,7 +45,7 @@ def rerun_generate(head: Head, tail: Tail, trunk: TrunkForward, input_ids: torch
     ids = input_ids
     generator = torch.Generator().manual_seed(settings.seed)
     out: list[int] = []
-    for _ in range(max_new_tokens(head.config, ids.shape[1], settings)):
+    for _ in range(max_new_tokens(head.config, ids.shape[1], settings, prefix=client_prefix(head, tail))):
         logits = rerun_step(head, tail, trunk, ids, all_logits=all_logits)  # (1, V)
         token = int(next_tokens(logits, settings, generator)[0])
         if token in eos_token_ids:

@@ -11,6 +11,15 @@ real token per step and rebuilds the 4-D mask from it and its cache length with 
 ``create_causal_mask`` (the mask never travels again). The cache is indexed by the blocks'
 global layer numbers (the attention modules know theirs); the blocks a part does not hold stay
 empty, so the mask is sized against the part's own first block of each attention kind.
+
+A part with P-tuning v2 prefixes (:mod:`fedsplit.split.prefix`) runs as PEFT's prefix tuning runs
+the unsplit model's ``generate``: at the prefill its cache is pre-filled with the ``P`` prefix keys
+and values of its blocks (every row the same, not rotated), its 2-D mask starts with ``P`` ones, and
+the real tokens' position ids are offset by ``P`` inside the part. The positions that cross a cut
+stay un-offset (as in training); each part adds its own ``P``::
+
+    cache  (B, h, P + L, d)   mask (B, P + L) = [1] * P + the prompt's padding mask + one 1 per step
+    positions inside the part = positions across the cut + P
 """
 
 from __future__ import annotations
@@ -18,10 +27,17 @@ from __future__ import annotations
 import torch
 
 from fedsplit.split.parts import SplitPart
+from fedsplit.split.prefix import part_prefix
 
 
 class CacheError(ValueError):
     """A cached step does not fit the cache it is applied to."""
+
+
+def prefix_length(part: SplitPart) -> int:
+    """``P``: the prefix positions at the start of the part's cache (0 without P-tuning v2 prefixes)."""
+    prefix = part_prefix(part)
+    return 0 if prefix is None else prefix.num_virtual_tokens
 
 
 class PartCache:
@@ -31,11 +47,12 @@ class PartCache:
         from transformers import DynamicCache
 
         self.cache = DynamicCache(config=part.config)
-        self.mask: torch.Tensor | None = None  # (B, L) bool: the padding mask of every cached position
+        self.mask: torch.Tensor | None = None  # (B, P + L) bool: the padding mask of every cached position
+        self.prefix = prefix_length(part)  # P: the leading prefix positions; the part offsets positions by it
 
     @property
     def length(self) -> int:
-        """Positions cached so far (prompt + generated tokens)."""
+        """Positions cached so far (the ``P`` prefix positions + prompt + generated tokens)."""
         return 0 if self.mask is None else int(self.mask.shape[1])
 
     @property
@@ -59,10 +76,27 @@ class PartCache:
 
 def run_blocks_cached(part: SplitPart, hidden: torch.Tensor, new_mask: torch.Tensor, position_ids: torch.Tensor,
                       state: PartCache) -> torch.Tensor:
-    """``part.run_blocks`` for new positions ``(B, t, H)`` on top of ``state``'s cache, which it extends."""
-    full_mask = state.extend(new_mask)  # (B, L + t)
-    masks = part.cache_masks(state.cache, hidden, full_mask, position_ids)  # sized before this call fills it
-    return part.run_layers(hidden, masks, position_ids, cache=state.cache)  # (B, t, H)
+    """``part.run_blocks`` for new positions ``(B, t, H)`` on top of ``state``'s cache, which it extends.
+
+    ``position_ids`` are the un-offset ones that cross the cut; a prefixed part adds its ``P``.
+    """
+    if state.mask is None and state.prefix:
+        prefill_prefixes(part, state, hidden)
+    full_mask = state.extend(new_mask)  # (B, P + L + t)
+    positions = position_ids + state.prefix  # PEFT offsets the real tokens' positions by P
+    masks = part.cache_masks(state.cache, hidden, full_mask, positions)  # sized before this call fills it
+    return part.run_layers(hidden, masks, positions, cache=state.cache)  # (B, t, H)
+
+
+def prefill_prefixes(part: SplitPart, state: PartCache, hidden: torch.Tensor) -> None:
+    """Open ``state`` with the part's prefixes: keys/values ``(B, h, P, d)`` of every block, mask ``(B, P)`` ones."""
+    prefix = part_prefix(part)
+    if prefix is None or prefix.num_virtual_tokens != state.prefix:
+        raise CacheError(f"the {type(part).__name__.lower()}'s prefixes changed since its cache was made "
+                         f"(expected {state.prefix} prefix positions)")
+    batch = hidden.shape[0]
+    prefix.fill(state.cache, part.layer_indices, batch, hidden.dtype)  # not rotated, as PEFT's prompt cache
+    state.extend(torch.ones(batch, state.prefix, dtype=torch.bool))
 
 
 def head_cached(head: SplitPart, input_ids: torch.Tensor, new_mask: torch.Tensor, position_ids: torch.Tensor,

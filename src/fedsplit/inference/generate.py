@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from fedsplit.inference.cached import PartCache, head_cached, run_blocks_cached, tail_cached
+from fedsplit.inference.cached import PartCache, head_cached, prefix_length, run_blocks_cached, tail_cached
 from fedsplit.inference.sampling import SamplingSettings, StopText, next_tokens
 from fedsplit.split.parts import Head, Tail, Trunk, positions_from_mask
 
@@ -133,7 +133,7 @@ def iter_tokens(
     """
     batch, prompt_len = input_ids.shape
     mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    max_new = max_new_tokens(head.config, prompt_len, settings)
+    max_new = max_new_tokens(head.config, prompt_len, settings, prefix=client_prefix(head, tail))
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long)
     generator = torch.Generator().manual_seed(settings.seed)
     head_state, tail_state = PartCache(head), PartCache(tail)
@@ -163,15 +163,25 @@ def iter_tokens(
         trunk.end()
 
 
-def max_new_tokens(config: Any, prompt_len: int, settings: SamplingSettings) -> int:
-    """``settings.max_new_tokens``, fewer if the model's context ends first; a prompt filling it is an error."""
+def max_new_tokens(config: Any, prompt_len: int, settings: SamplingSettings, *, prefix: int = 0) -> int:
+    """``settings.max_new_tokens``, fewer if the model's context ends first; a prompt filling it is an error.
+
+    ``prefix``: the P-tuning v2 prefix positions, which count in the context (the real tokens'
+    positions start at ``P`` and the cache holds ``P + L`` positions).
+    """
     limit = context_length(config)
     if limit is None:
         return settings.max_new_tokens
-    if prompt_len >= limit:
-        raise GenerationError(f"the prompt has {prompt_len} tokens; the model's context is {limit} "
+    if prompt_len + prefix >= limit:
+        prefixed = f" (+ {prefix} prefix positions)" if prefix else ""
+        raise GenerationError(f"the prompt has {prompt_len} tokens{prefixed}; the model's context is {limit} "
                               "(it must leave room for at least one new token)")
-    return min(settings.max_new_tokens, limit - prompt_len)
+    return min(settings.max_new_tokens, limit - prompt_len - prefix)
+
+
+def client_prefix(head: Head, tail: Tail) -> int:
+    """The prefix positions the client's parts put before the prompt (their ``P``; 0 without prefixes)."""
+    return max(prefix_length(head), prefix_length(tail))
 
 
 def generate_ids(
@@ -182,8 +192,8 @@ def generate_ids(
     steps = list(iter_tokens(head, tail, trunk, input_ids, attention_mask, settings,
                              eos_token_ids=eos_token_ids, pad_token_id=pad_token_id))
     tokens = torch.stack(steps, dim=1) if steps else torch.empty(len(input_ids), 0, dtype=torch.long)  # (B, n)
-    ended = "length" if max_new_tokens(head.config, input_ids.shape[1], settings) == settings.max_new_tokens \
-        else "context"
+    fits = max_new_tokens(head.config, input_ids.shape[1], settings, prefix=client_prefix(head, tail))
+    ended = "length" if fits == settings.max_new_tokens else "context"
     rows, reasons = [], []
     for row in tokens.tolist():
         cut = next((i for i, t in enumerate(row) if t in eos_token_ids), None)

@@ -9,10 +9,16 @@ Three ways to run it, each reading top to bottom: model parts -> trunk link -> g
   run's sealed gRPC session (the server serves generation between rounds);
 * serve (``--config server.toml --serve``): a server started for serving generation only, with
   the trunk adapter of ``--run``; no training request is answered.
+
+A P-tuning v2 run (``[method] name = "prefix"``) leaves one PEFT prefix-tuning adapter of the three
+parts, ``adapters/prefix``: local mode loads all of its prefixes into the parts, the client its head's
+and tail's, the serving server its trunk's (:func:`fedsplit.split.prefix.load_prefix_adapter`); client
+and serve modes need ``--run`` then (the initial prefixes are random, not a base model).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -55,12 +61,56 @@ def local_generator(job: GenerateJob) -> SplitGenerator:
     from fedsplit.recipes.eval_task import load_eval_model
     from fedsplit.split import split_model
 
+    prefix = find_prefix_adapter(job.run) if job.run is not None else None
+    if prefix is not None:
+        return prefix_generator(job, prefix)
     model, tokenizer, description = load_eval_model(job.model, job.run)
     lm = causal_lm(model).eval()
     parts = split_model(lm, job.head_layers, job.tail_layers)
     log.info("generating with %s (cut %d | trunk | %d)", description, job.head_layers, job.tail_layers)
     return SplitGenerator(parts.head, parts.tail, LocalTrunk(parts.trunk), tokenizer,
                           eos_token_ids=eos_ids(tokenizer, getattr(lm, "generation_config", None)))
+
+
+def prefix_generator(job: GenerateJob, adapter: Path) -> SplitGenerator:
+    """Base model cut into head / trunk / tail, each with its prefixes from the run's prefix adapter."""
+    from fedsplit.models import load_model
+    from fedsplit.split import split_model
+    from fedsplit.split.prefix import load_prefix_adapter
+
+    name = job.model or json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not name:
+        raise ValueError(f"{adapter}: the adapter names no base model; pass --model")
+    lm, tokenizer = load_model(name)
+    parts = split_model(lm.eval(), job.head_layers, job.tail_layers)
+    width = load_prefix_adapter(list(parts), adapter)
+    log.info("generating with %s + %s (P-tuning v2, %d virtual tokens; cut %d | trunk | %d)", name, adapter, width,
+             job.head_layers, job.tail_layers)
+    return SplitGenerator(parts.head, parts.tail, LocalTrunk(parts.trunk), tokenizer,
+                          eos_token_ids=eos_ids(tokenizer, getattr(lm, "generation_config", None)))
+
+
+def find_prefix_adapter(run: Path) -> Path | None:
+    """The P-tuning v2 adapter of a run directory (``adapters/prefix`` below a run or simulate directory,
+    or the adapter directory itself), or None when it has none (a LoRA run)."""
+    for base in (run, run / "adapters" / "prefix", run / "server" / "adapters" / "prefix",
+                 run / "federated" / "server" / "adapters" / "prefix"):
+        config = base / "adapter_config.json"
+        if config.is_file() and json.loads(config.read_text()).get("peft_type") == "PREFIX_TUNING":
+            return base
+    return None
+
+
+def load_run_prefixes(parts: Any, run: Path | None, names: tuple[str, ...]) -> None:
+    """The prefixes of ``names`` from the run's ``adapters/prefix`` (the initial ones are random: required)."""
+    from fedsplit.split.prefix import load_prefix_adapter
+
+    adapter = find_prefix_adapter(run) if run is not None else None
+    if adapter is None:
+        raise FileNotFoundError(f"method.name = 'prefix': pass --run with the run's P-tuning v2 adapter "
+                                f"(expected {run or 'RUN'}/adapters/prefix/adapter_config.json); the "
+                                f"{'/'.join(names)} prefixes a run starts from are random")
+    load_prefix_adapter([getattr(parts, name) for name in names], adapter)
 
 
 def write_stream(generator: SplitGenerator, job: GenerateJob, out: TextIO | None = None) -> list[str]:
@@ -108,7 +158,9 @@ def run_generate_client(job: GenerateJob, cfg: Any, config_dir: Path, out: TextI
     from fedsplit.transport.handshake import ClientCredentials
 
     tokenizer, parts = build_parts(cfg)
-    if job.run is not None:
+    if cfg.method.name == "prefix":
+        load_run_prefixes(parts, job.run, ("head", "tail"))
+    elif job.run is not None:
         load_part_adapters(parts, job.run, ("head", "tail"))
     keys, cid = keys_dir(cfg, config_dir), cfg.client.id
     credentials = ClientCredentials(
@@ -147,7 +199,9 @@ def run_serve(cfg: Any, config_dir: Path, run: Path | None, *, ready: Callable[[
     from fedsplit.transport.handshake import SessionFactory
 
     tokenizer, parts = build_parts(cfg)
-    if run is not None:
+    if cfg.method.name == "prefix":
+        load_run_prefixes(parts, run, ("trunk",))
+    elif run is not None:
         load_part_adapters(parts, run, ("trunk",))
     keys = keys_dir(cfg, config_dir)
     service = GenerationService(parts.trunk)

@@ -49,13 +49,10 @@ def build_parts(cfg: RunConfig, role: str | None = None) -> tuple[object, SplitP
 
     ``role`` ``"client"`` / ``"server"``: read only the weights that party holds (head + tail / trunk;
     see :mod:`fedsplit.models.partial`); the parts it does not hold cannot run."""
-    if cfg.method.name == "prefix":  # P-tuning v2 (docs/ptuning.md); split generation with prefixes is not done
-        if role is None:
-            raise ValueError("method.name = 'prefix': split generation/serving with prefixes is not supported "
-                             "(fedsplit server / client train them)")
-        from fedsplit.recipes.prefix_network import build_prefix_parts
+    if cfg.method.name == "prefix":  # P-tuning v2 (docs/ptuning.md); role None: split generation
+        from fedsplit.recipes.prefix_network import build_full_prefix_parts, build_prefix_parts
 
-        return build_prefix_parts(cfg, role)
+        return build_prefix_parts(cfg, role) if role is not None else build_full_prefix_parts(cfg)
     if role is not None:
         from fedsplit.models.partial import load_role_parts
 

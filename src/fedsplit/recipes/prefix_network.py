@@ -43,3 +43,17 @@ def save_final_prefix(parts: SplitParts, out: Path, base_model: str) -> Path:
     from fedsplit.split.prefix import save_prefix_adapter
 
     return save_prefix_adapter(list(parts), out / "prefix", base_model=base_model)
+
+
+def build_full_prefix_parts(cfg: Any) -> tuple[object, SplitParts]:
+    """(tokenizer, parts) of the whole model with ``cfg.method.num_virtual_tokens`` prefixes on every part
+    (part ``i`` seeded ``train.seed + i``, as both roles start): split generation (``fedsplit generate``
+    client / serve), which then loads the run's trained prefixes (``adapters/prefix``)."""
+    from fedsplit.models import load_model
+    from fedsplit.split import split_model
+    from fedsplit.split.prefix import add_part_prefixes
+
+    model, tokenizer = load_model(cfg.model.name)
+    parts = split_model(model, cfg.model.head_layers, cfg.model.tail_layers)
+    add_part_prefixes(parts, cfg.method.num_virtual_tokens, seed=cfg.train.seed)
+    return tokenizer, parts

@@ -18,6 +18,11 @@ at every step, and generation must not see (nor reveal) a half-trained trunk.
 Client-batching for inference: decoding steps of several requests (of one or several clients)
 that arrive while the trunk is busy share its next pass (:mod:`fedsplit.server.generation_batch`);
 a step that finds the trunk idle runs at once. Prefills run one at a time.
+
+A trunk with P-tuning v2 prefixes opens every cache with them (:func:`fedsplit.inference.cached.prefill_prefixes`):
+its ``P`` positions count in the cache's length and in the model's context (a prompt must fit after
+them), the positions on the wire stay un-offset. The prefixes train with the trunk, so the version
+stamp (completed rounds, trunk steps) makes a cache stale when they change, and a new prefill reads them.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from typing import Any
 import torch
 from google.protobuf.message import Message
 
-from fedsplit.inference.cached import PartCache, run_blocks_cached
+from fedsplit.inference.cached import PartCache, prefix_length, run_blocks_cached
 from fedsplit.inference.generate import all_modules, context_length, eval_mode
 from fedsplit.protocol import ProtocolError, decode_tensor, encode_tensor, kind_name, pb
 from fedsplit.server.generation_batch import StepBatcher, StepItem, can_batch, combine, split_back
@@ -215,15 +220,18 @@ class GenerationService:
         if not 1 <= batch <= self.limits.max_batch:
             raise ProtocolError(f"GeneratePrefill.hidden: expected 1..{self.limits.max_batch} rows, got {batch}",
                                 code=_EXHAUSTED)
-        if not 1 <= seq < self.max_length:
+        prefix = prefix_length(self.trunk)  # P-tuning v2: the P prefix positions count in the cache and context
+        if not 1 <= seq < self.max_length - prefix:
+            prefixed = f" after the trunk's {prefix} prefix positions" if prefix else ""
             raise ProtocolError(f"GeneratePrefill.hidden: a prompt of {seq} positions does not fit the trunk's "
-                                f"cache of {self.max_length} (it needs room for one new token)", code=_EXHAUSTED)
+                                f"cache of {self.max_length}{prefixed} (it needs room for one new token)",
+                                code=_EXHAUSTED)
         mask = decode_tensor(request.attention_mask, "GeneratePrefill.attention_mask", dtypes=(torch.bool,),
                              shape=(batch, seq))
         positions = decode_tensor(request.position_ids, "GeneratePrefill.position_ids", dtypes=(torch.int64,),
                                   shape=(batch, seq))
-        if not (0 <= int(positions.min()) and int(positions.max()) < self.max_length):
-            raise ProtocolError(f"GeneratePrefill.position_ids: expected values in [0, {self.max_length}), "
+        if not (0 <= int(positions.min()) and int(positions.max()) < self.max_length - prefix):
+            raise ProtocolError(f"GeneratePrefill.position_ids: expected values in [0, {self.max_length - prefix}), "
                                 f"got [{int(positions.min())}, {int(positions.max())}]")
         return hidden, mask, positions
 

@@ -12,7 +12,8 @@ No request waits for another to arrive: a step that finds the trunk idle runs at
 (no copying); only steps that arrive during a pass are batched into the next one. Padding is
 masked, so each row attends to exactly its own cache. Only for trunks whose blocks all use full
 attention (a sliding-window cache keeps a window per layer that padding would shift): for the
-others every step runs alone.
+others every step runs alone. A P-tuning v2 trunk's caches start with its ``P`` prefix positions
+(mask ones); the padding goes before them, so each row still sees its prefix, prompt and tokens.
 """
 
 from __future__ import annotations

@@ -207,6 +207,48 @@ def save_prefix_adapter(parts: Sequence[SplitPart], directory: str | Path, *, ba
     return directory
 
 
+def load_prefix_adapter(parts: Sequence[SplitPart], directory: str | Path) -> int:
+    """Inverse of :func:`save_prefix_adapter` for any of the parts: each gets the prefixes of its own blocks
+    from the adapter's table (a client passes head and tail only; a server its trunk). Parts without
+    prefixes get them (frozen part, as :func:`add_prefix`). Returns ``P``.
+
+    Reads PEFT's ``PrefixTuningConfig(prefix_projection=False)`` adapters (ours, or PEFT's own); the
+    tensors are read with safetensors (no pickle).
+    """
+    import json
+
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    if config.get("peft_type") != "PREFIX_TUNING":
+        raise PrefixError(f"{directory}: expected a PEFT prefix-tuning adapter (peft_type PREFIX_TUNING), "
+                          f"got {config.get('peft_type')!r}")
+    if config.get("prefix_projection"):
+        raise PrefixError(f"{directory}: prefix_projection = true (an MLP reparametrization of the prefixes) "
+                          "is not supported; fedsplit trains and saves them with prefix_projection = false")
+    width, layers = int(config["num_virtual_tokens"]), int(config["num_layers"])
+    table = load_file(str(directory / "adapter_model.safetensors"))["prompt_embeddings"]
+    for part in parts:  # check everything before touching any part
+        kv_heads, head_dim = kv_shape(part.config)
+        expected = (width, layers * 2 * kv_heads * head_dim)
+        if tuple(table.shape) != expected or part.stop > layers:
+            raise PrefixError(f"{directory}: expected a prefix table of shape {expected} covering block "
+                              f"{part.stop - 1}, got {tuple(table.shape)} for {layers} blocks")
+        prefix = part_prefix(part)
+        if prefix is not None and prefix.num_virtual_tokens != width:
+            raise PrefixError(f"{directory}: {width} virtual tokens; the {type(part).__name__.lower()} has "
+                              f"{prefix.num_virtual_tokens}")
+    grid = table.view(width, layers * 2, kv_heads, head_dim).permute(1, 2, 0, 3)  # (2L, kv_heads, P, head_dim)
+    for part in parts:
+        prefix = part_prefix(part) or add_prefix(part, width)
+        with torch.no_grad():
+            for layer in part.layer_indices:
+                prefix.key[str(layer)].copy_(grid[2 * layer])
+                prefix.value[str(layer)].copy_(grid[2 * layer + 1])
+    return width
+
+
 # -- bytes per training step (docs/ptuning.md) -----------------------------------------------------------
 def cut_bytes_per_step(batch: int, seq: int, hidden: int, bytes_per_value: int = 4) -> int:
     """What crosses the cuts in one split step, here: hidden states (B, T, H) forward at cut 1 and cut 2,

@@ -1,0 +1,168 @@
+"""The server's generation caches with a P-tuning v2 trunk: exact over the channel, batched, bounded, current."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fedsplit.channel import RemoteError, in_process_channel
+from fedsplit.inference import LocalTrunk, SamplingSettings, generate_ids
+from fedsplit.inference.cached import PartCache, run_blocks_cached
+from fedsplit.inference.remote import RemoteTrunk
+from fedsplit.models import load_model
+from fedsplit.protocol import decode_tensor, encode_tensor, pb
+from fedsplit.server.generation import GenerationService, attach_generation
+from fedsplit.server.generation_batch import StepItem, combine, split_back
+from fedsplit.split import split_model
+from fedsplit.split.prefix import add_part_prefixes
+
+from tiny import token_batches
+
+P = 3
+
+
+def prefixed(seed: int = 4):
+    model, _ = load_model("tiny-llama")  # 256 positions, full attention: steps can be batched
+    parts = split_model(model, 1, 1)
+    add_part_prefixes(parts, P, seed=seed)
+    return parts
+
+
+def channel_to(service, client_id="alice"):
+    channel, _ = in_process_channel(client_id, lambda kind, r, s, req: service.handle(client_id, kind, r, s, req))
+    return channel
+
+
+def left_padded() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, 250, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def test_tokens_through_the_channel_equal_the_in_process_prefixed_trunk():
+    parts = prefixed()
+    service = GenerationService(parts.trunk)
+    ids, mask = left_padded()
+    settings = SamplingSettings(max_new_tokens=12)
+
+    remote = generate_ids(parts.head, parts.tail, RemoteTrunk(channel_to(service)), ids, mask, settings)
+    local = generate_ids(parts.head, parts.tail, LocalTrunk(parts.trunk), ids, mask, settings)
+
+    assert remote.tokens == local.tokens and len(remote.tokens[0]) == 12
+    assert service.open_requests == 0
+
+
+def prefill(channel, length: int, request_id: int = 1, hidden: torch.Tensor | None = None):
+    hidden = torch.randn(1, length, 64) if hidden is None else hidden
+    return channel.call(pb.GENERATE_PREFILL, pb.GeneratePrefill(
+        request_id=request_id, hidden=encode_tensor(hidden),
+        attention_mask=encode_tensor(torch.ones(1, length).bool()),
+        position_ids=encode_tensor(torch.arange(length)[None]), max_new_tokens=4))
+
+
+def test_the_trunk_cache_counts_its_prefix_and_a_prompt_that_does_not_fit_after_it_is_refused():
+    service = GenerationService(prefixed().trunk)
+    alice = channel_to(service)
+
+    assert prefill(alice, 6).cached_length == P + 6
+    with pytest.raises(RemoteError, match="RESOURCE_EXHAUSTED: .*a prompt of 253 positions does not fit the "
+                                          "trunk's cache of 256 after the trunk's 3 prefix positions"):
+        prefill(alice, 256 - P, request_id=2)
+    assert prefill(alice, 256 - P - 1, request_id=3).cached_length == 255
+    step = pb.GenerateStep(request_id=3, hidden=encode_tensor(torch.randn(1, 1, 64)),
+                           position_ids=encode_tensor(torch.tensor([[252]])))
+    assert alice.call(pb.GENERATE_STEP, step).cached_length == 256  # the new token fits: offset position 255
+    step.position_ids.CopyFrom(encode_tensor(torch.tensor([[253]])))
+    with pytest.raises(RemoteError, match="would cache 257 positions; the limit is 256"):
+        alice.call(pb.GENERATE_STEP, step)
+
+
+def prefilled(trunk, length: int, batch: int, seed: int) -> tuple[PartCache, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    state = PartCache(trunk)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[0, :2] = False  # some left padding of its own
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        run_blocks_cached(trunk, torch.randn(batch, length, 64, generator=g), mask, positions, state)
+    return state, positions[:, -1:] + 1
+
+
+def test_one_pass_over_padded_prefixed_caches_equals_each_step_alone():
+    trunk = prefixed().trunk
+    items, alone = [], []
+    for length, batch, seed in ((5, 1, 0), (11, 2, 1), (8, 1, 2)):
+        state, position = prefilled(trunk, length, batch, seed)
+        twin, _ = prefilled(trunk, length, batch, seed)
+        hidden = torch.randn(batch, 1, 64, generator=torch.Generator().manual_seed(10 + seed))
+        items.append(StepItem(state, hidden, position))
+        with torch.no_grad():
+            alone.append((run_blocks_cached(trunk, hidden, twin.step_mask(), position, twin), twin))
+
+    with torch.no_grad():
+        combined, hidden, positions = combine(trunk, items)  # padding before each row's prefix, masked
+        output = run_blocks_cached(trunk, hidden, combined.step_mask(), positions, combined)
+        split_back(trunk, combined, output, items)
+
+    assert combined.length == P + 11 + 1
+    for item, (expected, twin) in zip(items, alone, strict=True):
+        torch.testing.assert_close(item.output, expected, atol=1e-5, rtol=0)
+        assert torch.equal(item.state.mask, twin.mask) and item.state.mask[:, :P].all()
+        for layer in trunk.layer_indices:
+            torch.testing.assert_close(item.state.cache.layers[layer].values, twin.cache.layers[layer].values,
+                                       atol=1e-5, rtol=0)
+
+
+def test_concurrent_clients_share_prefixed_trunk_passes_and_each_gets_its_own_greedy_tokens():
+    parts = prefixed()
+    service = GenerationService(parts.trunk)
+    prompts = [torch.randint(3, 250, (1, n), generator=torch.Generator().manual_seed(n)) for n in (4, 9, 6, 12)]
+    settings = SamplingSettings(max_new_tokens=16)
+    results: dict[int, list[int]] = {}
+
+    def client(index: int) -> None:
+        channel = channel_to(service, f"c{index}")
+        results[index] = generate_ids(parts.head, parts.tail, RemoteTrunk(channel), prompts[index], None,
+                                      settings).tokens[0]
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    for index, prompt in enumerate(prompts):
+        alone = generate_ids(parts.head, parts.tail, LocalTrunk(parts.trunk), prompt, None, settings).tokens[0]
+        assert results[index] == alone
+    assert service._batcher is not None and service._batcher.widest >= 2
+
+
+def test_between_rounds_the_service_serves_the_trained_prefixes_and_a_training_step_makes_caches_stale():
+    from fedsplit.recipes.local import local_split
+    from fedsplit.train.config import TrainConfig
+
+    model, _ = load_model("tiny-llama")
+    local = local_split(model, TrainConfig(lr=5e-2, warmup_steps=0), 4, prefix_tokens=P, seed=4)
+    parts = local.parts
+    coordinator = SimpleNamespace(trunk=local.server, completed_round=0)  # what attach_generation reads
+    service = attach_generation(coordinator)
+    alice = channel_to(service)
+    ids, mask = left_padded()
+    settings = SamplingSettings(max_new_tokens=6)
+    hidden = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(0))
+    before = decode_tensor(prefill(alice, 6, hidden=hidden).hidden, "before")
+
+    local.client.train_step(token_batches(1, 2, seed=0))  # the trunk server trains the trunk's prefixes
+
+    with pytest.raises(RemoteError, match="no longer matches the trunk adapters"):
+        alice.call(pb.GENERATE_STEP, pb.GenerateStep(request_id=1, hidden=encode_tensor(torch.randn(1, 1, 64)),
+                                                     position_ids=encode_tensor(torch.tensor([[6]]))))
+    after = decode_tensor(prefill(alice, 6, request_id=2, hidden=hidden).hidden, "after")
+    assert (after - before).abs().max() > 1e-3  # a new prefill reads the trained prefixes
+    remote = generate_ids(parts.head, parts.tail, RemoteTrunk(alice), ids, mask, settings)
+    local_tokens = generate_ids(parts.head, parts.tail, LocalTrunk(parts.trunk), ids, mask, settings)
+    assert remote.tokens == local_tokens.tokens
