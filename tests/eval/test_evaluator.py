@@ -146,3 +146,29 @@ def test_evaluation_through_the_split_equals_the_unsplit_model(tiny_llama, cb_it
     for a, b in zip(split.samples, whole.samples, strict=True):
         assert a["loglik"] == pytest.approx(b["loglik"], abs=1e-4)
         assert a["generated"] == b["generated"]
+
+
+def test_split_client_scores_row_by_row_without_the_batch_logits(tiny_llama) -> None:
+    # Arrange: the split client's scores with its own target log-probs (LM head one row at a time)
+    from fedsplit.recipes.local import local_split
+    from fedsplit.train.config import TrainConfig
+
+    model, tokenizer = tiny_llama
+    local = local_split(model, TrainConfig(), total_steps=1)
+    rows = function_access(local.client._eval_logits, tokenizer, local.client.eval_target_logprobs)
+    seqs = [EncodedExample(list(range(3, 3 + n)), [IGNORE_INDEX] * (n - k) + list(range(1 + n, 1 + n + k)))
+            for n, k in ((4, 2), (9, 5), (17, 16), (6, 1))]
+    shapes: list[tuple[int, ...]] = []
+    hook = local.parts.tail.output_head().register_forward_hook(lambda _m, args, _o: shapes.append(args[0].shape))
+
+    # Act
+    try:
+        by_rows = sequence_logprobs(rows, seqs, batch_size=3, progress=False)
+    finally:
+        hook.remove()
+    whole = sequence_logprobs(unsplit_access(model, tokenizer), seqs, batch_size=3, progress=False)
+
+    # Assert: the same scores, and the LM head never saw more than one row's positions at once
+    assert [c for _, c in by_rows] == [c for _, c in whole] == [2, 5, 16, 1]
+    assert [s for s, _ in by_rows] == pytest.approx([s for s, _ in whole], abs=1e-4)
+    assert len(shapes) == 4 and all(len(shape) == 2 for shape in shapes)  # (positions, H) per row, never (B, T, H)

@@ -112,7 +112,7 @@ class LocalEvaluator:
         modes = head.training, tail.training
         head.eval(), tail.eval()
         try:
-            access = function_access(client._eval_logits, self.tokenizer)
+            access = function_access(client._eval_logits, self.tokenizer, client.eval_target_logprobs)
             metrics = local_metrics(access, self.tokenizer, self.data, self.settings, generate=self.generate)
         finally:
             head.train(modes[0]), tail.train(modes[1])

@@ -157,6 +157,19 @@ class SplitClient:
         _, trunk_out = self._through_trunk(ids, mask, positions, train=False)
         return trunk_out, mask, positions
 
+    def eval_target_logprobs(self, batch: Mapping[str, torch.Tensor], keep: int) -> torch.Tensor:
+        """log p of each of the batch's last ``keep - 1`` labels ``(B, keep - 1)`` (0 where ignored), with the LM
+        head run one row at a time: the batch's logits are never held at once (a
+        :data:`fedsplit.eval.scoring.TargetLogprobsFn`)."""
+        from fedsplit.eval.scoring import row_target_logprobs
+
+        labels = batch["labels"]
+        targets = labels[:, labels.shape[1] - (keep - 1):] if keep > 1 else labels[:, :0]  # (B, keep-1)
+        with autocast(self.cfg):
+            hidden = self.tail.final_hidden(*self._eval_trunk(batch))[:, -keep:-1]  # (B, keep-1, H)
+            head = self.tail.output_head()
+            return torch.stack([row_target_logprobs(head(hidden[row]), targets[row]) for row in range(len(targets))])
+
     def _eval_logits(self, batch: Mapping[str, torch.Tensor], keep: int | None = None) -> torch.Tensor:
         """Logits ``(B, T, V)``, or of the last ``keep`` positions only ``(B, keep, V)``: the LM head (a
         49k-token vocabulary for SmolLM2) runs only where it is read (a :data:`fedsplit.eval.scoring.LogitsFn`)."""

@@ -24,6 +24,9 @@ Batch = dict[str, torch.Tensor]  # input_ids, attention_mask (, labels): each (B
 # (batch, keep) -> (B, T, V), or only the last ``keep`` positions (B, keep, V) when keep is given
 LogitsFn = Callable[[Batch, "int | None"], torch.Tensor]
 GenerateFn = Callable[[Sequence[Sequence[int]], int], list[list[int]]]  # (prompt ids, max new tokens) -> new ids
+# (batch with labels, keep) -> (B, keep - 1): log p of each of the last keep - 1 tokens given what precedes it
+# (0 where the label is IGNORE_INDEX)
+TargetLogprobsFn = Callable[[Batch, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class ModelAccess:
     logits: LogitsFn
     generate: GenerateFn
     pad_token_id: int
+    # scoring without the batch's (B, keep, V) logits (a split client's LM head, row by row); else from ``logits``
+    target_logprobs: TargetLogprobsFn | None = None
 
 
 def _batches(items: Sequence, size: int, desc: str, progress: bool) -> Iterable[Sequence]:
@@ -63,14 +68,32 @@ def sequence_logprobs(
         batch = collate(rows, access.pad_token_id, "left")
         keep = max(len(r.labels) - _first_scored(r) for r in rows) + 1  # the positions predicting scored tokens
         keep = min(keep, batch["input_ids"].shape[1])
-        logits = access.logits(batch, keep)[:, -keep:-1, :]  # (B, keep-1, V): predicts the last keep-1 tokens
-        targets = batch["labels"][:, batch["labels"].shape[1] - logits.shape[1] :]  # (B, keep-1)
-        scored = targets != IGNORE_INDEX
-        for row, index in enumerate(chunk):  # one row at a time: the log-softmax copies are (n, V), not (B, n, V)
-            picked = logits[row][scored[row]].float()  # (n, V): only this row's scored positions
-            logp = torch.log_softmax(picked, dim=-1).gather(-1, targets[row][scored[row]].unsqueeze(-1))  # (n, 1)
-            results[index] = (float(logp.double().sum()), int(scored[row].sum()))
+        logp = (access.target_logprobs or logits_target_logprobs(access.logits))(batch, keep)  # (B, keep-1)
+        scored = batch["labels"][:, batch["labels"].shape[1] - logp.shape[1]:] != IGNORE_INDEX  # (B, keep-1)
+        for row, index in enumerate(chunk):
+            results[index] = (float(logp[row][scored[row]].double().sum()), int(scored[row].sum()))
     return [results[i] for i in range(len(sequences))]
+
+
+def row_target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits)[i, targets[i]]`` for one row's positions ``(n, V)`` -> ``(n,)``; 0 where ignored."""
+    scored = targets != IGNORE_INDEX
+    logp = torch.zeros(targets.shape, dtype=torch.float32)
+    picked = logits[scored].float()  # (m, V): only the scored positions
+    logp[scored] = torch.log_softmax(picked, dim=-1).gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1)
+    return logp
+
+
+def logits_target_logprobs(logits_fn: LogitsFn) -> TargetLogprobsFn:
+    """:data:`TargetLogprobsFn` from the logits of the last ``keep`` positions, log-softmaxed one row at a time
+    (the copies are ``(n, V)``, not ``(B, n, V)``)."""
+
+    def logprobs(batch: Batch, keep: int) -> torch.Tensor:
+        logits = logits_fn(batch, keep)[:, -keep:-1, :]  # (B, keep-1, V): predicts the last keep-1 tokens
+        targets = batch["labels"][:, batch["labels"].shape[1] - logits.shape[1]:]  # (B, keep-1)
+        return torch.stack([row_target_logprobs(logits[row], targets[row]) for row in range(targets.shape[0])])
+
+    return logprobs
 
 
 def unsplit_logits(model: torch.nn.Module) -> LogitsFn:
@@ -147,12 +170,13 @@ def greedy_decode(
     return new
 
 
-def function_access(logits_fn: LogitsFn, tokenizer) -> ModelAccess:
+def function_access(logits_fn: LogitsFn, tokenizer, target_logprobs: TargetLogprobsFn | None = None) -> ModelAccess:
     """:class:`ModelAccess` from a bare :data:`LogitsFn`, e.g. a split client's head -> trunk -> tail
-    (``SplitClient._eval_logits``): no example leaves the client."""
+    (``SplitClient._eval_logits``, and ``SplitClient.eval_target_logprobs`` to score without the
+    batch's logits): no example leaves the client."""
     stop = _stop_ids(tokenizer)
 
     def generate(prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         return greedy_decode(logits_fn, prompts, max_new_tokens, pad_token_id=tokenizer.pad_token_id, stop_ids=stop)
 
-    return ModelAccess(logits_fn, generate, tokenizer.pad_token_id)
+    return ModelAccess(logits_fn, generate, tokenizer.pad_token_id, target_logprobs)
