@@ -171,12 +171,21 @@ def load_peft_prefix_table(parts: Sequence[SplitPart], table: torch.Tensor) -> N
     expected = (width, layers * 2 * kv_heads * head_dim)
     if tuple(table.shape) != expected:
         raise PrefixError(f"prefix table: expected shape {expected}, got {tuple(table.shape)}")
+    for part in parts:
+        if part_prefix(part) is None:
+            raise PrefixError(f"the {type(part).__name__.lower()} has no prefixes")
+    _copy_table(parts, table, layers)
+
+
+def _copy_table(parts: Sequence[SplitPart], table: torch.Tensor, layers: int) -> None:
+    """Each part's blocks' rows of a PEFT ``prompt_embeddings`` table of ``layers`` blocks into its prefixes
+    (a part without prefixes gets them, frozen, as :func:`add_prefix`)."""
+    kv_heads, head_dim = kv_shape(parts[0].config)
+    width = int(table.shape[0])
     grid = table.view(width, layers * 2, kv_heads, head_dim).permute(1, 2, 0, 3)  # (2L, kv_heads, P, head_dim)
-    with torch.no_grad():
-        for part in parts:
-            prefix = part_prefix(part)
-            if prefix is None:
-                raise PrefixError(f"the {type(part).__name__.lower()} has no prefixes")
+    for part in parts:
+        prefix = part_prefix(part) or add_prefix(part, width)
+        with torch.no_grad():
             for layer in part.layer_indices:
                 prefix.key[str(layer)].copy_(grid[2 * layer])
                 prefix.value[str(layer)].copy_(grid[2 * layer + 1])
@@ -239,13 +248,7 @@ def load_prefix_adapter(parts: Sequence[SplitPart], directory: str | Path) -> in
         if prefix is not None and prefix.num_virtual_tokens != width:
             raise PrefixError(f"{directory}: {width} virtual tokens; the {type(part).__name__.lower()} has "
                               f"{prefix.num_virtual_tokens}")
-    grid = table.view(width, layers * 2, kv_heads, head_dim).permute(1, 2, 0, 3)  # (2L, kv_heads, P, head_dim)
-    for part in parts:
-        prefix = part_prefix(part) or add_prefix(part, width)
-        with torch.no_grad():
-            for layer in part.layer_indices:
-                prefix.key[str(layer)].copy_(grid[2 * layer])
-                prefix.value[str(layer)].copy_(grid[2 * layer + 1])
+    _copy_table(parts, table, layers)
     return width
 
 
