@@ -74,3 +74,35 @@ def token_batch(vocab: int, batch: int = 8, length: int = 32, seed: int = 0, pad
     labels[:, : length // 2] = -100  # the "prompt" carries no loss
     labels[mask == 0] = -100
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def run_federation_in_threads(cfg, config_dir, out, clients: int = 2) -> tuple[int, list[BaseException]]:
+    """``fedsplit server`` in this thread with ``clients`` ``fedsplit client`` threads (``client-i``, silo ``i``):
+    (the server's exit code, the clients' exceptions). Restores the signal handlers ``run_server`` sets."""
+    import signal
+    import threading
+    from dataclasses import replace
+
+    from fedsplit.recipes import network
+
+    errors: list[BaseException] = []
+
+    def client(index: int) -> None:
+        mine = replace(cfg, client=replace(cfg.client, id=f"client-{index}", silo=index))
+        try:
+            network.run_client(mine, config_dir, out / f"client-{index}")
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for thread in threads:
+            thread.start()
+        code = network.run_server(cfg, config_dir, out / "server")
+        for thread in threads:
+            thread.join(60.0)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return code, errors

@@ -4,8 +4,6 @@ two ``run_client`` threads over loopback gRPC on tiny-llama, P = 3 prefixes per 
 
 from __future__ import annotations
 
-import signal
-import threading
 from dataclasses import replace
 
 import pytest
@@ -26,6 +24,8 @@ from fedsplit.config import (
 from fedsplit.recipes import network
 from fedsplit.split.prefix import part_prefix
 from fedsplit.train.config import TrainConfig
+
+from tiny import run_federation_in_threads
 
 P = 3
 ROUNDS = 2
@@ -70,27 +70,9 @@ def test_a_hierarchical_prefix_run_averages_the_replicas_trunk_prefixes_and_save
         return report
 
     monkeypatch.setattr(ReplicaRouter, "end_round", watched)
-    errors: list[BaseException] = []
 
-    def client(index: int) -> None:
-        mine = replace(cfg, client=replace(cfg.client, id=f"client-{index}", silo=index))
-        try:
-            network.run_client(mine, server_toml.parent, tmp_path / f"client-{index}")
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            errors.append(exc)
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(2)]
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        for thread in threads:
-            thread.start()
-        # Act
-        code = network.run_server(cfg, server_toml.parent, tmp_path / "server")
-        for thread in threads:
-            thread.join(60.0)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    # Act
+    code, errors = run_federation_in_threads(cfg, server_toml.parent, tmp_path)
 
     # Assert: the run completed and every round ended with an averaging sync of both replicas
     assert code == 0 and not errors

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import signal
-import threading
 from dataclasses import replace
 
 import pytest
@@ -28,6 +26,8 @@ from fedsplit.protocol import ProtocolError, decode_named, pb
 from fedsplit.recipes import network
 from fedsplit.split.prefix import part_prefix
 from fedsplit.train.config import TrainConfig
+
+from tiny import run_federation_in_threads
 
 P = 3
 
@@ -93,27 +93,9 @@ def test_a_prefix_federation_over_grpc_averages_head_and_tail_prefixes_and_train
         return wrapped
 
     monkeypatch.setattr(RoundCoordinator, "handler_for", recording)
-    errors: list[BaseException] = []
 
-    def client(index: int) -> None:
-        mine = replace(cfg, client=replace(cfg.client, id=f"client-{index}", silo=index))
-        try:
-            network.run_client(mine, server_toml.parent, tmp_path / f"client-{index}")
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            errors.append(exc)
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(2)]
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        for thread in threads:
-            thread.start()
-        # Act
-        code = network.run_server(cfg, server_toml.parent, tmp_path / "server")
-        for thread in threads:
-            thread.join(60.0)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    # Act
+    code, errors = run_federation_in_threads(cfg, server_toml.parent, tmp_path)
 
     # Assert: the run completed; the saved adapter is PEFT's one prefix table of all blocks
     assert code == 0 and not errors

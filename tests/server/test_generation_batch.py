@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
 from fedsplit.channel import in_process_channel
@@ -52,8 +53,20 @@ def test_one_pass_over_padded_caches_equals_each_step_alone():
                                        atol=1e-5, rtol=0)
 
 
-def test_concurrent_clients_share_trunk_passes_and_each_gets_its_own_greedy_tokens():
-    _, parts = build_model()
+def _prefixed_parts():
+    from fedsplit.models import load_model
+    from fedsplit.split import split_model
+    from fedsplit.split.prefix import add_part_prefixes
+
+    model, _ = load_model("tiny-llama")  # 256 positions, full attention: steps can be batched
+    parts = split_model(model, 1, 1)
+    add_part_prefixes(parts, 3, seed=4)  # every cache starts with 3 prefix slots; the left padding goes before them
+    return parts
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_concurrent_clients_share_trunk_passes_and_each_gets_its_own_greedy_tokens(method):
+    parts = build_model()[1] if method == "lora" else _prefixed_parts()
     service = GenerationService(parts.trunk)
     prompts = [torch.randint(3, 250, (1, n), generator=torch.Generator().manual_seed(n)) for n in (4, 9, 6, 12)]
     settings = SamplingSettings(max_new_tokens=16)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from types import SimpleNamespace
 
 import pytest
@@ -115,30 +114,6 @@ def test_one_pass_over_padded_prefixed_caches_equals_each_step_alone():
         for layer in trunk.layer_indices:
             torch.testing.assert_close(item.state.cache.layers[layer].values, twin.cache.layers[layer].values,
                                        atol=1e-5, rtol=0)
-
-
-def test_concurrent_clients_share_prefixed_trunk_passes_and_each_gets_its_own_greedy_tokens():
-    parts = prefixed()
-    service = GenerationService(parts.trunk)
-    prompts = [torch.randint(3, 250, (1, n), generator=torch.Generator().manual_seed(n)) for n in (4, 9, 6, 12)]
-    settings = SamplingSettings(max_new_tokens=16)
-    results: dict[int, list[int]] = {}
-
-    def client(index: int) -> None:
-        channel = channel_to(service, f"c{index}")
-        results[index] = generate_ids(parts.head, parts.tail, RemoteTrunk(channel), prompts[index], None,
-                                      settings).tokens[0]
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-
-    for index, prompt in enumerate(prompts):
-        alone = generate_ids(parts.head, parts.tail, LocalTrunk(parts.trunk), prompt, None, settings).tokens[0]
-        assert results[index] == alone
-    assert service._batcher is not None and service._batcher.widest >= 2
 
 
 def test_between_rounds_the_service_serves_the_trained_prefixes_and_a_training_step_makes_caches_stale():
