@@ -131,3 +131,28 @@ def test_a_chunk_must_hold_a_position():
         chunked_causal_lm_loss(hidden, head, labels, 0)
     with pytest.raises(ValueError, match="train.loss_chunk_tokens"):
         TrainConfig(loss_chunk_tokens=-1)
+
+
+def test_the_centralized_trainer_reads_the_decoder_and_the_head_the_split_client_reads(tiny_llama):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from fedsplit.split.prefix import peft_prefix_config
+    from fedsplit.train.centralized import CentralizedTrainer
+    from fedsplit.train.lm_loss import model_loss_parts
+
+    model, _ = tiny_llama
+    decoder, head = model_loss_parts(model)
+    assert decoder is model.get_decoder() and head is model.lm_head
+    lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert model_loss_parts(lora)[0] is lora.get_base_model().get_decoder()
+    assert model_loss_parts(get_peft_model(copy.deepcopy(model), peft_prefix_config(2))) is None  # its own forward
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 250, (2, 9), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    params = [model.lm_head.weight]  # any parameter: the optimizer is not stepped here
+    chunked = CentralizedTrainer(model, params, TrainConfig(loss_chunk_tokens=3), 1).loss(batch)
+    whole = CentralizedTrainer(model, params, TrainConfig(loss_chunk_tokens=0), 1).loss(batch)
+    assert chunked.item() == pytest.approx(whole.item(), abs=1e-6)

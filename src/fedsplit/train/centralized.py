@@ -14,6 +14,7 @@ from torch import nn
 
 from fedsplit.split.parts import positions_from_mask
 from fedsplit.train.config import TrainConfig
+from fedsplit.train.lm_loss import chunked_causal_lm_loss, model_loss_parts
 from fedsplit.train.optim import (
     StepResult,
     autocast,
@@ -43,11 +44,24 @@ class CentralizedTrainer:
                 input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions_from_mask(mask)
             ).logits  # (B, T, V)
 
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The split client's loss on the unsplit model: LM head + cross-entropy in chunks of
+        ``train.loss_chunk_tokens`` positions over the decoder's last hidden state (the same function on
+        the same rows, so split and centralized runs differ only by a bug), or over the model's logits."""
+        with autocast(self.cfg):
+            parts = model_loss_parts(self.model) if self.cfg.loss_chunk_tokens else None
+            if parts is None:
+                return causal_lm_loss(self.logits(batch), batch["labels"])
+            decoder, head = parts
+            mask = batch["attention_mask"]
+            hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask,
+                             position_ids=positions_from_mask(mask)).last_hidden_state  # (B, T, H)
+            return chunked_causal_lm_loss(hidden, head, batch["labels"], self.cfg.loss_chunk_tokens)
+
     def train_step(self, micro_batches: Iterable[dict[str, torch.Tensor]]) -> StepResult:
         losses = []
         for batch in micro_batches:
-            with autocast(self.cfg):
-                loss = causal_lm_loss(self.logits(batch), batch["labels"])
+            loss = self.loss(batch)
             (loss / self.cfg.grad_accum).backward()
             losses.append(float(loss.detach()))
         if len(losses) != self.cfg.grad_accum:
@@ -62,4 +76,4 @@ class CentralizedTrainer:
 
     @torch.no_grad()
     def eval_loss(self, batches: Iterable[dict[str, torch.Tensor]]) -> float:
-        return token_weighted_loss((self.logits(batch), batch["labels"]) for batch in batches)
+        return token_weighted_loss(((batch, batch["labels"]) for batch in batches), loss=lambda b, _: self.loss(b))

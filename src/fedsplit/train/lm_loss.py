@@ -76,17 +76,38 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, lm_head: Callable[[torch.Tensor
     keep = targets != IGNORE_INDEX
     rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]  # (N, H): positions whose next token is supervised
     targets = targets[keep]  # (N,)
+    if not torch.is_grad_enabled():  # evaluation: chunks of logits, no gradients
+        return sum((_chunk_sum(lm_head, rows[start:start + chunk_tokens], targets[start:start + chunk_tokens])
+                    for start in range(0, targets.numel(), chunk_tokens)),
+                   hidden.new_zeros((), dtype=torch.float32)) / targets.numel()
     if type(lm_head) is nn.Linear and not torch.is_autocast_enabled(rows.device.type):
         total = LinearCrossEntropy.apply(rows, lm_head.weight, lm_head.bias, targets, chunk_tokens)
         return total / targets.numel()
     from torch.utils.checkpoint import checkpoint
 
-    def chunk_sum(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(lm_head(h).float(), y, reduction="sum")
-
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk_tokens):
         h, y = rows[start:start + chunk_tokens], targets[start:start + chunk_tokens]
-        total = total + (checkpoint(chunk_sum, h, y, use_reentrant=False) if torch.is_grad_enabled()
-                         else chunk_sum(h, y))
+        total = total + checkpoint(_chunk_sum, lm_head, h, y, use_reentrant=False)
     return total / targets.numel()
+
+
+def _chunk_sum(lm_head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The summed cross-entropy of one chunk of rows ``(c, H)`` (its logits ``(c, V)`` live only in here)."""
+    return F.cross_entropy(lm_head(h).float(), y, reduction="sum")
+
+
+def model_loss_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(the decoder whose ``last_hidden_state`` the LM head reads, the LM head) of an unsplit Hugging Face
+    causal LM (LoRA-wrapped by PEFT or not), for :func:`chunked_causal_lm_loss`; None when the model must run
+    its own forward (a PEFT prompt-learning model: its forward injects the prefixes)."""
+    peft: Any = model
+    if getattr(peft, "peft_config", None) is not None and hasattr(peft, "get_base_model"):
+        if getattr(peft, "active_peft_config", None) is not None and peft.active_peft_config.is_prompt_learning:
+            return None
+        model = peft.get_base_model()
+    get_decoder, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
+    if get_decoder is None or get_head is None:
+        return None
+    decoder, head = get_decoder(), get_head()
+    return None if decoder is None or head is None else (decoder, head)

@@ -11,6 +11,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -154,8 +155,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-def token_weighted_loss(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = causal_lm_loss) -> float:
+def token_weighted_loss(pairs: Iterable[tuple[Any, torch.Tensor]],
+                        loss: Callable[[Any, torch.Tensor], torch.Tensor] = causal_lm_loss) -> float:
     """Mean loss over every supervised token of several batches of ``(logits, labels)`` (or of
     whatever ``loss`` takes with the labels)."""
     total, tokens = 0.0, 0
