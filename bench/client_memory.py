@@ -14,7 +14,7 @@ and the server only the trunk. Each mode runs in a fresh process; its peak RSS i
 * ``client-loss-unchunked``: the client with ``train.loss_chunk_tokens = 0`` (the LM head and the loss over
   the whole batch at once): what the chunked loss saves.
 * ``whole``: one process doing ``--steps`` whole-model LoRA steps (LoRA on every block, as the split
-  run) on the same micro-batches: what a FedAvg client must do.
+  run) on the same micro-batches, with the model's own logits and loss: what a FedAvg client must do.
 * ``whole-chunked``: the same whole-model steps with the client's chunked LM head + loss: the ratio
   when both sides use the same loss (``client_rss_ratio_same_loss``).
 * ``floor``: a process that only imports what a client imports (torch, transformers, peft, gRPC,
@@ -85,8 +85,10 @@ def worker_cli(mode: str, argv: list[str]) -> int:
 
 def worker_whole(config: Path, steps: int, chunked: bool) -> int:
     """Whole-model LoRA training steps on this client's micro-batches (what a FedAvg client runs):
-    the model's own forward and loss (``CentralizedTrainer``), or, ``chunked``, the same blocks with the
-    split client's LM head + loss in chunks of ``train.loss_chunk_tokens`` positions."""
+    the model's own logits and loss (``train.loss_chunk_tokens = 0``), or, ``chunked``, the LM head + loss
+    in chunks as the split client computes them (``CentralizedTrainer`` honours the setting)."""
+    from dataclasses import replace
+
     import torch
 
     from fedsplit.adapters import add_part_adapters, trainable_parameters
@@ -94,10 +96,7 @@ def worker_whole(config: Path, steps: int, chunked: bool) -> int:
     from fedsplit.models import load_model
     from fedsplit.recipes.network import client_batches
     from fedsplit.split import split_model
-    from fedsplit.split.parts import positions_from_mask
     from fedsplit.train.centralized import CentralizedTrainer
-    from fedsplit.train.lm_loss import chunked_causal_lm_loss
-    from fedsplit.train.optim import build_optimizer
 
     cfg = load_config(RunConfig, config)
     torch.set_num_threads(cfg.client.threads or 1)
@@ -105,23 +104,11 @@ def worker_whole(config: Path, steps: int, chunked: bool) -> int:
     parts = split_model(model, cfg.model.head_layers, cfg.model.tail_layers)
     add_part_adapters(parts, cfg.lora, seed=cfg.train.seed)  # LoRA on every block, as the split run
     params = [p for part in parts for p in trainable_parameters(part)]
+    train = cfg.train if chunked else replace(cfg.train, loss_chunk_tokens=0)
+    trainer = CentralizedTrainer(model, params, train, steps)
     batches = client_batches(cfg, tokenizer)
-    if not chunked:
-        trainer = CentralizedTrainer(model, params, cfg.train, steps)
-        for step in range(steps):
-            trainer.train_step([batches[step % len(batches)]])
-        return 0
-    optimizer = build_optimizer(params, cfg.train)
     for step in range(steps):
-        batch = batches[step % len(batches)]
-        mask = batch["attention_mask"]
-        positions = positions_from_mask(mask)
-        hidden = parts.trunk(parts.head(batch["input_ids"], mask, positions), mask, positions)
-        hidden = parts.tail.final_hidden(hidden, mask, positions)
-        loss = chunked_causal_lm_loss(hidden, parts.tail.output_head(), batch["labels"], cfg.train.loss_chunk_tokens)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        trainer.train_step([batches[step % len(batches)]])
     return 0
 
 
