@@ -23,8 +23,8 @@ import torch
 
 def prefix_tokens(model: Any) -> int:
     """``P`` of a PEFT prefix-tuning model, 0 for any other model."""
-    config = getattr(model, "active_peft_config", None)
-    if getattr(config, "peft_type", None) != "PREFIX_TUNING":  # PeftType is a str enum
+    config: Any = getattr(model, "active_peft_config", None)
+    if config is None or getattr(config, "peft_type", None) != "PREFIX_TUNING":  # PeftType is a str enum
         return 0
     return int(config.num_virtual_tokens)
 

@@ -63,11 +63,12 @@ def prefix_model(model: nn.Module, parts: SplitParts, num_virtual_tokens: int, *
 
 
 def run_centralized(cfg: RunConfig, data: FederatedData, out: Path, metrics: MetricsWriter) -> CentralizedResult:
-    model, tokenizer = load_model(cfg.model.name)
-    parts = split_model(model, cfg.model.head_layers, cfg.model.tail_layers)
+    base, tokenizer = load_model(cfg.model.name)
+    parts = split_model(base, cfg.model.head_layers, cfg.model.tail_layers)
+    model: nn.Module = base
     table = None
     if cfg.method.name == "prefix":
-        model, table = prefix_model(model, parts, cfg.method.num_virtual_tokens, seed=cfg.train.seed)
+        model, table = prefix_model(base, parts, cfg.method.num_virtual_tokens, seed=cfg.train.seed)
         params = [table]
     else:
         add_part_adapters(parts, cfg.lora, seed=cfg.train.seed)
