@@ -62,7 +62,8 @@ def cmd_centralized(args: argparse.Namespace) -> int:
     data = load_federated_data(cfg.data, cfg.train.seed)
     with MetricsWriter(out / "metrics.jsonl") as metrics:
         result = run_centralized(cfg, data, out, metrics)
-    plot_loss_curves({"centralized": result.losses}, out / "loss.png", title=f"centralized LoRA, {cfg.model.name}")
+    plot_loss_curves({"centralized": result.losses}, out / "loss.png",
+                     title=f"centralized {cfg.method.name}, {cfg.model.name}")
     rouge = "n/a" if result.eval.rouge_l is None else f"{result.eval.rouge_l:.4f}"
     print(f"held-out loss {result.eval.loss:.4f}  ROUGE-L {rouge}  -> {out}")
     return 0
@@ -259,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_check_split)
 
-    p = sub.add_parser("centralized", help="the centralized LoRA baseline on the pooled data")
+    p = sub.add_parser("centralized", help="the centralized baseline ([method]: LoRA or prefixes) on the pooled data")
     _config_args(p)
     p.set_defaults(func=cmd_centralized)
 
@@ -274,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="rte, cb, copa, boolq, emotion (classification); samsum, alpaca (generation)")
     p.add_argument("--model", help="base model (default: the run adapter's base model, else smollm2-135m)")
     p.add_argument("--run", type=Path,
-                   help="run directory (its merged adapter) or an adapter directory; none: zero-shot")
+                   help="run directory (its merged LoRA or prefix adapter) or an adapter directory; none: zero-shot")
     p.add_argument("--limit", type=int, help="evaluate the first N examples")
     p.add_argument("--json", type=Path, help="write metrics, intervals and per-example predictions here")
     p.add_argument("--prompt-template", help="your own task: '{field}' prompt template (instead of --task)")

@@ -108,3 +108,72 @@ def test_eval_on_the_builtin_stdlib_docs_held_out_set(tmp_path) -> None:
 
     record = json.loads(out.read_text())
     assert code == 0 and record["task"] == "stdlib-docs" and record["n"] == 2 and "rougeL" in record["metrics"]
+
+
+def _prefix_run(tmp_path):
+    """A run directory like a prefix `fedsplit server` leaves (adapters/prefix), and its parts."""
+    from fedsplit.models import load_model
+    from fedsplit.recipes.prefix_network import save_final_prefix
+    from fedsplit.split import split_model
+    from fedsplit.split.prefix import add_part_prefixes
+
+    model, tokenizer = load_model("tiny-llama")
+    parts = split_model(model, 1, 1)
+    add_part_prefixes(parts, 3, seed=4)  # N(0, 1) prefixes: far from the base model's output
+    save_final_prefix(parts, tmp_path / "run" / "adapters", "tiny-llama")
+    return tmp_path / "run", parts, tokenizer
+
+
+def test_eval_of_a_prefix_run_gives_the_loss_of_the_split_parts_with_their_prefixes(tmp_path) -> None:
+    # Arrange: a generation task, and the reference loss measured through head -> trunk -> tail
+    from fedsplit.data import SourceConfig, load_examples
+    from fedsplit.eval.evaluator import EvalSettings, evaluate_generation
+    from fedsplit.eval.scoring import function_access
+    from fedsplit.split import positions_from_mask
+
+    run, parts, tokenizer = _prefix_run(tmp_path)
+    path = tmp_path / "notes.jsonl"
+    path.write_text("".join(json.dumps({"q": f"Repeat {w} twice", "a": f"{w} {w}"}) + "\n"
+                            for w in ("alpha", "beta", "gamma")))
+    source = SourceConfig(path=str(path), prompt_template="{q}", response_field="a")
+
+    def split_logits(batch):
+        mask = batch["attention_mask"]
+        positions = positions_from_mask(mask)
+        return parts.tail(parts.trunk(parts.head(batch["input_ids"], mask, positions), mask, positions),
+                          mask, positions)  # (B, T, V)
+
+    settings = EvalSettings(max_new_tokens=2, progress=False)
+    with torch.no_grad():
+        split = evaluate_generation(function_access(split_logits, tokenizer), tokenizer, load_examples(source),
+                                    settings).metrics
+    tuned, zero = tmp_path / "tuned.json", tmp_path / "zero.json"
+    args = ["eval", "--data", str(path), "--prompt-template", "{q}", "--response-field", "a", "--max-new-tokens", "2"]
+
+    # Act
+    assert main([*args, "--run", str(run), "--json", str(tuned)]) == 0
+    assert main([*args, "--model", "tiny-llama", "--json", str(zero)]) == 0
+
+    # Assert: the PEFT prefix adapter on the unsplit model scores what the split parts do
+    record = json.loads(tuned.read_text())
+    assert "adapters/prefix" in record["model"] and "prefix tuning" in record["model"]
+    assert record["metrics"]["tokens"] == split["tokens"]
+    assert record["metrics"]["loss"] == pytest.approx(split["loss"], abs=1e-5)
+    assert abs(record["metrics"]["loss"] - json.loads(zero.read_text())["metrics"]["loss"]) > 0.01
+
+
+def test_a_run_directory_without_an_adapter_names_both_kinds_looked_for(tmp_path) -> None:
+    (tmp_path / "adapters" / "head").mkdir(parents=True)  # per-part adapters only: not an evaluable model
+
+    with pytest.raises(FileNotFoundError, match="no merged LoRA adapter and no prefix adapter") as info:
+        find_adapter(tmp_path)
+    assert "adapters/merged" in str(info.value) and "adapters/prefix" in str(info.value)
+
+
+def test_find_adapter_finds_the_prefix_adapter_of_server_simulate_and_demo_directories(tmp_path) -> None:
+    for place in ("adapters/prefix", "server/adapters/prefix", "federated/server/adapters/prefix"):
+        run = tmp_path / place.replace("/", "-")
+        (run / place).mkdir(parents=True)
+        (run / place / "adapter_config.json").write_text('{"peft_type": "PREFIX_TUNING"}')
+
+        assert find_adapter(run) == run / place

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fedsplit.data.tokenize import IGNORE_INDEX, EncodedExample, collate
+from fedsplit.eval.prefix_generation import generate as generate_tokens  # a PEFT prefix model: prefixes cached
 from fedsplit.split.parts import positions_from_mask
 
 Batch = dict[str, torch.Tensor]  # input_ids, attention_mask (, labels): each (B, T)
@@ -115,8 +116,8 @@ def unsplit_access(model: Any, tokenizer) -> ModelAccess:
         pad = tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])  # (B, T), left-padded
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])  # (B, T)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)  # (B, T + new)
+        out = generate_tokens(model, ids, mask, max_new_tokens=max_new_tokens, do_sample=False,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)  # (B, T + new)
         return [_until_stop(row[width:].tolist(), stop) for row in out]
 
     return ModelAccess(unsplit_logits(model), generate, tokenizer.pad_token_id)

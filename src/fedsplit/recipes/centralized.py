@@ -1,8 +1,13 @@
-"""``fedsplit centralized``: LoRA fine-tuning of the unsplit model on the pooled client data.
+"""``fedsplit centralized``: LoRA or P-tuning v2 fine-tuning of the unsplit model on the pooled client data.
 
 The yardstick for every federated result: same data pipeline, loss, optimizer, schedule, LoRA
 placement and initialization (adapters are injected through the same split views), and the
 same number of optimizer steps as the federated run makes in total.
+
+With ``[method] name = "prefix"`` (FL-GLM's P-tuning v2, arXiv 2406.14898; docs/ptuning.md) the model is
+PEFT's prefix-tuning model, whose one ``prompt_embeddings`` table starts as the federation's parts start
+(part ``i``'s prefixes seeded ``train.seed + i``) and is the only trainable parameter; the result is
+saved as the federation saves its ``adapters/prefix``: one PEFT prefix-tuning adapter.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from fedsplit.adapters import add_part_adapters, merge_adapters, trainable_parameters
@@ -18,7 +25,7 @@ from fedsplit.metrics import MetricsWriter
 from fedsplit.models import load_model
 from fedsplit.recipes.common import BatchStream, FederatedData, encode
 from fedsplit.recipes.evaluate import EvalResult, evaluate
-from fedsplit.split import split_model
+from fedsplit.split import SplitParts, split_model
 from fedsplit.train.centralized import CentralizedTrainer
 from fedsplit.train.optim import schedule_horizon
 
@@ -34,11 +41,38 @@ def total_federated_steps(cfg: RunConfig) -> int:
     return schedule_horizon(cfg.federation.rounds, cfg.federation.local_steps, cfg.data.num_clients)
 
 
+def prefix_model(model: nn.Module, parts: SplitParts, num_virtual_tokens: int, *,
+                 seed: int) -> tuple[nn.Module, nn.Parameter]:
+    """(PEFT prefix-tuning model of ``model``, its ``prompt_embeddings`` table) starting from the prefixes a
+    federation's parts start from (:func:`~fedsplit.split.prefix.add_part_prefixes` with ``seed``, also
+    left on ``parts``). The table is the only trainable parameter."""
+    import warnings
+
+    from peft import get_peft_model
+
+    from fedsplit.split.prefix import add_part_prefixes, peft_prefix_config, peft_prefix_table
+
+    add_part_prefixes(parts, num_virtual_tokens, seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's notes on the base model's config
+        peft_model = get_peft_model(model, peft_prefix_config(num_virtual_tokens))
+    table = peft_model.prompt_encoder["default"].embedding.weight  # (P, num_layers * 2 * kv_heads * head_dim)
+    with torch.no_grad():
+        table.copy_(peft_prefix_table(parts))
+    return peft_model, table
+
+
 def run_centralized(cfg: RunConfig, data: FederatedData, out: Path, metrics: MetricsWriter) -> CentralizedResult:
-    model, tokenizer = load_model(cfg.model.name)
-    parts = split_model(model, cfg.model.head_layers, cfg.model.tail_layers)
-    add_part_adapters(parts, cfg.lora, seed=cfg.train.seed)
-    params = [p for part in parts for p in trainable_parameters(part)]
+    base, tokenizer = load_model(cfg.model.name)
+    parts = split_model(base, cfg.model.head_layers, cfg.model.tail_layers)
+    model: nn.Module = base
+    table = None
+    if cfg.method.name == "prefix":
+        model, table = prefix_model(base, parts, cfg.method.num_virtual_tokens, seed=cfg.train.seed)
+        params = [table]
+    else:
+        add_part_adapters(parts, cfg.lora, seed=cfg.train.seed)
+        params = [p for part in parts for p in trainable_parameters(part)]
     steps = total_federated_steps(cfg)
     trainer = CentralizedTrainer(model, params, cfg.train, total_steps=steps)
     stream = BatchStream(encode(data.pooled, tokenizer, cfg), cfg.train.batch_size, tokenizer.pad_token_id,
@@ -51,7 +85,14 @@ def run_centralized(cfg: RunConfig, data: FederatedData, out: Path, metrics: Met
         metrics.write(
             "train_step", mode="centralized", step=step + 1, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm
         )
-    adapter_dir = merge_adapters(list(parts), Path(out) / "adapters" / "centralized", base_model=cfg.model.name)
+    where = Path(out) / "adapters" / "centralized"
+    if table is not None:  # the trained table back on the parts, saved as the federation saves its prefixes
+        from fedsplit.split.prefix import load_peft_prefix_table, save_prefix_adapter
+
+        load_peft_prefix_table(parts, table.detach())
+        adapter_dir = save_prefix_adapter(list(parts), where, base_model=cfg.model.name)
+    else:
+        adapter_dir = merge_adapters(list(parts), where, base_model=cfg.model.name)
     evaluation = evaluate(model, tokenizer, data.eval, cfg)
     metrics.write("eval", mode="centralized", loss=evaluation.loss, rouge_l=evaluation.rouge_l)
     return CentralizedResult(losses, evaluation, adapter_dir)

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from fedsplit.config import DataConfig, RunConfig
 from fedsplit.data import Example, SourceConfig, collate, encode_examples, load_examples, stdlib_docs_silos
 from fedsplit.data.tokenize import EncodedExample
+from fedsplit.eval.prefix_generation import generate as generate_tokens
 
 
 @dataclass
@@ -114,7 +115,7 @@ def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
 def generate_answers(
     model, tokenizer, examples: Sequence[Example], max_new_tokens: int, batch_size: int = 8
 ) -> list[str]:
-    """Greedy answers of an unsplit (or merged-adapter) model to each example's prompt."""
+    """Greedy answers of an unsplit (merged-adapter or PEFT prefix) model to each example's prompt."""
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right
     answers: list[str] = []
@@ -124,8 +125,10 @@ def generate_answers(
         for batch in tqdm(batches, total=total, desc="generating answers", unit="batch", leave=False):
             prompts = [_prompt_text(example, tokenizer) for example in batch]
             inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(
-                **inputs,
+            out = generate_tokens(  # model.generate, with a PEFT prefix model's prefixes in its cache
+                model,
+                inputs["input_ids"],
+                inputs["attention_mask"],
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,

@@ -2,6 +2,8 @@
 
 Reads top to bottom: data -> zero-shot evaluation -> federated split training -> centralized
 training -> one table, a metrics file, the adapters and a loss-curve plot in the run directory.
+Both trainings use the configured method (``[method]``: LoRA, or P-tuning v2 prefixes with the same
+``num_virtual_tokens``, docs/ptuning.md).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ def run_demo(cfg: RunConfig, out: Path) -> int:
     start = time.monotonic()
     out = prepare_run_dir(out, cfg)
     data = load_federated_data(cfg.data, cfg.train.seed)
-    print(f"clients: {[len(s) for s in data.silos]} examples, held-out: {len(data.eval)}; model {cfg.model.name}")
+    method = f"P-tuning v2 (P = {cfg.method.num_virtual_tokens})" if cfg.method.name == "prefix" else "LoRA"
+    print(f"clients: {[len(s) for s in data.silos]} examples, held-out: {len(data.eval)}; model {cfg.model.name}, "
+          f"{method}")
     with MetricsWriter(out / "metrics.jsonl", fresh=True) as metrics:
         model, tokenizer = load_model(cfg.model.name)
         zero_shot = evaluate(model, tokenizer, data.eval, cfg)
@@ -52,7 +56,7 @@ def run_demo(cfg: RunConfig, out: Path) -> int:
     plot_loss_curves(
         {"federated split (every client step, in time order)": federated.losses, "centralized": centralized.losses},
         out / "loss.png",
-        title=f"LoRA fine-tuning of {cfg.model.name}: federated split vs centralized",
+        title=f"{method} fine-tuning of {cfg.model.name}: federated split vs centralized",
         xlabel="optimizer steps (all clients)",
         smoothing=5,
     )

@@ -1,8 +1,10 @@
 """``fedsplit eval``: one model on one task's held-out file, with intervals; optionally JSON out.
 
-The model is the plain base model (zero-shot), or the base model with a run's merged PEFT adapter
-loaded by ``peft.PeftModel.from_pretrained`` (the path a user takes to use a federated or
-centralized result). Reads top to bottom: data -> model -> evaluate -> table (+ JSON).
+The model is the plain base model (zero-shot), or the base model with a run's PEFT adapter loaded by
+``peft.PeftModel.from_pretrained`` (the path a user takes to use a federated or centralized result):
+a LoRA run's merged adapter, or a P-tuning v2 run's one prefix-tuning adapter (``adapters/prefix``,
+docs/ptuning.md; the unsplit PEFT prefix model computes what the split parts with their prefixes do).
+Reads top to bottom: data -> model -> evaluate -> table (+ JSON).
 """
 
 from __future__ import annotations
@@ -16,17 +18,22 @@ from fedsplit.eval.choices import ChoiceExample, is_classification, load_choice_
 from fedsplit.eval.evaluator import EvalReport, EvalSettings, evaluate_split
 from fedsplit.eval.stats import CI_HIGH, CI_LOW, CONFUSION_PREFIX
 
-# Where runs keep their merged adapter, relative to the run directory.
+# Where runs keep their one PEFT adapter, relative to the run directory: "merged" for LoRA (the three
+# part adapters merged), "prefix" for P-tuning v2 (the three parts' prefixes in one prefix-tuning adapter).
 ADAPTER_LOCATIONS = (
     "adapters/merged",  # fedsplit server
+    "adapters/prefix",  # fedsplit server, method.name = "prefix"
     "server/adapters/merged",  # fedsplit simulate
-    "adapters/centralized",  # fedsplit centralized
+    "server/adapters/prefix",
+    "adapters/centralized",  # fedsplit centralized (LoRA or prefix)
     "federated/server/adapters/merged",  # fedsplit demo (its federated result)
+    "federated/server/adapters/prefix",
 )
 
 
 def find_adapter(run_dir: Path) -> Path:
-    """The merged adapter of a run directory (or the directory itself if it is an adapter).
+    """The PEFT adapter of a run directory: merged LoRA or P-tuning v2 prefixes (or the directory itself
+    if it is an adapter).
 
     A directory holding several (``fedsplit demo``: federated and centralized) must be made precise.
     """
@@ -37,13 +44,14 @@ def find_adapter(run_dir: Path) -> Path:
     if len(found) > 1:
         raise ValueError(f"{run_dir}: several adapters ({', '.join(map(str, found))}); pass one of them to --run")
     if not found:
-        raise FileNotFoundError(f"{run_dir}: no merged adapter; expected one of {', '.join(ADAPTER_LOCATIONS)} "
-                                "(or pass the adapter directory itself)")
+        raise FileNotFoundError(f"{run_dir}: no merged LoRA adapter and no prefix adapter (an adapter_config.json "
+                                f"in one of {', '.join(ADAPTER_LOCATIONS)}); pass a run directory or the "
+                                "adapter directory itself")
     return found[0]
 
 
 def load_eval_model(model: str | None, run: Path | None):
-    """(model, tokenizer, description): the base model, with the run's merged adapter if given."""
+    """(model, tokenizer, description): the base model, with the run's adapter (LoRA or prefix) if given."""
     from fedsplit.models import load_model
 
     adapter = find_adapter(run) if run is not None else None
@@ -55,7 +63,14 @@ def load_eval_model(model: str | None, run: Path | None):
         return base, tokenizer, f"{model} (zero-shot)"
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, str(adapter)), tokenizer, f"{model} + {adapter}"
+    kind = " (prefix tuning)" if adapter_method(adapter) == "prefix" else ""
+    return PeftModel.from_pretrained(base, str(adapter)), tokenizer, f"{model} + {adapter}{kind}"
+
+
+def adapter_method(adapter: Path) -> str:
+    """``"prefix"`` for a PEFT prefix-tuning adapter (a P-tuning v2 run), ``"lora"`` otherwise."""
+    config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    return "prefix" if config.get("peft_type") == "PREFIX_TUNING" else "lora"
 
 
 STDLIB_DOCS = "stdlib-docs"  # --data stdlib-docs: the demo's built-in held-out set

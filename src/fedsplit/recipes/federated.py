@@ -1,6 +1,7 @@
 """The federated half of the demo: ``simulate`` the federation, then evaluate what it produced.
 
-The server writes the final adapters (per part and merged into one PEFT adapter); the merged
+The server writes the final adapters (LoRA: per part and merged into one PEFT adapter, ``merged``;
+P-tuning v2: the three parts' prefixes as one PEFT prefix-tuning adapter, ``prefix``); that one
 adapter is loaded into a fresh unsplit model with ``peft.PeftModel.from_pretrained`` — the same
 path a user takes to use the result — and evaluated like the other rows of the table.
 """
@@ -39,9 +40,9 @@ def run_federated(cfg: RunConfig, data: FederatedData, out: Path, metrics: Metri
 
     run_dir = Path(out) / "federated"
     server_dir = simulate(cfg, run_dir)
-    merged = server_dir / "adapters" / "merged"
+    final = server_dir / "adapters" / ("prefix" if cfg.method.name == "prefix" else "merged")
     base, tokenizer = load_model(cfg.model.name)
-    model = PeftModel.from_pretrained(base, str(merged))
+    model = PeftModel.from_pretrained(base, str(final))
     result = evaluate(model, tokenizer, data.eval, cfg)
     metrics.write("eval", mode="federated", loss=result.loss, rouge_l=result.rouge_l)
-    return FederatedResult(client_loss_curve(run_dir), result, merged)
+    return FederatedResult(client_loss_curve(run_dir), result, final)
