@@ -106,3 +106,18 @@ def run_federation_in_threads(cfg, config_dir, out, clients: int = 2) -> tuple[i
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     return code, errors
+
+
+def split_logits_fn(parts):
+    """head -> trunk -> tail of ``parts`` in this process as a ``fedsplit.eval.scoring.LogitsFn``: the logits
+    ``(B, T, V)``, or of the last ``keep`` positions."""
+    from fedsplit.split.parts import positions_from_mask
+
+    def logits(batch, keep=None):
+        mask = batch["attention_mask"]
+        positions = positions_from_mask(mask)
+        out = parts.tail(parts.trunk(parts.head(batch["input_ids"], mask, positions), mask, positions), mask,
+                         positions)  # (B, T, V)
+        return out[:, -keep:] if keep else out
+
+    return logits

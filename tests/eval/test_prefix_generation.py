@@ -10,8 +10,10 @@ import torch
 
 from fedsplit.eval.prefix_generation import generate, prefix_tokens
 from fedsplit.eval.scoring import function_access, unsplit_access
-from fedsplit.split import positions_from_mask, split_model
+from fedsplit.split import split_model
 from fedsplit.split.prefix import add_part_prefixes, save_prefix_adapter
+
+from tiny import split_logits_fn
 
 PROMPTS = [[5, 17, 33, 90, 12, 41], [7, 8, 9]]  # left-padded together
 
@@ -30,11 +32,7 @@ def test_a_prefix_model_generates_what_the_split_parts_with_its_prefixes_decode(
         warnings.simplefilter("ignore")
         model = PeftModel.from_pretrained(copy.deepcopy(base).float(), str(tmp_path / "prefix")).eval()
 
-    def split_logits(batch):
-        mask = batch["attention_mask"]
-        positions = positions_from_mask(mask)
-        return parts.tail(parts.trunk(parts.head(batch["input_ids"], mask, positions), mask, positions),
-                          mask, positions)  # (B, T, V)
+    split_logits = split_logits_fn(parts)
 
     # Act
     with torch.no_grad():

@@ -8,6 +8,8 @@ import torch
 from fedsplit.cli import main
 from fedsplit.recipes.eval_task import find_adapter
 
+from tiny import split_logits_fn
+
 ROWS = [
     {"premise": "The cat sat on the mat.", "hypothesis": "A cat sat.", "label": "entailment"},
     {"premise": "It rained all day.", "hypothesis": "It was sunny.", "label": "contradiction"},
@@ -129,7 +131,6 @@ def test_eval_of_a_prefix_run_gives_the_loss_of_the_split_parts_with_their_prefi
     from fedsplit.data import SourceConfig, load_examples
     from fedsplit.eval.evaluator import EvalSettings, evaluate_generation
     from fedsplit.eval.scoring import function_access
-    from fedsplit.split import positions_from_mask
 
     run, parts, tokenizer = _prefix_run(tmp_path)
     path = tmp_path / "notes.jsonl"
@@ -137,11 +138,7 @@ def test_eval_of_a_prefix_run_gives_the_loss_of_the_split_parts_with_their_prefi
                             for w in ("alpha", "beta", "gamma")))
     source = SourceConfig(path=str(path), prompt_template="{q}", response_field="a")
 
-    def split_logits(batch):
-        mask = batch["attention_mask"]
-        positions = positions_from_mask(mask)
-        return parts.tail(parts.trunk(parts.head(batch["input_ids"], mask, positions), mask, positions),
-                          mask, positions)  # (B, T, V)
+    split_logits = split_logits_fn(parts)
 
     settings = EvalSettings(max_new_tokens=2, progress=False)
     with torch.no_grad():

@@ -167,7 +167,7 @@ def run_export(job: ExportJob) -> Path:
     elif job.run is not None:
         from fedsplit.recipes.export_prefix import export_prefix, find_prefix_adapter, merge_refusal
 
-        prefix = find_prefix_adapter(job.run, PART_LOCATIONS)  # a P-tuning v2 run: one PEFT prefix adapter
+        prefix = find_prefix_adapter(job.run)  # a P-tuning v2 run: one PEFT prefix adapter
         if prefix is not None:
             if not job.adapter_only:
                 raise ExportError(merge_refusal(prefix))

@@ -14,19 +14,19 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-PREFIX_SUBDIR = "prefix"  # under a run's adapters/ (fedsplit.recipes.prefix_network.save_final_prefix)
 _WEIGHTS = "adapter_model.safetensors"
 
 
-def find_prefix_adapter(run_dir: Path, locations: tuple[str, ...]) -> Path | None:
-    """The PEFT prefix-tuning adapter of a prefix run (``<location>/prefix``), or None for a LoRA run."""
+def find_prefix_adapter(run_dir: Path) -> Path | None:
+    """The PEFT prefix-tuning adapter of a P-tuning v2 run: the directory itself, or the first of the run
+    layouts that holds one (:data:`fedsplit.recipes.eval_task.ADAPTER_LOCATIONS`); None for a LoRA run."""
     from fedsplit.adapters import ADAPTER_CONFIG
+    from fedsplit.recipes.eval_task import ADAPTER_LOCATIONS
 
-    for rel in ("", *locations):
-        candidate = Path(run_dir) / rel / PREFIX_SUBDIR
-        config = candidate / ADAPTER_CONFIG
+    for rel in ("", *ADAPTER_LOCATIONS):
+        config = Path(run_dir) / rel / ADAPTER_CONFIG
         if config.is_file() and json.loads(config.read_text()).get("peft_type") == "PREFIX_TUNING":
-            return candidate
+            return config.parent
     return None
 
 

@@ -28,6 +28,7 @@ from typing import Any, TextIO
 
 from fedsplit.inference import LocalTrunk, SamplingSettings, SplitGenerator
 from fedsplit.inference.generate import eos_ids
+from fedsplit.recipes.export_prefix import find_prefix_adapter
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +89,6 @@ def prefix_generator(job: GenerateJob, adapter: Path) -> SplitGenerator:
              job.head_layers, job.tail_layers)
     return SplitGenerator(parts.head, parts.tail, LocalTrunk(parts.trunk), tokenizer,
                           eos_token_ids=eos_ids(tokenizer, getattr(lm, "generation_config", None)))
-
-
-def find_prefix_adapter(run: Path) -> Path | None:
-    """The P-tuning v2 adapter of a run directory (``adapters/prefix`` below a run or simulate directory,
-    or the adapter directory itself), or None when it has none (a LoRA run)."""
-    for base in (run, run / "adapters" / "prefix", run / "server" / "adapters" / "prefix",
-                 run / "federated" / "server" / "adapters" / "prefix"):
-        config = base / "adapter_config.json"
-        if config.is_file() and json.loads(config.read_text()).get("peft_type") == "PREFIX_TUNING":
-            return base
-    return None
 
 
 def load_run_prefixes(parts: Any, run: Path | None, names: tuple[str, ...]) -> None:
