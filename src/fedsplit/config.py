@@ -399,6 +399,12 @@ class MethodConfig:
         """The prefix length to train, 0 for LoRA (the ``prefix_tokens`` argument of the recipes)."""
         return self.num_virtual_tokens if self.name == "prefix" else 0
 
+    @property
+    def final_adapter(self) -> str:
+        """The run's one PEFT adapter under ``adapters/``: ``merged`` (the three LoRA adapters merged) or
+        ``prefix`` (the three parts' prefixes in one prefix-tuning adapter)."""
+        return "prefix" if self.name == "prefix" else "merged"
+
 
 @dataclass
 class SimulateConfig:

@@ -40,7 +40,7 @@ def run_federated(cfg: RunConfig, data: FederatedData, out: Path, metrics: Metri
 
     run_dir = Path(out) / "federated"
     server_dir = simulate(cfg, run_dir)
-    final = server_dir / "adapters" / ("prefix" if cfg.method.name == "prefix" else "merged")
+    final = server_dir / "adapters" / cfg.method.final_adapter
     base, tokenizer = load_model(cfg.model.name)
     model = PeftModel.from_pretrained(base, str(final))
     result = evaluate(model, tokenizer, data.eval, cfg)

@@ -30,8 +30,7 @@ def run_simulate(cfg: RunConfig, out: Path) -> int:
         base, tokenizer = load_model(cfg.model.name)
         zero = evaluate(base, tokenizer, data.eval, cfg)
         comparison["zero-shot"] = {"loss": zero.loss, "rouge_l": zero.rouge_l}
-        final_adapter = "prefix" if cfg.method.name == "prefix" else "merged"  # prefix: one PEFT prefix adapter
-        model = PeftModel.from_pretrained(base, str(server_dir / "adapters" / final_adapter))
+        model = PeftModel.from_pretrained(base, str(server_dir / "adapters" / cfg.method.final_adapter))
         final = evaluate(model, tokenizer, data.eval, cfg)
         comparison["federated split (final)"] = {"loss": final.loss, "rouge_l": final.rouge_l}
     report_run(server_dir, f"federated split fine-tuning of {cfg.model.name}", comparison=comparison, dest=out)
