@@ -76,11 +76,9 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, lm_head: Callable[[torch.Tensor
     keep = targets != IGNORE_INDEX
     rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]  # (N, H): positions whose next token is supervised
     targets = targets[keep]  # (N,)
-    if not torch.is_grad_enabled():  # evaluation: chunks of logits, no gradients
-        return sum((_chunk_sum(lm_head, rows[start:start + chunk_tokens], targets[start:start + chunk_tokens])
-                    for start in range(0, targets.numel(), chunk_tokens)),
-                   hidden.new_zeros((), dtype=torch.float32)) / targets.numel()
-    if type(lm_head) is nn.Linear and not torch.is_autocast_enabled(rows.device.type):
+    trains = isinstance(lm_head, nn.Module) and any(p.requires_grad for p in lm_head.parameters())
+    grads = torch.is_grad_enabled() and (rows.requires_grad or trains)
+    if grads and type(lm_head) is nn.Linear and not torch.is_autocast_enabled(rows.device.type):
         total = LinearCrossEntropy.apply(rows, lm_head.weight, lm_head.bias, targets, chunk_tokens)
         return total / targets.numel()
     from torch.utils.checkpoint import checkpoint
@@ -88,7 +86,9 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, lm_head: Callable[[torch.Tensor
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk_tokens):
         h, y = rows[start:start + chunk_tokens], targets[start:start + chunk_tokens]
-        total = total + checkpoint(_chunk_sum, lm_head, h, y, use_reentrant=False)
+        # with gradients, each chunk's logits are recomputed in backward instead of kept
+        total = total + (checkpoint(_chunk_sum, lm_head, h, y, use_reentrant=False) if grads
+                         else _chunk_sum(lm_head, h, y))
     return total / targets.numel()
 
 
