@@ -28,31 +28,6 @@ def prefilled(trunk, length: int, batch: int, seed: int) -> tuple[PartCache, tor
     return state, positions[:, -1:] + 1
 
 
-def test_one_pass_over_padded_caches_equals_each_step_alone():
-    _, parts = build_model()
-    trunk = parts.trunk
-    items, alone = [], []
-    for length, batch, seed in ((5, 1, 0), (11, 2, 1), (8, 1, 2)):
-        state, position = prefilled(trunk, length, batch, seed)
-        twin, _ = prefilled(trunk, length, batch, seed)
-        hidden = torch.randn(batch, 1, 64, generator=torch.Generator().manual_seed(10 + seed))
-        items.append(StepItem(state, hidden, position))
-        with torch.no_grad():
-            alone.append((run_blocks_cached(trunk, hidden, twin.step_mask(), position, twin), twin))
-
-    with torch.no_grad():
-        combined, hidden, positions = combine(trunk, items)
-        output = run_blocks_cached(trunk, hidden, combined.step_mask(), positions, combined)
-        split_back(trunk, combined, output, items)
-
-    for item, (expected, twin) in zip(items, alone, strict=True):
-        torch.testing.assert_close(item.output, expected, atol=1e-5, rtol=0)
-        assert torch.equal(item.state.mask, twin.mask)
-        for layer in trunk.layer_indices:
-            torch.testing.assert_close(item.state.cache.layers[layer].keys, twin.cache.layers[layer].keys,
-                                       atol=1e-5, rtol=0)
-
-
 def _prefixed_parts():
     from fedsplit.models import load_model
     from fedsplit.split import split_model
@@ -64,9 +39,41 @@ def _prefixed_parts():
     return parts
 
 
+def _parts(method: str):
+    return build_model()[1] if method == "lora" else _prefixed_parts()
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_one_pass_over_padded_caches_equals_each_step_alone(method):
+    trunk = _parts(method).trunk
+    width = 3 if method == "prefix" else 0  # P prefix slots at the start of every cache
+    items, alone = [], []
+    for length, batch, seed in ((5, 1, 0), (11, 2, 1), (8, 1, 2)):
+        state, position = prefilled(trunk, length, batch, seed)
+        twin, _ = prefilled(trunk, length, batch, seed)
+        hidden = torch.randn(batch, 1, 64, generator=torch.Generator().manual_seed(10 + seed))
+        items.append(StepItem(state, hidden, position))
+        with torch.no_grad():
+            alone.append((run_blocks_cached(trunk, hidden, twin.step_mask(), position, twin), twin))
+
+    with torch.no_grad():
+        combined, hidden, positions = combine(trunk, items)  # padding before each row's prefix, masked
+        output = run_blocks_cached(trunk, hidden, combined.step_mask(), positions, combined)
+        split_back(trunk, combined, output, items)
+
+    assert combined.length == width + 11 + 1
+    for item, (expected, twin) in zip(items, alone, strict=True):
+        torch.testing.assert_close(item.output, expected, atol=1e-5, rtol=0)
+        assert torch.equal(item.state.mask, twin.mask) and item.state.mask[:, :width].all()
+        for layer in trunk.layer_indices:
+            for kind in ("keys", "values"):
+                torch.testing.assert_close(getattr(item.state.cache.layers[layer], kind),
+                                           getattr(twin.cache.layers[layer], kind), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("method", ["lora", "prefix"])
 def test_concurrent_clients_share_trunk_passes_and_each_gets_its_own_greedy_tokens(method):
-    parts = build_model()[1] if method == "lora" else _prefixed_parts()
+    parts = _parts(method)
     service = GenerationService(parts.trunk)
     prompts = [torch.randint(3, 250, (1, n), generator=torch.Generator().manual_seed(n)) for n in (4, 9, 6, 12)]
     settings = SamplingSettings(max_new_tokens=16)

@@ -9,12 +9,10 @@ import torch
 
 from fedsplit.channel import RemoteError, in_process_channel
 from fedsplit.inference import LocalTrunk, SamplingSettings, generate_ids
-from fedsplit.inference.cached import PartCache, run_blocks_cached
 from fedsplit.inference.remote import RemoteTrunk
 from fedsplit.models import load_model
 from fedsplit.protocol import decode_tensor, encode_tensor, pb
 from fedsplit.server.generation import GenerationService, attach_generation
-from fedsplit.server.generation_batch import StepItem, combine, split_back
 from fedsplit.split import split_model
 from fedsplit.split.prefix import add_part_prefixes
 
@@ -78,42 +76,6 @@ def test_the_trunk_cache_counts_its_prefix_and_a_prompt_that_does_not_fit_after_
     step.position_ids.CopyFrom(encode_tensor(torch.tensor([[253]])))
     with pytest.raises(RemoteError, match="would cache 257 positions; the limit is 256"):
         alice.call(pb.GENERATE_STEP, step)
-
-
-def prefilled(trunk, length: int, batch: int, seed: int) -> tuple[PartCache, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    state = PartCache(trunk)
-    mask = torch.ones(batch, length, dtype=torch.bool)
-    mask[0, :2] = False  # some left padding of its own
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        run_blocks_cached(trunk, torch.randn(batch, length, 64, generator=g), mask, positions, state)
-    return state, positions[:, -1:] + 1
-
-
-def test_one_pass_over_padded_prefixed_caches_equals_each_step_alone():
-    trunk = prefixed().trunk
-    items, alone = [], []
-    for length, batch, seed in ((5, 1, 0), (11, 2, 1), (8, 1, 2)):
-        state, position = prefilled(trunk, length, batch, seed)
-        twin, _ = prefilled(trunk, length, batch, seed)
-        hidden = torch.randn(batch, 1, 64, generator=torch.Generator().manual_seed(10 + seed))
-        items.append(StepItem(state, hidden, position))
-        with torch.no_grad():
-            alone.append((run_blocks_cached(trunk, hidden, twin.step_mask(), position, twin), twin))
-
-    with torch.no_grad():
-        combined, hidden, positions = combine(trunk, items)  # padding before each row's prefix, masked
-        output = run_blocks_cached(trunk, hidden, combined.step_mask(), positions, combined)
-        split_back(trunk, combined, output, items)
-
-    assert combined.length == P + 11 + 1
-    for item, (expected, twin) in zip(items, alone, strict=True):
-        torch.testing.assert_close(item.output, expected, atol=1e-5, rtol=0)
-        assert torch.equal(item.state.mask, twin.mask) and item.state.mask[:, :P].all()
-        for layer in trunk.layer_indices:
-            torch.testing.assert_close(item.state.cache.layers[layer].values, twin.cache.layers[layer].values,
-                                       atol=1e-5, rtol=0)
 
 
 def test_between_rounds_the_service_serves_the_trained_prefixes_and_a_training_step_makes_caches_stale():
