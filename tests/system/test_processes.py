@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from fedsplit.config import RunConfig
@@ -85,6 +86,11 @@ def test_three_clients_complete_a_run(tmp_path):
     assert [e["round"] for e in ends] == [1, 2]
     assert all(sorted(e["clients"]) == ["client-0", "client-1", "client-2"] for e in ends)
     assert (server_out / "adapters" / "merged" / "adapter_config.json").is_file()
+    for client in ("client-0", "client-1", "client-2"):  # each keeps its copy of the final global head/tail
+        for part in ("head", "tail"):
+            theirs = load_file(str(tmp_path / client / "adapters" / part / "adapter_model.safetensors"))
+            ours = load_file(str(server_out / "adapters" / part / "adapter_model.safetensors"))
+            assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
     log = (tmp_path / "logs" / "server.log").read_text()
     assert "INSECURE" not in log and "TLS" in log
 

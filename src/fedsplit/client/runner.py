@@ -154,6 +154,7 @@ class RunnerResult:
     final_round: int = 0  # the last round the server completed
     lost_rounds: int = 0  # rounds this client started but could not finish
     reconnects: int = 0
+    finished: bool = False  # the server ended the run, and the head/tail hold its final global adapters
 
 
 class ClientRunner:
@@ -205,7 +206,7 @@ class ClientRunner:
                 plan = self._join()
                 if plan.finished:
                     load_client_adapters(self.head, self.tail, decode_named(plan.adapters, "RoundPlan.adapters"))
-                    self.result.final_round = plan.round
+                    self.result.final_round, self.result.finished = plan.round, True
                     return self.result
                 if plan.evaluate:
                     self._evaluate_round(plan)

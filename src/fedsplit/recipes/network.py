@@ -314,6 +314,10 @@ def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
     runner.close()
     if proxy is not None:
         proxy.close()
+    if result.finished and cfg.method.name == "lora":  # this organisation's copy of the final global head/tail
+        for name in ("head", "tail"):  # (a prefix run's are in the server's adapters/prefix, with the trunk's)
+            save_adapter(getattr(parts, name), out / "adapters" / name, base_model=cfg.model.name)
+        log.info("client %s: final head/tail adapters in %s", cid, out / "adapters")
     log.info("client %s done after round %d", cid, result.final_round)
     return 0
 
