@@ -161,10 +161,9 @@ class SplitClient:
         """log p of each of the batch's last ``keep - 1`` labels ``(B, keep - 1)`` (0 where ignored), with the LM
         head run one row at a time: the batch's logits are never held at once (a
         :data:`fedsplit.eval.scoring.TargetLogprobsFn`)."""
-        from fedsplit.eval.scoring import row_target_logprobs
+        from fedsplit.eval.scoring import last_labels, row_target_logprobs
 
-        labels = batch["labels"]
-        targets = labels[:, labels.shape[1] - (keep - 1):] if keep > 1 else labels[:, :0]  # (B, keep-1)
+        targets = last_labels(batch["labels"], keep - 1)  # (B, keep-1)
         with autocast(self.cfg):
             hidden = self.tail.final_hidden(*self._eval_trunk(batch))[:, -keep:-1]  # (B, keep-1, H)
             head = self.tail.output_head()

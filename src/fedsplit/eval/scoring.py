@@ -70,10 +70,16 @@ def sequence_logprobs(
         keep = max(len(r.labels) - _first_scored(r) for r in rows) + 1  # the positions predicting scored tokens
         keep = min(keep, batch["input_ids"].shape[1])
         logp = (access.target_logprobs or logits_target_logprobs(access.logits))(batch, keep)  # (B, keep-1)
-        scored = batch["labels"][:, batch["labels"].shape[1] - logp.shape[1]:] != IGNORE_INDEX  # (B, keep-1)
+        scored = last_labels(batch["labels"], logp.shape[1]) != IGNORE_INDEX  # (B, keep-1)
         for row, index in enumerate(chunk):
             results[index] = (float(logp[row][scored[row]].double().sum()), int(scored[row].sum()))
     return [results[i] for i in range(len(sequences))]
+
+
+def last_labels(labels: torch.Tensor, n: int) -> torch.Tensor:
+    """The last ``n`` labels of each row ``(B, n)`` (none for ``n = 0``): the tokens the last ``n`` scored
+    positions predict."""
+    return labels[:, labels.shape[1] - n:]
 
 
 def row_target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -91,7 +97,7 @@ def logits_target_logprobs(logits_fn: LogitsFn) -> TargetLogprobsFn:
 
     def logprobs(batch: Batch, keep: int) -> torch.Tensor:
         logits = logits_fn(batch, keep)[:, -keep:-1, :]  # (B, keep-1, V): predicts the last keep-1 tokens
-        targets = batch["labels"][:, batch["labels"].shape[1] - logits.shape[1]:]  # (B, keep-1)
+        targets = last_labels(batch["labels"], logits.shape[1])  # (B, keep-1)
         return torch.stack([row_target_logprobs(logits[row], targets[row]) for row in range(targets.shape[0])])
 
     return logprobs
