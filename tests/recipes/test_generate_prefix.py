@@ -19,6 +19,7 @@ from fedsplit.split.prefix import (
     add_part_prefixes,
     load_prefix_adapter,
     peft_prefix_table,
+    save_part_prefixes,
     save_prefix_adapter,
 )
 
@@ -83,9 +84,11 @@ def test_a_client_generates_against_a_serving_only_prefix_server_exactly_as_loca
     from fedsplit.config import DataConfig, MethodConfig, ModelConfig, RunConfig
     from fedsplit.configio import load_config
     from fedsplit.recipes.generate import run_generate_client, run_serve
-    from fedsplit.recipes.network import free_port, write_federation
+    from fedsplit.recipes.network import CLIENT_PREFIX, free_port, write_federation
 
-    run, _, _ = prefix_run
+    run, parts, _ = prefix_run
+    own = tmp_path / "client-0"  # what fedsplit client keeps of a prefix run: its head and tail prefixes only
+    save_part_prefixes([parts.head, parts.tail], own / "adapters" / CLIENT_PREFIX, base_model="tiny-llama")
     cfg = RunConfig(model=ModelConfig(name="tiny-llama", head_layers=2, tail_layers=1),
                     method=MethodConfig(name="prefix", num_virtual_tokens=P), data=DataConfig(num_clients=2))
     cfg = replace(cfg, server=replace(cfg.server, address=f"127.0.0.1:{free_port()}"))
@@ -104,8 +107,9 @@ def test_a_client_generates_against_a_serving_only_prefix_server_exactly_as_loca
         with pytest.raises(FileNotFoundError, match="the head/tail prefixes a run starts from are random"):
             run_generate_client(replace(job, run=None), client_cfg, client_tomls[0].parent, io.StringIO())
         remote = run_generate_client(job, client_cfg, client_tomls[0].parent, io.StringIO())
+        from_own = run_generate_client(replace(job, run=own), client_cfg, client_tomls[0].parent, io.StringIO())
     finally:
         stop.set()
         thread.join(10)
 
-    assert remote == run_generate_local(job, io.StringIO())
+    assert remote == from_own == run_generate_local(job, io.StringIO())

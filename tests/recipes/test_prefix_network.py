@@ -125,6 +125,19 @@ def test_a_prefix_federation_over_grpc_averages_head_and_tail_prefixes_and_train
         assert torch.allclose(saved.double(), mean.permute(1, 0, 2).flatten(1), atol=1e-6)
         assert not torch.equal(last["client-0"][0][key], last["client-1"][0][key])  # a real mean of two
 
+    # each client kept its copy of the final global head/tail prefixes (fedsplit generate --run <client out>)
+    from fedsplit.split.prefix import load_part_prefixes
+
+    for client in ("client-0", "client-1"):
+        _, fresh_parts = network.build_parts(cfg, role="client")
+        assert load_part_prefixes([fresh_parts.head, fresh_parts.tail],
+                                  tmp_path / client / "adapters" / network.CLIENT_PREFIX) == P
+        for part in (fresh_parts.head, fresh_parts.tail):
+            for layer in part.layer_indices:
+                for which in ("key", "value"):
+                    mine = getattr(part_prefix(part), which)[str(layer)].detach()
+                    assert torch.equal(mine.permute(1, 0, 2).flatten(1), final[(layer, which)])
+
     # the last round's checkpoint holds the trained trunk prefixes; restoring it into a fresh trunk server
     # (--resume) gives them back
     from fedsplit.server.checkpoint import latest_checkpoint, load_checkpoint, restore_trunk

@@ -101,6 +101,32 @@ def test_peft_table_round_trips_and_rejects_a_wrong_shape(tiny_models):
         load_peft_prefix_table(parts, table[:, 1:])
 
 
+def test_part_prefixes_round_trip_into_the_parts_saved_and_name_the_blocks_others_lack(tiny_models, tmp_path):
+    from fedsplit.split.prefix import load_part_prefixes, save_part_prefixes
+
+    model = tiny_models["tiny-llama"][0]
+    trained = split_model(copy.deepcopy(model), 1, 1)
+    add_part_prefixes(trained, P, seed=3)
+    save_part_prefixes([trained.head, trained.tail], tmp_path / "mine", base_model="tiny-llama")
+    fresh = split_model(copy.deepcopy(model), 1, 1)  # no prefixes yet: loading adds them, frozen
+
+    assert load_part_prefixes([fresh.head, fresh.tail], tmp_path / "mine") == P
+
+    for name in ("head", "tail"):
+        ours, theirs = getattr(trained, name).state_dict(), getattr(fresh, name).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    trainable = [name for name, p in fresh.head.named_parameters() if p.requires_grad]
+    assert trainable and all(name.startswith("prefix_tuning.") for name in trainable)
+    lacking = r"blocks \[0, 5\]; the trunk needs blocks \[1, 2, 3, 4\] \(missing \[1, 2, 3, 4\]\)"
+    with pytest.raises(PrefixError, match=lacking):
+        load_part_prefixes([fresh.trunk], tmp_path / "mine")
+    assert part_prefix(fresh.trunk) is None  # refused before touching it
+    wider = split_model(copy.deepcopy(model), 1, 1)
+    add_part_prefixes(wider, P + 1)
+    with pytest.raises(PrefixError, match=f"{P} virtual tokens; the head has {P + 1}"):
+        load_part_prefixes([wider.head], tmp_path / "mine")
+
+
 def test_absolute_position_models_are_refused(tiny_models):
     parts = split_model(copy.deepcopy(tiny_models["tiny-gpt2"][0]), 1, 1)
 

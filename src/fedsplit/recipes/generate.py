@@ -92,15 +92,23 @@ def prefix_generator(job: GenerateJob, adapter: Path) -> SplitGenerator:
 
 
 def load_run_prefixes(parts: Any, run: Path | None, names: tuple[str, ...]) -> None:
-    """The prefixes of ``names`` from the run's ``adapters/prefix`` (the initial ones are random: required)."""
-    from fedsplit.split.prefix import load_prefix_adapter
+    """The prefixes of ``names`` from the run's ``adapters/prefix``, or for a client's head and tail from its own
+    ``adapters/client-prefix`` (the initial ones are random: required)."""
+    from fedsplit.recipes.network import CLIENT_PREFIX
+    from fedsplit.split.prefix import PART_PREFIXES, load_part_prefixes, load_prefix_adapter
 
     adapter = find_prefix_adapter(run) if run is not None else None
-    if adapter is None:
-        raise FileNotFoundError(f"method.name = 'prefix': pass --run with the run's P-tuning v2 adapter "
-                                f"(expected {run or 'RUN'}/adapters/prefix/adapter_config.json); the "
-                                f"{'/'.join(names)} prefixes a run starts from are random")
-    load_prefix_adapter([getattr(parts, name) for name in names], adapter)
+    if adapter is not None:
+        load_prefix_adapter([getattr(parts, name) for name in names], adapter)
+        return
+    for own in ((run, run / "adapters" / CLIENT_PREFIX) if run is not None else ()):
+        if (own / PART_PREFIXES).is_file():  # a client's own copy of its head/tail prefixes (fedsplit client)
+            load_part_prefixes([getattr(parts, name) for name in names], own)
+            return
+    raise FileNotFoundError(f"method.name = 'prefix': pass --run with the run's P-tuning v2 adapter "
+                            f"(expected {run or 'RUN'}/adapters/prefix/adapter_config.json, or a client's "
+                            f"{run or 'RUN'}/adapters/{CLIENT_PREFIX}/{PART_PREFIXES}); the "
+                            f"{'/'.join(names)} prefixes a run starts from are random")
 
 
 def write_stream(generator: SplitGenerator, job: GenerateJob, out: TextIO | None = None) -> list[str]:

@@ -42,6 +42,8 @@ from fedsplit.transport.shaping import shaped_address
 
 log = logging.getLogger(__name__)
 
+CLIENT_PREFIX = "client-prefix"  # <client out>/adapters/client-prefix: a prefix run's final head/tail prefixes
+
 
 # -- shared --------------------------------------------------------------------------------------
 def build_parts(cfg: RunConfig, role: str | None = None) -> tuple[object, SplitParts]:
@@ -314,10 +316,16 @@ def run_client(cfg: RunConfig, config_dir: Path, out: Path) -> int:
     runner.close()
     if proxy is not None:
         proxy.close()
-    if result.finished and cfg.method.name == "lora":  # this organisation's copy of the final global head/tail
-        for name in ("head", "tail"):  # (a prefix run's are in the server's adapters/prefix, with the trunk's)
-            save_adapter(getattr(parts, name), out / "adapters" / name, base_model=cfg.model.name)
-        log.info("client %s: final head/tail adapters in %s", cid, out / "adapters")
+    if result.finished:  # this organisation's copy of the final global head/tail
+        if cfg.method.name == "prefix":  # (the server's adapters/prefix holds them with the trunk's)
+            from fedsplit.split.prefix import save_part_prefixes
+
+            save_part_prefixes([parts.head, parts.tail], out / "adapters" / CLIENT_PREFIX, base_model=cfg.model.name)
+        else:
+            for name in ("head", "tail"):
+                save_adapter(getattr(parts, name), out / "adapters" / name, base_model=cfg.model.name)
+        log.info("client %s: final head/tail %s in %s", cid,
+                 "prefixes" if cfg.method.name == "prefix" else "adapters", out / "adapters")
     log.info("client %s done after round %d", cid, result.final_round)
     return 0
 

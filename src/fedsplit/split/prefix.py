@@ -252,6 +252,84 @@ def load_prefix_adapter(parts: Sequence[SplitPart], directory: str | Path) -> in
     return width
 
 
+# -- one organisation's copy: the prefixes of some parts only ---------------------------------------------
+PART_PREFIXES = "prefix_parts.json"  # + prefix_parts.safetensors: a client's head and tail, a server's trunk
+PART_PREFIXES_FORMAT = "fedsplit-part-prefixes/1"
+
+
+def save_part_prefixes(parts: Sequence[SplitPart], directory: str | Path, *, base_model: str | None = None) -> Path:
+    """The prefixes of ``parts`` alone (a client's head and tail): ``prefix_parts.safetensors`` holds
+    ``key.<block>`` / ``value.<block>`` ``(kv_heads, P, head_dim)`` per block, ``prefix_parts.json`` which
+    blocks, ``P`` and the base model. Not a PEFT adapter: PEFT's prefix table must cover every block, and a
+    client does not hold the trunk's (the server's ``adapters/prefix`` does, :func:`save_prefix_adapter`)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    width = None
+    for part in parts:
+        prefix = part_prefix(part)
+        if prefix is None:
+            raise PrefixError(f"the {type(part).__name__.lower()} has no prefixes: call add_prefix first")
+        width = prefix.num_virtual_tokens
+        for layer in part.layer_indices:
+            for which in ("key", "value"):
+                tensors[f"{which}.{layer}"] = getattr(prefix, which)[str(layer)].detach().contiguous()
+    if width is None:
+        raise PrefixError("no parts given: nothing to save")
+    kv_heads, head_dim = kv_shape(parts[0].config)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / "prefix_parts.safetensors"), metadata={"format": "pt"})
+    layers = sorted(layer for part in parts for layer in part.layer_indices)
+    (directory / PART_PREFIXES).write_text(json.dumps(
+        {"format": PART_PREFIXES_FORMAT, "base_model_name_or_path": base_model, "num_virtual_tokens": width,
+         "layers": layers, "num_key_value_heads": kv_heads, "head_dim": head_dim}, indent=2) + "\n")
+    return directory
+
+
+def load_part_prefixes(parts: Sequence[SplitPart], directory: str | Path) -> int:
+    """Inverse of :func:`save_part_prefixes` into ``parts`` (which must be among the saved ones); parts
+    without prefixes get them, frozen, as :func:`add_prefix`. Checks everything before touching any part.
+    Returns ``P``. Tensors are read with safetensors (no pickle)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config = json.loads((directory / PART_PREFIXES).read_text())
+    if config.get("format") != PART_PREFIXES_FORMAT:
+        raise PrefixError(f"{directory / PART_PREFIXES}: expected format {PART_PREFIXES_FORMAT!r}, "
+                          f"got {config.get('format')!r}")
+    width = int(config["num_virtual_tokens"])
+    tensors = load_file(str(directory / "prefix_parts.safetensors"))
+    for part in parts:
+        name = type(part).__name__.lower()
+        missing = [layer for layer in part.layer_indices if f"key.{layer}" not in tensors
+                   or f"value.{layer}" not in tensors]
+        if missing:
+            raise PrefixError(f"{directory}: holds the prefixes of blocks {config.get('layers')}; the {name} needs "
+                              f"blocks {list(part.layer_indices)} (missing {missing})")
+        kv_heads, head_dim = kv_shape(part.config)
+        for layer in part.layer_indices:
+            for which in ("key", "value"):
+                found = tuple(tensors[f"{which}.{layer}"].shape)
+                if found != (kv_heads, width, head_dim):
+                    raise PrefixError(f"{directory}: {which}.{layer}: expected shape "
+                                      f"{(kv_heads, width, head_dim)}, got {found}")
+        prefix = part_prefix(part)
+        if prefix is not None and prefix.num_virtual_tokens != width:
+            raise PrefixError(f"{directory}: {width} virtual tokens; the {name} has {prefix.num_virtual_tokens}")
+    for part in parts:
+        prefix = part_prefix(part) or add_prefix(part, width)
+        with torch.no_grad():
+            for layer in part.layer_indices:
+                prefix.key[str(layer)].copy_(tensors[f"key.{layer}"])
+                prefix.value[str(layer)].copy_(tensors[f"value.{layer}"])
+    return width
+
+
 # -- bytes per training step (docs/ptuning.md) -----------------------------------------------------------
 def cut_bytes_per_step(batch: int, seq: int, hidden: int, bytes_per_value: int = 4) -> int:
     """What crosses the cuts in one split step, here: hidden states (B, T, H) forward at cut 1 and cut 2,
