@@ -73,12 +73,16 @@ class Keys:
     clients: dict[str, ed25519.Ed25519PrivateKey]
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    directory = tmp_path_factory.mktemp("hier-keys")
+def make_keys(directory: Path) -> Keys:
+    """The server's TLS key and CA, the root's identity and one identity per client in :data:`CLIENTS`."""
     run_keygen(directory, "server", with_ca=True)
     run_keygen(directory, "root")
     return Keys(directory, load_private_key(directory / "root.key"), {c: generate_identity() for c in CLIENTS})
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    return make_keys(tmp_path_factory.mktemp("hier-keys"))
 
 
 @pytest.fixture(scope="module")

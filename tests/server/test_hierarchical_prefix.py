@@ -22,8 +22,6 @@ from fedsplit.client import SplitClient
 from fedsplit.client.runner import client_adapters
 from fedsplit.config import HierarchyConfig, MethodConfig, ModelConfig
 from fedsplit.recipes.hierarchy import Hierarchy, RunIdentity, SecurityFiles, SubServerSpec, start_hierarchy
-from fedsplit.recipes.keygen import run_keygen
-from fedsplit.security.identity import generate_identity, load_private_key
 from fedsplit.server import TrunkServer
 from fedsplit.server.checkpoint import (
     Checkpoint,
@@ -40,7 +38,7 @@ from fedsplit.split.prefix import add_part_prefixes, part_prefix
 from fedsplit.strategy import FedAvg
 from fedsplit.train.config import TrainConfig
 
-from .test_hierarchical import CLIENTS, CONFIG_HASH, RUN_ID, Keys
+from .test_hierarchical import CLIENTS, CONFIG_HASH, RUN_ID, Keys, make_keys
 from tiny import token_batches
 
 P = 3  # virtual tokens per block
@@ -59,10 +57,7 @@ def build_prefix_parts() -> SplitParts:
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    directory = tmp_path_factory.mktemp("hier-prefix-keys")
-    run_keygen(directory, "server", with_ca=True)
-    run_keygen(directory, "root")
-    return Keys(directory, load_private_key(directory / "root.key"), {c: generate_identity() for c in CLIENTS})
+    return make_keys(tmp_path_factory.mktemp("hier-prefix-keys"))
 
 
 @pytest.fixture(scope="module")
