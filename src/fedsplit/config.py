@@ -386,6 +386,8 @@ class MethodConfig:
 
     name: Literal["lora", "prefix"] = field(default="lora", metadata={"help": "lora or prefix (P-tuning v2)"})
     num_virtual_tokens: int = field(default=16, metadata={"help": "prefix length per block (name = prefix)"})
+    init_std: float = field(default=0.02, metadata={  # fedsplit.split.prefix.PREFIX_INIT_STD
+        "help": "prefixes start from N(0, init_std^2) (name = prefix; PEFT's initialization is 1.0)"})
 
     def __post_init__(self) -> None:
         if self.name not in ("lora", "prefix"):
@@ -393,6 +395,9 @@ class MethodConfig:
         if isinstance(self.num_virtual_tokens, bool) or not isinstance(self.num_virtual_tokens, int) \
                 or self.num_virtual_tokens < 1:
             raise ValueError(f"method.num_virtual_tokens: expected an integer >= 1, got {self.num_virtual_tokens!r}")
+        if isinstance(self.init_std, bool) or not isinstance(self.init_std, (int, float)) \
+                or not 0.0 <= self.init_std < float("inf"):
+            raise ValueError(f"method.init_std: expected a finite number >= 0, got {self.init_std!r}")
 
     @property
     def prefix_tokens(self) -> int:

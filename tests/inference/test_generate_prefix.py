@@ -24,7 +24,7 @@ def prefixed_parts(name: str, tmp_path, head: int = 2, tail: int = 1):
     model, tokenizer = load_model(name)
     base, _ = load_model(name)
     parts = split_model(model, head, tail)
-    add_part_prefixes(parts, P, seed=4)  # N(0, 1), as PEFT initializes them: far from zero
+    add_part_prefixes(parts, P, seed=4, init_std=1.0)  # N(0, 1), as PEFT initializes them: far from zero
     save_prefix_adapter(list(parts), tmp_path / "prefix", base_model=name)
     unsplit = PeftModel.from_pretrained(base, str(tmp_path / "prefix")).eval()
     return parts, unsplit, tokenizer

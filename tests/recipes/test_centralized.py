@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -42,12 +43,15 @@ def test_the_centralized_prefix_model_starts_from_the_prefixes_a_federation_star
     from fedsplit.split.prefix import peft_prefix_table
 
     cfg = tiny_config()
+    cfg = replace(cfg, method=replace(cfg.method, init_std=0.5))  # not the default: both sides must read it
     model, _ = load_model("tiny-llama")
     _, server = build_prefix_parts(cfg, "server")  # the server's trunk and global head/tail prefixes
 
-    peft_model, table = prefix_model(model, split_model(model, 1, 1), P, seed=cfg.train.seed)
+    peft_model, table = prefix_model(model, split_model(model, 1, 1), P, seed=cfg.train.seed,
+                                     init_std=cfg.method.init_std)
 
     assert torch.equal(table.detach(), peft_prefix_table(list(server)))
+    assert 0.45 < table.std().item() < 0.55
     assert [p for p in peft_model.parameters() if p.requires_grad] == [table]
 
 

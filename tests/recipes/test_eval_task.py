@@ -121,7 +121,7 @@ def _prefix_run(tmp_path):
 
     model, tokenizer = load_model("tiny-llama")
     parts = split_model(model, 1, 1)
-    add_part_prefixes(parts, 3, seed=4)  # N(0, 1) prefixes: far from the base model's output
+    add_part_prefixes(parts, 3, seed=4, init_std=1.0)  # N(0, 1), as if trained: far from the base model's output
     save_final_prefix(parts, tmp_path / "run" / "adapters", "tiny-llama")
     return tmp_path / "run", parts, tokenizer
 

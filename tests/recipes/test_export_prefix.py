@@ -20,7 +20,7 @@ def prefix_run(tmp_path):
     """A server run directory of a prefix run on tiny-llama (cut 1 | 4 | 1), and its parts."""
     model, _ = load_model("tiny-llama")
     parts = split_model(model, 1, 1)
-    add_part_prefixes(parts, 3, seed=5)
+    add_part_prefixes(parts, 3, seed=5, init_std=1.0)  # far from zero, as trained prefixes can be
     save_final_prefix(parts, tmp_path / "run" / "adapters", "tiny-llama")
     return tmp_path / "run", parts
 

@@ -32,7 +32,7 @@ def prefix_run(tmp_path):
     and the parts that wrote it."""
     model, tokenizer = load_model("tiny-llama")
     parts = split_model(model, 2, 1)
-    add_part_prefixes(parts, P, seed=4)
+    add_part_prefixes(parts, P, seed=4, init_std=1.0)  # far from zero, as trained prefixes can be
     save_prefix_adapter(list(parts), tmp_path / "run" / "adapters" / "prefix", base_model="tiny-llama")
     return tmp_path / "run", parts, tokenizer
 

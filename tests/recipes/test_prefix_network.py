@@ -68,6 +68,22 @@ def test_build_parts_puts_prefixes_on_the_parts_each_role_trains_and_generation_
                if k.startswith("prefix_tuning."))
 
 
+def test_the_server_warns_of_a_lora_sized_learning_rate_for_prefixes(caplog):
+    import logging
+
+    cfg = prefix_config(0)  # train.lr = 1e-2
+
+    with caplog.at_level(logging.WARNING, logger="fedsplit.recipes.prefix_network"):
+        network.build_parts(cfg, role="server")
+        assert not caplog.records
+        network.build_parts(replace(cfg, train=replace(cfg.train, lr=2e-4)), role="server")
+        network.build_parts(replace(cfg, train=replace(cfg.train, lr=2e-4)), role="client")  # the server warns
+
+    assert [r.getMessage() for r in caplog.records] == [
+        "method.name = 'prefix' with train.lr = 0.0002: P-tuning v2 prefixes need a larger step than LoRA "
+        "weights (docs/ptuning.md measures 1e-2); at this rate they barely move"]
+
+
 def test_a_prefix_federation_over_grpc_averages_head_and_tail_prefixes_and_trains_the_trunk_ones(
         tmp_path, monkeypatch):
     # Arrange: the real server and two client threads; every CLIENT_UPDATE is recorded as it arrives

@@ -35,7 +35,8 @@ def _prefixed_parts():
 
     model, _ = load_model("tiny-llama")  # 256 positions, full attention: steps can be batched
     parts = split_model(model, 1, 1)
-    add_part_prefixes(parts, 3, seed=4)  # every cache starts with 3 prefix slots; the left padding goes before them
+    # every cache starts with 3 prefix slots (N(0, 1): far from zero); the left padding goes before them
+    add_part_prefixes(parts, 3, seed=4, init_std=1.0)
     return parts
 
 

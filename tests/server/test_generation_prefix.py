@@ -24,7 +24,7 @@ P = 3
 def prefixed(seed: int = 4):
     model, _ = load_model("tiny-llama")  # 256 positions, full attention: steps can be batched
     parts = split_model(model, 1, 1)
-    add_part_prefixes(parts, P, seed=seed)
+    add_part_prefixes(parts, P, seed=seed, init_std=1.0)  # far from zero, as trained prefixes can be
     return parts
 
 

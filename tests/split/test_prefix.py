@@ -11,6 +11,7 @@ from fedsplit.split import split_model
 from fedsplit.split.check import check_batch, vocab_size
 from fedsplit.split.parts import positions_from_mask
 from fedsplit.split.prefix import (
+    PREFIX_INIT_STD,
     PrefixError,
     add_part_prefixes,
     load_peft_prefix_table,
@@ -43,7 +44,7 @@ def test_split_prefix_forward_backward_equals_peft_prefix_tuning(tiny_models, na
     model = copy.deepcopy(tiny_models[name][0]).float()
     peft_model = _peft(model)
     parts = split_model(peft_model.get_base_model(), 2, 1)
-    add_part_prefixes(parts, P, seed=5)
+    add_part_prefixes(parts, P, seed=5, init_std=1.0)  # far from zero, as trained prefixes can be
     with torch.no_grad():
         _table(peft_model).copy_(peft_prefix_table(parts))  # the same starting prefixes on both sides
     batch = _batch(model)
@@ -74,7 +75,7 @@ def test_prefixes_change_the_output_and_live_on_their_parts(tiny_models):
     parts = split_model(model, 1, 1)
     plain = parts.tail(parts.trunk(parts.head(batch["input_ids"], mask, positions), mask, positions), mask, positions)
 
-    add_part_prefixes(parts, P, seed=0)
+    add_part_prefixes(parts, P, seed=0, init_std=1.0)
     prefixed = parts.tail(parts.trunk(parts.head(batch["input_ids"], mask, positions), mask, positions),
                           mask, positions)
 
@@ -141,6 +142,27 @@ def test_method_config_validates():
         MethodConfig(name="adapter")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="num_virtual_tokens"):
         MethodConfig(name="prefix", num_virtual_tokens=0)
+    assert MethodConfig().init_std == PREFIX_INIT_STD
+    for bad in (-0.1, float("nan"), float("inf"), "0.02", True):
+        with pytest.raises(ValueError, match="method.init_std: expected a finite number >= 0"):
+            MethodConfig(name="prefix", init_std=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("init_std", [PREFIX_INIT_STD, 1.0])
+def test_prefixes_start_from_normal_draws_of_the_given_scale_seeded_per_part(tiny_models, init_std):
+    model = tiny_models["tiny-llama"][0]
+    parts = split_model(copy.deepcopy(model), 1, 1)
+    again = split_model(copy.deepcopy(model), 1, 1)
+
+    add_part_prefixes(parts, P, seed=5, init_std=init_std)
+    add_part_prefixes(again, P, seed=5, init_std=init_std)
+
+    table = peft_prefix_table(parts)
+    assert torch.equal(table, peft_prefix_table(again))
+    assert abs(table.std().item() / init_std - 1.0) < 0.1 and abs(table.mean().item()) < 0.1 * init_std
+    head, trunk = part_prefix(parts.head), part_prefix(parts.trunk)
+    assert head is not None and trunk is not None
+    assert not torch.equal(head.key["0"][:, :, :4], trunk.key["1"][:, :, :4])  # seed + i: parts differ
 
 
 # -- training through the split (client and trunk server joined by the serializing channel) -------------
@@ -277,7 +299,7 @@ def test_saved_prefix_adapter_loads_into_the_unsplit_model_with_peft(tiny_models
 
     base = tiny_models["tiny-qwen2"][0]
     parts = split_model(copy.deepcopy(base).float(), 2, 1)
-    add_part_prefixes(parts, P, seed=7)
+    add_part_prefixes(parts, P, seed=7, init_std=1.0)
     batch = _batch(base, "left")
     mask, positions = batch["attention_mask"], positions_from_mask(batch["attention_mask"])
     with torch.no_grad():

@@ -42,7 +42,7 @@ def total_federated_steps(cfg: RunConfig) -> int:
 
 
 def prefix_model(model: nn.Module, parts: SplitParts, num_virtual_tokens: int, *,
-                 seed: int) -> tuple[nn.Module, nn.Parameter]:
+                 seed: int, init_std: float) -> tuple[nn.Module, nn.Parameter]:
     """(PEFT prefix-tuning model of ``model``, its ``prompt_embeddings`` table) starting from the prefixes a
     federation's parts start from (:func:`~fedsplit.split.prefix.add_part_prefixes` with ``seed``, also
     left on ``parts``). The table is the only trainable parameter."""
@@ -52,7 +52,7 @@ def prefix_model(model: nn.Module, parts: SplitParts, num_virtual_tokens: int, *
 
     from fedsplit.split.prefix import add_part_prefixes, peft_prefix_config, peft_prefix_table
 
-    add_part_prefixes(parts, num_virtual_tokens, seed=seed)
+    add_part_prefixes(parts, num_virtual_tokens, seed=seed, init_std=init_std)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT's notes on the base model's config
         peft_model = get_peft_model(model, peft_prefix_config(num_virtual_tokens))
@@ -68,7 +68,11 @@ def run_centralized(cfg: RunConfig, data: FederatedData, out: Path, metrics: Met
     model: nn.Module = base
     table = None
     if cfg.method.name == "prefix":
-        model, table = prefix_model(base, parts, cfg.method.num_virtual_tokens, seed=cfg.train.seed)
+        from fedsplit.recipes.prefix_network import warn_small_prefix_lr
+
+        warn_small_prefix_lr(cfg)
+        model, table = prefix_model(base, parts, cfg.method.num_virtual_tokens, seed=cfg.train.seed,
+                                    init_std=cfg.method.init_std)
         params = [table]
     else:
         add_part_adapters(parts, cfg.lora, seed=cfg.train.seed)

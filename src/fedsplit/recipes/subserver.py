@@ -63,7 +63,7 @@ def build_replica_trunk(spec: SubServerSpec) -> Trunk:
     if spec.method.name == "prefix":  # as fedsplit.recipes.prefix_network.build_prefix_parts does on the root
         from fedsplit.split.prefix import add_prefix
 
-        add_prefix(trunk, spec.method.num_virtual_tokens, seed=seed)
+        add_prefix(trunk, spec.method.num_virtual_tokens, seed=seed, init_std=spec.method.init_std)
     else:
         add_lora(trunk, spec.lora_trunk, seed=seed)
     return trunk
