@@ -36,7 +36,6 @@ on from the last checkpointed round (updates in flight at the crash are lost).
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import threading
@@ -50,7 +49,6 @@ import torch
 from google.protobuf.message import Message
 from torch import Tensor
 
-from fedsplit.channel import Handler
 from fedsplit.metrics import MetricsWriter
 from fedsplit.protocol import ProtocolError, decode_named, encode_named, kind_name, pb
 from fedsplit.server.buffered import AsyncSettings, UpdateBuffer, VersionStore, fedavg_plan, fedbuff_step, stale_reason
@@ -58,8 +56,6 @@ from fedsplit.server.checkpoint import (
     Checkpoint,
     capture_rng,
     capture_trunk,
-    restore_rng,
-    restore_trunk,
     save_checkpoint,
 )
 from fedsplit.server.data_reports import announce_data_report, read_data_report
@@ -73,7 +69,6 @@ from fedsplit.server.rounds import (
     RunResult,
     Session,
     TrunkService,
-    check_checkpoint,
     check_distance,
     check_plan,
     plan_settings,
@@ -274,28 +269,7 @@ class AsyncCoordinator(RunDriver):
                 self._pausing = False
                 self._cond.notify_all()
 
-    def restore(self, checkpoint: Checkpoint) -> None:
-        """Continue a run from ``checkpoint`` (call before :meth:`run`)."""
-        if self._started:
-            raise RuntimeError("restore: expected a coordinator that has not run yet")
-        check_checkpoint(checkpoint, run_id=self.run_id, config_hash=self.config_hash,
-                         num_rounds=self.config.num_rounds, global_adapters=self._global, clients=self.clients)
-        restore_trunk(self.trunk, checkpoint.trunk)
-        restore_rng(checkpoint.rng)
-        with self._cond:
-            self._global = {k: v.detach().clone() for k, v in checkpoint.global_adapters.items()}
-            self._client_steps.update(checkpoint.client_steps)
-            self.completed_round = checkpoint.round
-        self._log("resumed", round=checkpoint.round)
-
-    # -- sessions ---------------------------------------------------------------------------------
-    def handler_for(self, client_id: str) -> Handler:
-        """The request handler of one new session of ``client_id``."""
-        with self._cond:
-            if client_id in self._sessions:
-                self._sessions[client_id].open += 1
-        return functools.partial(self._handle, client_id)
-
+    # -- sessions (handler_for, request dispatch, generation and EVAL_REPORT: RunDriver) ----------
     def on_disconnect(self, client_id: str) -> None:
         """One session of ``client_id`` ended; when it was the last, its pass ends."""
         with self._cond:
@@ -309,30 +283,6 @@ class AsyncCoordinator(RunDriver):
                 self.generation.drop_client(client_id)
             self._fail_client(client_id, "disconnected")
             self._cond.notify_all()
-
-    def _handle(self, client_id: str, kind: int, round: int, step: int, request: Message) -> Message:
-        if client_id not in self._sessions:
-            raise ProtocolError(f"client {client_id!r} is not admitted to this run", code=pb.PERMISSION_DENIED)
-        serve = self._serve.get(kind)
-        if serve is None:
-            raise ProtocolError(f"the coordinator does not serve {kind_name(kind)}", code=_PRECONDITION)
-        if kind == pb.FORWARD and not request.train:  # evaluation: once the run is over
-            with self._evaluation.forward(self._sessions[client_id], lambda: (self._stage, self.completed_round)):
-                return self.trunk.handle(client_id, kind, round, step, request)
-        with self._sessions[client_id].request(self._cond):
-            return serve(client_id, kind, round, step, request)
-
-    def _serve_generation(self, client_id: str, kind: int, round: int, step: int, request: Message) -> Message:
-        """GENERATE_*: once the run is over (the trunk trains all along before)."""
-        if self.generation is None:
-            raise ProtocolError("this server does not serve generation", code=_PRECONDITION)
-        with self._evaluation.forward(None, lambda: (self._stage, self.completed_round), "generation",
-                                      anytime=kind == pb.GENERATE_END):
-            return self.generation.handle(client_id, kind, round, step, request)  # type: ignore[no-any-return]
-
-    def _receive_eval(self, client_id: str, kind: int, round: int, step: int, request: pb.EvalReport) -> pb.EvalAck:
-        with self._cond:
-            return self._evaluation.receive(client_id, request, self._stage, self._data_reports.get(client_id, 0))
 
     # -- JOIN_ROUND: a plan at once -----------------------------------------------------------------
     def _join(self, client_id: str, kind: int, round: int, step: int, request: pb.JoinRound) -> pb.RoundPlan:
@@ -516,10 +466,6 @@ class AsyncCoordinator(RunDriver):
         log.info("async rounds (%d done): %s -> %s", self.completed_round, self._stage.name, to.name)
         self._stage = to
         self._cond.notify_all()
-
-    def _log(self, event: str, **fields: Any) -> None:
-        if self.metrics is not None:
-            self.metrics.write(event, **fields)
 
 
 def _shared_metrics(metrics: Mapping[str, Mapping[str, float]], shares: Mapping[str, float]) -> dict[str, float]:

@@ -45,7 +45,6 @@ reconnecting would miss that round and the resumed run would differ from the uni
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import threading
 import time
@@ -57,14 +56,12 @@ from typing import Any
 from google.protobuf.message import Message
 from torch import Tensor
 
-from fedsplit.channel import Handler
 from fedsplit.metrics import MetricsWriter
 from fedsplit.protocol import ProtocolError, decode_named, encode_named, kind_name, pb
 from fedsplit.server.checkpoint import (
     Checkpoint,
     capture_rng,
     capture_trunk,
-    restore_rng,
     restore_trunk,
     save_checkpoint,
 )
@@ -85,7 +82,6 @@ from fedsplit.server.rounds import (
     Session,
     StageTransitionError,
     TrunkService,
-    check_checkpoint,
     check_plan,
     check_step,
     check_update,
@@ -342,30 +338,10 @@ class RoundCoordinator(RunDriver):
                               client_steps=dict(self._client_steps), rng=capture_rng(),
                               round_clients=tuple(self.history[-1]["clients"]) if self.history else ())
 
-    def restore(self, checkpoint: Checkpoint) -> None:
-        """Continue a run from ``checkpoint`` (call before :meth:`run`)."""
-        if self._started:
-            raise RuntimeError("restore: expected a coordinator that has not run yet")
-        check_checkpoint(checkpoint, run_id=self.run_id, config_hash=self.config_hash,
-                         num_rounds=self.config.num_rounds,
-                         global_adapters=self._global, clients=self.clients)
-        restore_trunk(self.trunk, checkpoint.trunk)
-        restore_rng(checkpoint.rng)
-        with self._cond:
-            self._global = {k: v.detach().clone() for k, v in checkpoint.global_adapters.items()}
-            self._client_steps.update(checkpoint.client_steps)
-            self.completed_round = checkpoint.round
-            self._resume_clients = frozenset(checkpoint.round_clients) & frozenset(self.clients)
-        self._log("resumed", round=checkpoint.round)
+    def _restored(self, checkpoint: Checkpoint) -> None:
+        self._resume_clients = frozenset(checkpoint.round_clients) & frozenset(self.clients)
 
-    # -- sessions -------------------------------------------------------------------------------
-    def handler_for(self, client_id: str) -> Handler:
-        """The request handler of one new session of ``client_id``."""
-        with self._cond:
-            if client_id in self._sessions:
-                self._sessions[client_id].open += 1
-        return functools.partial(self._handle, client_id)
-
+    # -- sessions (handler_for, request dispatch, generation and EVAL_REPORT: RunDriver) --------
     def on_disconnect(self, client_id: str) -> None:
         """One session of ``client_id`` ended; when it was the last, its round participation ends."""
         with self._cond:
@@ -382,26 +358,6 @@ class RoundCoordinator(RunDriver):
             if r is not None and client_id in r.owing() and self._stage is RoundStage.TRAINING:
                 self._fail_participant(client_id, "disconnected")
             self._cond.notify_all()
-
-    def _handle(self, client_id: str, kind: int, round: int, step: int, request: Message) -> Message:
-        if client_id not in self._sessions:
-            raise ProtocolError(f"client {client_id!r} is not admitted to this run", code=pb.PERMISSION_DENIED)
-        serve = self._serve.get(kind)
-        if serve is None:
-            raise ProtocolError(f"the coordinator does not serve {kind_name(kind)}", code=pb.FAILED_PRECONDITION)
-        if kind == pb.FORWARD and not request.train:  # evaluation: changes nothing, keeps nobody alive
-            with self._evaluation.forward(self._sessions[client_id], lambda: (self._stage, self.completed_round)):
-                return self.trunk.handle(client_id, kind, round, step, request)
-        with self._sessions[client_id].request(self._cond):
-            return serve(client_id, kind, round, step, request)
-
-    def _serve_generation(self, client_id: str, kind: int, round: int, step: int, request: Message) -> Message:
-        """GENERATE_*: between rounds only (as evaluation; a round waits for it), never on a training trunk."""
-        if self.generation is None:
-            raise ProtocolError("this server does not serve generation", code=pb.FAILED_PRECONDITION)
-        with self._evaluation.forward(None, lambda: (self._stage, self.completed_round), "generation",
-                                      anytime=kind == pb.GENERATE_END):
-            return self.generation.handle(client_id, kind, round, step, request)  # type: ignore[no-any-return]
 
     # -- JOIN_ROUND -----------------------------------------------------------------------------
     def _join(self, client_id: str, kind: int, round: int, step: int, request: pb.JoinRound) -> pb.RoundPlan:
@@ -504,10 +460,6 @@ class RoundCoordinator(RunDriver):
                   metrics=update.metrics)
         return pb.UpdateAck(round=r.number, accepted=True)
 
-    def _receive_eval(self, client_id: str, kind: int, round: int, step: int, request: pb.EvalReport) -> pb.EvalAck:
-        with self._cond:
-            return self._evaluation.receive(client_id, request, self._stage, self._data_reports.get(client_id, 0))
-
     # -- failures -------------------------------------------------------------------------------
     def _fail_participant(self, client_id: str, reason: str) -> None:
         """Drop ``client_id`` from the current round (call with the lock held)."""
@@ -541,7 +493,3 @@ class RoundCoordinator(RunDriver):
         log.info("round %d: %s -> %s", number, self._stage.name, to.name)
         self._stage = to
         self._cond.notify_all()
-
-    def _log(self, event: str, **fields: Any) -> None:
-        if self.metrics is not None:
-            self.metrics.write(event, **fields)

@@ -1,22 +1,32 @@
-"""What the sync and async round drivers share: stopping, running in a background thread, and the
-read-only view of their state (:class:`~fedsplit.server.coordinator.RoundCoordinator`,
+"""What the sync and async round drivers share: stopping, running in a background thread, the
+read-only view of their state, resuming from a checkpoint, and the session plumbing every request
+goes through (:class:`~fedsplit.server.coordinator.RoundCoordinator`,
 :class:`~fedsplit.server.async_rounds.AsyncCoordinator`)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
+from collections.abc import Callable
 from typing import Any, Self
 
+from google.protobuf.message import Message
 from torch import Tensor
 
 from fedsplit.adapters import adapter_state_dict
-from fedsplit.server.rounds import RoundStage, RunResult, RunStoppedError
+from fedsplit.channel import Handler
+from fedsplit.protocol import ProtocolError, kind_name, pb
+from fedsplit.server.checkpoint import Checkpoint, restore_rng, restore_trunk
+from fedsplit.server.rounds import RoundStage, RunResult, RunStoppedError, check_checkpoint
 
 
 class RunDriver:
     """Mixed into a coordinator that has ``_cond``, ``_stopping``, ``_thread``, ``_error``, ``_stage``,
-    ``_global``, ``_client_steps``, ``trunk``, ``completed_round``, ``history``, ``config`` and ``run()``."""
+    ``_global``, ``_client_steps``, ``trunk``, ``completed_round``, ``history``, ``config`` and ``run()``,
+    and for its sessions ``_sessions`` (client id -> its session state), ``_serve`` (message kind -> the
+    handler), ``_evaluation``, ``_data_reports``, ``generation``, ``metrics``, ``clients``, ``run_id``,
+    ``config_hash`` and ``_started``."""
 
     _thread_name = "coordinator"
     _cond: threading.Condition
@@ -30,6 +40,16 @@ class RunDriver:
     completed_round: int
     history: list[dict]
     config: Any
+    _sessions: dict[str, Any]
+    _serve: dict[int, Callable[..., Message]]
+    _evaluation: Any
+    _data_reports: dict[str, int]
+    _started: bool
+    generation: Any
+    metrics: Any
+    clients: Any
+    run_id: str
+    config_hash: str
 
     def run(self) -> RunResult:
         raise NotImplementedError
@@ -88,3 +108,60 @@ class RunDriver:
 
     def result(self) -> RunResult:
         return RunResult(self.completed_round, self.global_adapters, self.trunk_adapters(), list(self.history))
+
+    # -- resuming -------------------------------------------------------------------------------
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue a run from ``checkpoint`` (call before :meth:`run`)."""
+        if self._started:
+            raise RuntimeError("restore: expected a coordinator that has not run yet")
+        check_checkpoint(checkpoint, run_id=self.run_id, config_hash=self.config_hash,
+                         num_rounds=self.config.num_rounds, global_adapters=self._global, clients=self.clients)
+        restore_trunk(self.trunk, checkpoint.trunk)
+        restore_rng(checkpoint.rng)
+        with self._cond:
+            self._global = {k: v.detach().clone() for k, v in checkpoint.global_adapters.items()}
+            self._client_steps.update(checkpoint.client_steps)
+            self.completed_round = checkpoint.round
+            self._restored(checkpoint)
+        self._log("resumed", round=checkpoint.round)
+
+    def _restored(self, checkpoint: Checkpoint) -> None:
+        """What else a driver takes from ``checkpoint`` (lock held)."""
+
+    # -- sessions -------------------------------------------------------------------------------
+    def handler_for(self, client_id: str) -> Handler:
+        """The request handler of one new session of ``client_id``."""
+        with self._cond:
+            if client_id in self._sessions:
+                self._sessions[client_id].open += 1
+        return functools.partial(self._handle, client_id)
+
+    def _handle(self, client_id: str, kind: int, round: int, step: int, request: Message) -> Message:
+        if client_id not in self._sessions:
+            raise ProtocolError(f"client {client_id!r} is not admitted to this run", code=pb.PERMISSION_DENIED)
+        serve = self._serve.get(kind)
+        if serve is None:
+            raise ProtocolError(f"the coordinator does not serve {kind_name(kind)}", code=pb.FAILED_PRECONDITION)
+        if kind == pb.FORWARD and not request.train:  # evaluation: changes nothing, keeps nobody alive
+            with self._evaluation.forward(self._sessions[client_id], lambda: (self._stage, self.completed_round)):
+                return self.trunk.handle(client_id, kind, round, step, request)  # type: ignore[no-any-return]
+        with self._sessions[client_id].request(self._cond):
+            return serve(client_id, kind, round, step, request)
+
+    def _serve_generation(self, client_id: str, kind: int, round: int, step: int, request: Message) -> Message:
+        """GENERATE_*: when the trunk is not training (between rounds, or once the run is over), as
+        evaluation (a round waits for it)."""
+        if self.generation is None:
+            raise ProtocolError("this server does not serve generation", code=pb.FAILED_PRECONDITION)
+        with self._evaluation.forward(None, lambda: (self._stage, self.completed_round), "generation",
+                                      anytime=kind == pb.GENERATE_END):
+            return self.generation.handle(client_id, kind, round, step, request)  # type: ignore[no-any-return]
+
+    def _receive_eval(self, client_id: str, kind: int, round: int, step: int, request: pb.EvalReport) -> pb.EvalAck:
+        with self._cond:
+            return self._evaluation.receive(  # type: ignore[no-any-return]
+                client_id, request, self._stage, self._data_reports.get(client_id, 0))
+
+    def _log(self, event: str, **fields: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.write(event, **fields)
