@@ -58,7 +58,6 @@ from fedsplit.server.checkpoint import (
     capture_trunk,
     save_checkpoint,
 )
-from fedsplit.server.data_reports import announce_data_report, read_data_report
 from fedsplit.server.driving import RunDriver
 from fedsplit.server.evaluation import FederatedEvalConfig, RoundEvaluation
 from fedsplit.server.rounds import (
@@ -72,7 +71,6 @@ from fedsplit.server.rounds import (
     check_distance,
     check_plan,
     plan_settings,
-    record_data_report,
 )
 from fedsplit.server.stages import check_transition
 from fedsplit.strategy import AggregationError, ClientUpdate, Failure, Strategy
@@ -269,47 +267,22 @@ class AsyncCoordinator(RunDriver):
                 self._pausing = False
                 self._cond.notify_all()
 
-    # -- sessions (handler_for, request dispatch, generation and EVAL_REPORT: RunDriver) ----------
-    def on_disconnect(self, client_id: str) -> None:
-        """One session of ``client_id`` ended; when it was the last, its pass ends."""
-        with self._cond:
-            session = self._sessions.get(client_id)
-            if session is None:
-                return
-            session.open = max(0, session.open - 1)
-            if session.open > 0:
-                return
-            if self.generation is not None:
-                self.generation.drop_client(client_id)
-            self._fail_client(client_id, "disconnected")
-            self._cond.notify_all()
+    # -- sessions (the plumbing and JOIN_ROUND's data report and end-of-run plans: RunDriver) ----
+    def _session_lost(self, client_id: str) -> None:
+        self._fail_client(client_id, "disconnected")  # its pass ends
 
     # -- JOIN_ROUND: a plan at once -----------------------------------------------------------------
-    def _join(self, client_id: str, kind: int, round: int, step: int, request: pb.JoinRound) -> pb.RoundPlan:
-        first = client_id not in self._data_reports
-        report = read_data_report(client_id, request, self.config.contract_hash) if first else None
-        with self._cond:
-            weight = record_data_report(self._data_reports, client_id, int(request.num_examples),
-                                        self.config.max_examples_per_client)
-            if weight is not None:
-                self._log("data_report", client=client_id, num_examples=int(request.num_examples), weight=weight,
-                          **announce_data_report(client_id, weight, report))
-            if self._stage is RoundStage.DONE:
-                return pb.RoundPlan(round=self.completed_round, finished=True, adapters=encode_named(self._global))
-            if self._stage is RoundStage.FAILED:
-                raise ProtocolError(f"the run failed: {self._error}", code=pb.ABORTED)
-            if self._stage is RoundStage.EVALUATING and (evaluate := self._evaluation.plan_for(client_id)):
-                return evaluate
-            if self._stage is not RoundStage.TRAINING or self._stopping:
-                return pb.RoundPlan(round=self.completed_round + 1, wait_s=self.config.poll_s)
-            if client_id in self._assignments:
-                self._fail_client(client_id, "joined again before sending its update (it restarted)")
-            version = self.completed_round
-            self._assignments[client_id] = Assignment(version)
-            self._sessions[client_id].last_seen = time.monotonic()  # the step clock starts now
-            return pb.RoundPlan(round=version + 1, local_steps=self._local_steps, lr=self._lr,
-                                adapters=self._versions.encoded(version), settings=self._settings_map,
-                                first_step=self._client_steps[client_id])
+    def _plan(self, client_id: str) -> pb.RoundPlan:
+        if self._stage is not RoundStage.TRAINING or self._stopping:
+            return pb.RoundPlan(round=self.completed_round + 1, wait_s=self.config.poll_s)
+        if client_id in self._assignments:
+            self._fail_client(client_id, "joined again before sending its update (it restarted)")
+        version = self.completed_round
+        self._assignments[client_id] = Assignment(version)
+        self._sessions[client_id].last_seen = time.monotonic()  # the step clock starts now
+        return pb.RoundPlan(round=version + 1, local_steps=self._local_steps, lr=self._lr,
+                            adapters=self._versions.encoded(version), settings=self._settings_map,
+                            first_step=self._client_steps[client_id])
 
     # -- FORWARD / BACKWARD / OPTIMIZER_STEP ------------------------------------------------------
     def _serve_trunk(self, client_id: str, kind: int, round: int, step: int, request: Message) -> Message:

@@ -65,7 +65,6 @@ from fedsplit.server.checkpoint import (
     restore_trunk,
     save_checkpoint,
 )
-from fedsplit.server.data_reports import announce_data_report, read_data_report
 from fedsplit.server.driving import RunDriver
 from fedsplit.server.evaluation import FederatedEvalConfig, RoundEvaluation
 from fedsplit.server.rounds import (
@@ -86,7 +85,6 @@ from fedsplit.server.rounds import (
     check_step,
     check_update,
     plan_settings,
-    record_data_report,
 )
 from fedsplit.server.stages import check_transition
 from fedsplit.strategy import (
@@ -341,52 +339,26 @@ class RoundCoordinator(RunDriver):
     def _restored(self, checkpoint: Checkpoint) -> None:
         self._resume_clients = frozenset(checkpoint.round_clients) & frozenset(self.clients)
 
-    # -- sessions (handler_for, request dispatch, generation and EVAL_REPORT: RunDriver) --------
-    def on_disconnect(self, client_id: str) -> None:
-        """One session of ``client_id`` ended; when it was the last, its round participation ends."""
-        with self._cond:
-            session = self._sessions.get(client_id)
-            if session is None:
-                return
-            session.open = max(0, session.open - 1)
-            if session.open > 0:
-                return
-            self._lobby.discard(client_id)
-            if self.generation is not None:
-                self.generation.drop_client(client_id)
-            r = self._round
-            if r is not None and client_id in r.owing() and self._stage is RoundStage.TRAINING:
-                self._fail_participant(client_id, "disconnected")
-            self._cond.notify_all()
+    # -- sessions (the plumbing and JOIN_ROUND's data report and end-of-run plans: RunDriver) --
+    def _session_lost(self, client_id: str) -> None:
+        self._lobby.discard(client_id)  # its round participation ends
+        r = self._round
+        if r is not None and client_id in r.owing() and self._stage is RoundStage.TRAINING:
+            self._fail_participant(client_id, "disconnected")
 
     # -- JOIN_ROUND -----------------------------------------------------------------------------
-    def _join(self, client_id: str, kind: int, round: int, step: int, request: pb.JoinRound) -> pb.RoundPlan:
-        # The first report fixes the client's weight; later joins (polls) change nothing, so only it is read.
-        first = client_id not in self._data_reports
-        report = read_data_report(client_id, request, self.config.contract_hash) if first else None
-        with self._cond:
-            weight = record_data_report(self._data_reports, client_id, int(request.num_examples),
-                                        self.config.max_examples_per_client)
-            if weight is not None:
-                self._log("data_report", client=client_id, num_examples=int(request.num_examples), weight=weight,
-                          **announce_data_report(client_id, weight, report))
-            if self._stage is RoundStage.DONE:
-                return pb.RoundPlan(round=self.completed_round, finished=True, adapters=encode_named(self._global))
-            if self._stage is RoundStage.FAILED:
-                raise ProtocolError(f"the run failed: {self._error}", code=pb.ABORTED)
-            if self._stage is RoundStage.EVALUATING and (evaluate := self._evaluation.plan_for(client_id)):
-                return evaluate
-            r = self._round
-            participant = r.participants.get(client_id) if r is not None else None
-            if self._stage is RoundStage.TRAINING and r is not None and participant is not None:
-                if participant.stage is ClientStage.PICKED:
-                    participant.move(ClientStage.TRAINING)
-                    return r.plan(self._client_steps[client_id])
-                if participant.stage is ClientStage.TRAINING:
-                    self._fail_participant(client_id, "joined again before sending its update (it restarted)")
-            self._lobby.add(client_id)
-            self._cond.notify_all()
-            return pb.RoundPlan(round=self.completed_round + 1, wait_s=self.config.poll_s)
+    def _plan(self, client_id: str) -> pb.RoundPlan:
+        r = self._round
+        participant = r.participants.get(client_id) if r is not None else None
+        if self._stage is RoundStage.TRAINING and r is not None and participant is not None:
+            if participant.stage is ClientStage.PICKED:
+                participant.move(ClientStage.TRAINING)
+                return r.plan(self._client_steps[client_id])
+            if participant.stage is ClientStage.TRAINING:
+                self._fail_participant(client_id, "joined again before sending its update (it restarted)")
+        self._lobby.add(client_id)
+        self._cond.notify_all()
+        return pb.RoundPlan(round=self.completed_round + 1, wait_s=self.config.poll_s)
 
     # -- FORWARD / BACKWARD / OPTIMIZER_STEP ----------------------------------------------------
     def _serve_trunk(self, client_id: str, kind: int, round: int, step: int, request: Message) -> Message:

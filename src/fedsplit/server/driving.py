@@ -16,9 +16,10 @@ from torch import Tensor
 
 from fedsplit.adapters import adapter_state_dict
 from fedsplit.channel import Handler
-from fedsplit.protocol import ProtocolError, kind_name, pb
+from fedsplit.protocol import ProtocolError, encode_named, kind_name, pb
 from fedsplit.server.checkpoint import Checkpoint, restore_rng, restore_trunk
-from fedsplit.server.rounds import RoundStage, RunResult, RunStoppedError, check_checkpoint
+from fedsplit.server.data_reports import announce_data_report, read_data_report
+from fedsplit.server.rounds import RoundStage, RunResult, RunStoppedError, check_checkpoint, record_data_report
 
 
 class RunDriver:
@@ -135,6 +136,48 @@ class RunDriver:
             if client_id in self._sessions:
                 self._sessions[client_id].open += 1
         return functools.partial(self._handle, client_id)
+
+    def on_disconnect(self, client_id: str) -> None:
+        """One session of ``client_id`` ended; when it was the last, its generation caches are dropped and
+        the driver ends what the client was doing (:meth:`_session_lost`)."""
+        with self._cond:
+            session = self._sessions.get(client_id)
+            if session is None:
+                return
+            session.open = max(0, session.open - 1)
+            if session.open > 0:
+                return
+            if self.generation is not None:
+                self.generation.drop_client(client_id)
+            self._session_lost(client_id)
+            self._cond.notify_all()
+
+    def _session_lost(self, client_id: str) -> None:
+        """The last session of ``client_id`` ended (lock held)."""
+        raise NotImplementedError
+
+    def _join(self, client_id: str, kind: int, round: int, step: int, request: pb.JoinRound) -> pb.RoundPlan:
+        """JOIN_ROUND: the client's data report (its first fixes its weight; later joins, polls, change nothing,
+        so only it is read), then the run's end, its failure or an evaluation plan, else :meth:`_plan`."""
+        first = client_id not in self._data_reports
+        report = read_data_report(client_id, request, self.config.contract_hash) if first else None
+        with self._cond:
+            weight = record_data_report(self._data_reports, client_id, int(request.num_examples),
+                                        self.config.max_examples_per_client)
+            if weight is not None:
+                self._log("data_report", client=client_id, num_examples=int(request.num_examples), weight=weight,
+                          **announce_data_report(client_id, weight, report))
+            if self._stage is RoundStage.DONE:
+                return pb.RoundPlan(round=self.completed_round, finished=True, adapters=encode_named(self._global))
+            if self._stage is RoundStage.FAILED:
+                raise ProtocolError(f"the run failed: {self._error}", code=pb.ABORTED)
+            if self._stage is RoundStage.EVALUATING and (evaluate := self._evaluation.plan_for(client_id)):
+                return evaluate  # type: ignore[no-any-return]
+            return self._plan(client_id)
+
+    def _plan(self, client_id: str) -> pb.RoundPlan:
+        """The plan of a JOIN_ROUND while the run goes on (lock held): a round to train, or wait."""
+        raise NotImplementedError
 
     def _handle(self, client_id: str, kind: int, round: int, step: int, request: Message) -> Message:
         if client_id not in self._sessions:
