@@ -38,9 +38,8 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,14 +58,13 @@ from fedsplit.server.checkpoint import (
     save_checkpoint,
 )
 from fedsplit.server.driving import RunDriver
-from fedsplit.server.evaluation import FederatedEvalConfig, RoundEvaluation
+from fedsplit.server.evaluation import FederatedEvalConfig
 from fedsplit.server.rounds import (
     ROUND_NEXT,
     CoordinatorConfig,
     RoundFailedError,
     RoundStage,
     RunResult,
-    Session,
     TrunkService,
     check_distance,
     check_plan,
@@ -123,10 +121,8 @@ class AsyncCoordinator(RunDriver):
         config_hash: str = "",
         evaluation: FederatedEvalConfig | None = None,
     ) -> None:
-        if not global_adapters:
-            raise ValueError("global_adapters: expected the clients' head/tail adapter tensors, got none")
-        if not clients or len(set(clients)) != len(clients):
-            raise ValueError(f"clients: expected unique client ids, got {list(clients)}")
+        self._setup(trunk, strategy, global_adapters, clients, config, metrics=metrics,
+                    checkpoint_dir=checkpoint_dir, run_id=run_id, config_hash=config_hash, evaluation=evaluation)
         if not 2 <= settings.buffer_size <= len(clients):
             raise ValueError(f"federation.buffer_size: expected 2..{len(clients)} (the clients), "
                              f"got {settings.buffer_size}")
@@ -134,46 +130,15 @@ class AsyncCoordinator(RunDriver):
         plan = strategy.configure_round(1, sorted(clients))  # the settings every pass trains with
         self._local_steps, self._lr = check_plan(plan, plan.client_ids)
         self._settings_map = plan_settings(plan, self._local_steps, config.num_rounds)
-        self.trunk, self.strategy, self.config, self.settings = trunk, strategy, config, settings
-        self.clients = tuple(clients)
-        self.metrics = metrics
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.run_id, self.config_hash = run_id, config_hash
-        self.completed_round = 0
-        self.history: list[dict[str, Any]] = []
-        self.generation: Any = None  # a server.generation.GenerationService: served once the run is over
-        self._global = {k: v.detach().clone() for k, v in global_adapters.items()}
-        self._client_steps = {cid: 0 for cid in self.clients}
-        self._data_reports: dict[str, int] = {}
-        self._stage = RoundStage.WAITING_FOR_CLIENTS
-        self._sessions = {cid: Session() for cid in self.clients}
+        self.settings = settings
         self._assignments: dict[str, Assignment] = {}
         self._buffer = UpdateBuffer(settings)
         self._versions = VersionStore()
         self._failures: list[Failure] = []  # since the last round
         self._aggregated: list[_Aggregated] = []  # rounds not yet logged and checkpointed
         self._last_round_at = 0.0
-        self._trunk_calls = 0
         self._stepping = 0  # OPTIMIZER_STEPs inside the trunk
         self._pausing = False  # a checkpoint is being taken: OPTIMIZER_STEPs wait
-        self._error: BaseException | None = None
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._started = False
-        self._cond = threading.Condition()
-        self._evaluation = RoundEvaluation(evaluation or FederatedEvalConfig(), self._cond, self._log,
-                                           eval_burst=config.eval_burst, eval_per_s=config.eval_per_s)
-        self._serve: dict[int, Callable[[str, int, int, int, Any], Message]] = {
-            pb.JOIN_ROUND: self._join,
-            pb.CLIENT_UPDATE: self._receive_update,
-            pb.FORWARD: self._serve_trunk,
-            pb.BACKWARD: self._serve_trunk,
-            pb.OPTIMIZER_STEP: self._serve_trunk,
-            pb.EVAL_REPORT: self._receive_eval,
-            pb.GENERATE_PREFILL: self._serve_generation,
-            pb.GENERATE_STEP: self._serve_generation,
-            pb.GENERATE_END: self._serve_generation,
-        }
 
     # -- the coordinator's thread -----------------------------------------------------------------
     def run(self) -> RunResult:

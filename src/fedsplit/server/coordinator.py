@@ -46,12 +46,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from google.protobuf.message import Message
 from torch import Tensor
@@ -66,7 +64,7 @@ from fedsplit.server.checkpoint import (
     save_checkpoint,
 )
 from fedsplit.server.driving import RunDriver
-from fedsplit.server.evaluation import FederatedEvalConfig, RoundEvaluation
+from fedsplit.server.evaluation import FederatedEvalConfig
 from fedsplit.server.rounds import (
     ROUND_NEXT,
     ClientStage,
@@ -78,7 +76,6 @@ from fedsplit.server.rounds import (
     RoundStage,
     RunResult,
     RunStoppedError,
-    Session,
     StageTransitionError,
     TrunkService,
     check_plan,
@@ -125,48 +122,13 @@ class RoundCoordinator(RunDriver):
         config_hash: str = "",
         evaluation: FederatedEvalConfig | None = None,
     ) -> None:
-        if not global_adapters:
-            raise ValueError("global_adapters: expected the clients' head/tail adapter tensors, got none")
-        if not clients or len(set(clients)) != len(clients):
-            raise ValueError(f"clients: expected unique client ids, got {list(clients)}")
+        self._setup(trunk, strategy, global_adapters, clients, config, metrics=metrics,
+                    checkpoint_dir=checkpoint_dir, run_id=run_id, config_hash=config_hash, evaluation=evaluation)
         if strategy.min_clients > len(clients):
             raise ValueError(f"min_clients: expected <= {len(clients)} (the clients), got {strategy.min_clients}")
-        self.trunk, self.strategy, self.config = trunk, strategy, config
-        self.clients = tuple(clients)
-        self.metrics = metrics
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.run_id, self.config_hash = run_id, config_hash
-        self.completed_round = 0
-        self.history: list[dict[str, Any]] = []
-        self._global = {k: v.detach().clone() for k, v in global_adapters.items()}
-        self._client_steps = {cid: 0 for cid in self.clients}
-        self._data_reports: dict[str, int] = {}  # examples each client declared at its first join: its weight
-        self._stage = RoundStage.WAITING_FOR_CLIENTS
         self._round: OpenRound | None = None
-        self._sessions = {cid: Session() for cid in self.clients}
         self._lobby: set[str] = set()
         self._resume_clients: frozenset[str] = frozenset()  # the first round after restore waits for them
-        self._trunk_calls = 0
-        self._error: BaseException | None = None
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._started = False
-        # One reentrant lock for the mutable state above: handlers run in one thread per session.
-        self._cond = threading.Condition()
-        self._evaluation = RoundEvaluation(evaluation or FederatedEvalConfig(), self._cond, self._log,
-                                           eval_burst=config.eval_burst, eval_per_s=config.eval_per_s)
-        self._serve: dict[int, Callable[[str, int, int, int, Any], Message]] = {
-            pb.JOIN_ROUND: self._join,
-            pb.CLIENT_UPDATE: self._receive_update,
-            pb.FORWARD: self._serve_trunk,
-            pb.BACKWARD: self._serve_trunk,
-            pb.OPTIMIZER_STEP: self._serve_trunk,
-            pb.EVAL_REPORT: self._receive_eval,
-            pb.GENERATE_PREFILL: self._serve_generation,
-            pb.GENERATE_STEP: self._serve_generation,
-            pb.GENERATE_END: self._serve_generation,
-        }
-        self.generation: Any = None  # a server.generation.GenerationService: split generation between rounds
         if hasattr(strategy, "attach"):  # secagg / ckks / hybrid: server/private_round.py serves its phases' requests
             strategy.attach(self._serve, lambda cid: self._sessions[cid].open > 0)
 

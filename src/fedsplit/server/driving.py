@@ -8,7 +8,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Self
 
 from google.protobuf.message import Message
@@ -19,15 +20,21 @@ from fedsplit.channel import Handler
 from fedsplit.protocol import ProtocolError, encode_named, kind_name, pb
 from fedsplit.server.checkpoint import Checkpoint, restore_rng, restore_trunk
 from fedsplit.server.data_reports import announce_data_report, read_data_report
-from fedsplit.server.rounds import RoundStage, RunResult, RunStoppedError, check_checkpoint, record_data_report
+from fedsplit.server.evaluation import FederatedEvalConfig, RoundEvaluation
+from fedsplit.server.rounds import (
+    RoundStage,
+    RunResult,
+    RunStoppedError,
+    Session,
+    check_checkpoint,
+    record_data_report,
+)
 
 
 class RunDriver:
-    """Mixed into a coordinator that has ``_cond``, ``_stopping``, ``_thread``, ``_error``, ``_stage``,
-    ``_global``, ``_client_steps``, ``trunk``, ``completed_round``, ``history``, ``config`` and ``run()``,
-    and for its sessions ``_sessions`` (client id -> its session state), ``_serve`` (message kind -> the
-    handler), ``_evaluation``, ``_data_reports``, ``generation``, ``metrics``, ``clients``, ``run_id``,
-    ``config_hash`` and ``_started``."""
+    """The state, session plumbing and resume both coordinators share. A coordinator's ``__init__`` calls
+    :meth:`_setup` first; it implements :meth:`run`, :meth:`_plan` (JOIN_ROUND while the run goes on),
+    :meth:`_session_lost`, :meth:`_receive_update` and :meth:`_serve_trunk`, and may extend :meth:`_restored`."""
 
     _thread_name = "coordinator"
     _cond: threading.Condition
@@ -41,18 +48,69 @@ class RunDriver:
     completed_round: int
     history: list[dict]
     config: Any
-    _sessions: dict[str, Any]
-    _serve: dict[int, Callable[..., Message]]
-    _evaluation: Any
+    _sessions: dict[str, Session]
+    _serve: dict[int, Callable[[str, int, int, int, Any], Message]]
+    _evaluation: RoundEvaluation
     _data_reports: dict[str, int]
     _started: bool
+    _trunk_calls: int
     generation: Any
     metrics: Any
-    clients: Any
+    strategy: Any
+    clients: tuple[str, ...]
+    checkpoint_dir: Path | None
     run_id: str
     config_hash: str
 
+    def _setup(self, trunk: Any, strategy: Any, global_adapters: Mapping[str, Tensor], clients: Sequence[str],
+               config: Any, *, metrics: Any, checkpoint_dir: Path | str | None, run_id: str, config_hash: str,
+               evaluation: FederatedEvalConfig | None) -> None:
+        """Check what every driver is given and set up the state they share (``__init__`` calls this first)."""
+        if not global_adapters:
+            raise ValueError("global_adapters: expected the clients' head/tail adapter tensors, got none")
+        if not clients or len(set(clients)) != len(clients):
+            raise ValueError(f"clients: expected unique client ids, got {list(clients)}")
+        self.trunk, self.strategy, self.config = trunk, strategy, config
+        self.clients = tuple(clients)
+        self.metrics = metrics
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.run_id, self.config_hash = run_id, config_hash
+        self.completed_round = 0
+        self.history = []
+        self.generation = None  # a server.generation.GenerationService: split generation when the trunk is idle
+        self._global = {k: v.detach().clone() for k, v in global_adapters.items()}
+        self._client_steps = {cid: 0 for cid in self.clients}
+        self._data_reports = {}  # examples each client declared at its first join: its weight
+        self._stage = RoundStage.WAITING_FOR_CLIENTS
+        self._sessions = {cid: Session() for cid in self.clients}
+        self._trunk_calls = 0
+        self._error = None
+        self._stopping = False
+        self._thread = None
+        self._started = False
+        # One reentrant lock for the mutable state: handlers run in one thread per session.
+        self._cond = threading.Condition()
+        self._evaluation = RoundEvaluation(evaluation or FederatedEvalConfig(), self._cond, self._log,
+                                           eval_burst=config.eval_burst, eval_per_s=config.eval_per_s)
+        self._serve = {
+            pb.JOIN_ROUND: self._join,
+            pb.CLIENT_UPDATE: self._receive_update,
+            pb.FORWARD: self._serve_trunk,
+            pb.BACKWARD: self._serve_trunk,
+            pb.OPTIMIZER_STEP: self._serve_trunk,
+            pb.EVAL_REPORT: self._receive_eval,
+            pb.GENERATE_PREFILL: self._serve_generation,
+            pb.GENERATE_STEP: self._serve_generation,
+            pb.GENERATE_END: self._serve_generation,
+        }
+
     def run(self) -> RunResult:
+        raise NotImplementedError
+
+    def _receive_update(self, client_id: str, kind: int, round: int, step: int, request: Any) -> Message:
+        raise NotImplementedError
+
+    def _serve_trunk(self, client_id: str, kind: int, round: int, step: int, request: Message) -> Message:
         raise NotImplementedError
 
     def stop(self) -> None:
@@ -172,7 +230,7 @@ class RunDriver:
             if self._stage is RoundStage.FAILED:
                 raise ProtocolError(f"the run failed: {self._error}", code=pb.ABORTED)
             if self._stage is RoundStage.EVALUATING and (evaluate := self._evaluation.plan_for(client_id)):
-                return evaluate  # type: ignore[no-any-return]
+                return evaluate
             return self._plan(client_id)
 
     def _plan(self, client_id: str) -> pb.RoundPlan:
@@ -187,7 +245,7 @@ class RunDriver:
             raise ProtocolError(f"the coordinator does not serve {kind_name(kind)}", code=pb.FAILED_PRECONDITION)
         if kind == pb.FORWARD and not request.train:  # evaluation: changes nothing, keeps nobody alive
             with self._evaluation.forward(self._sessions[client_id], lambda: (self._stage, self.completed_round)):
-                return self.trunk.handle(client_id, kind, round, step, request)  # type: ignore[no-any-return]
+                return self.trunk.handle(client_id, kind, round, step, request)
         with self._sessions[client_id].request(self._cond):
             return serve(client_id, kind, round, step, request)
 
@@ -198,12 +256,11 @@ class RunDriver:
             raise ProtocolError("this server does not serve generation", code=pb.FAILED_PRECONDITION)
         with self._evaluation.forward(None, lambda: (self._stage, self.completed_round), "generation",
                                       anytime=kind == pb.GENERATE_END):
-            return self.generation.handle(client_id, kind, round, step, request)  # type: ignore[no-any-return]
+            return self.generation.handle(client_id, kind, round, step, request)
 
     def _receive_eval(self, client_id: str, kind: int, round: int, step: int, request: pb.EvalReport) -> pb.EvalAck:
         with self._cond:
-            return self._evaluation.receive(  # type: ignore[no-any-return]
-                client_id, request, self._stage, self._data_reports.get(client_id, 0))
+            return self._evaluation.receive(client_id, request, self._stage, self._data_reports.get(client_id, 0))
 
     def _log(self, event: str, **fields: Any) -> None:
         if self.metrics is not None:
