@@ -266,7 +266,7 @@ def load_prefix_adapter(parts: Sequence[SplitPart], directory: str | Path) -> in
 
 
 # -- one organisation's copy: the prefixes of some parts only ---------------------------------------------
-PART_PREFIXES = "prefix_parts.json"  # + prefix_parts.safetensors: a client's head and tail, a server's trunk
+PART_PREFIXES = "prefix_parts.json"  # + prefix_parts.safetensors: what a client keeps of a prefix run
 PART_PREFIXES_FORMAT = "fedsplit-part-prefixes/1"
 
 
