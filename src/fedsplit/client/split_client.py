@@ -144,18 +144,17 @@ class SplitClient:
     @torch.no_grad()
     def eval_loss(self, batches: Iterable[Mapping[str, torch.Tensor]]) -> float:
         """Mean supervised-token loss, through the server without keeping a graph."""
-        def scored(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-            with autocast(self.cfg):
-                return self.tail.final_hidden(*self._eval_trunk(batch))  # (B, T, H)
+        return token_weighted_loss(((self._eval_hidden(batch), batch["labels"]) for batch in batches),
+                                   loss=self._loss)
 
-        return token_weighted_loss(((scored(batch), batch["labels"]) for batch in batches), loss=self._loss)
-
-    def _eval_trunk(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(the trunk's output (B, T, H), mask, positions) of an evaluation batch."""
+    def _eval_hidden(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """What the LM head reads ``(B, T, H)`` for an evaluation batch: head -> trunk -> tail blocks + norm."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         positions = positions_from_mask(mask)
         _, trunk_out = self._through_trunk(ids, mask, positions, train=False)
-        return trunk_out, mask, positions
+        with autocast(self.cfg):
+            hidden: torch.Tensor = self.tail.final_hidden(trunk_out, mask, positions)
+            return hidden
 
     def eval_target_logprobs(self, batch: Mapping[str, torch.Tensor], keep: int) -> torch.Tensor:
         """log p of each of the batch's last ``keep - 1`` labels ``(B, keep - 1)`` (0 where ignored), with the LM
@@ -164,15 +163,15 @@ class SplitClient:
         from fedsplit.eval.scoring import last_labels, row_target_logprobs
 
         targets = last_labels(batch["labels"], keep - 1)  # (B, keep-1)
+        hidden = self._eval_hidden(batch)[:, -keep:-1]  # (B, keep-1, H)
         with autocast(self.cfg):
-            hidden = self.tail.final_hidden(*self._eval_trunk(batch))[:, -keep:-1]  # (B, keep-1, H)
             head = self.tail.output_head()
             return torch.stack([row_target_logprobs(head(hidden[row]), targets[row]) for row in range(len(targets))])
 
     def _eval_logits(self, batch: Mapping[str, torch.Tensor], keep: int | None = None) -> torch.Tensor:
         """Logits ``(B, T, V)``, or of the last ``keep`` positions only ``(B, keep, V)``: the LM head (a
         49k-token vocabulary for SmolLM2) runs only where it is read (a :data:`fedsplit.eval.scoring.LogitsFn`)."""
+        hidden = self._eval_hidden(batch)  # (B, T, H)
         with autocast(self.cfg):
-            hidden = self.tail.final_hidden(*self._eval_trunk(batch))  # (B, T, H)
             logits: torch.Tensor = self.tail.output_head()(hidden[:, -keep:] if keep else hidden)
             return logits

@@ -23,7 +23,7 @@ it receives the un-offset position ids that cross the cut and adds ``P`` itself.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,12 +196,19 @@ def _copy_table(parts: Sequence[SplitPart], table: torch.Tensor, layers: int) ->
     kv_heads, head_dim = kv_shape(parts[0].config)
     width = int(table.shape[0])
     grid = table.view(width, layers * 2, kv_heads, head_dim).permute(1, 2, 0, 3)  # (2L, kv_heads, P, head_dim)
+    _set_prefixes(parts, width, {f"{which}.{layer}": grid[2 * layer + i] for part in parts
+                                 for layer in part.layer_indices for i, which in enumerate(("key", "value"))})
+
+
+def _set_prefixes(parts: Sequence[SplitPart], width: int, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``tensors`` (``key.<block>`` / ``value.<block>``, each ``(kv_heads, P, head_dim)``) into the parts'
+    prefixes (a part without prefixes gets ``width`` of them, frozen, as :func:`add_prefix`)."""
     for part in parts:
         prefix = part_prefix(part) or add_prefix(part, width)
         with torch.no_grad():
             for layer in part.layer_indices:
-                prefix.key[str(layer)].copy_(grid[2 * layer])
-                prefix.value[str(layer)].copy_(grid[2 * layer + 1])
+                prefix.key[str(layer)].copy_(tensors[f"key.{layer}"])
+                prefix.value[str(layer)].copy_(tensors[f"value.{layer}"])
 
 
 def save_prefix_adapter(parts: Sequence[SplitPart], directory: str | Path, *, base_model: str | None = None) -> Path:
@@ -334,12 +341,7 @@ def load_part_prefixes(parts: Sequence[SplitPart], directory: str | Path) -> int
         prefix = part_prefix(part)
         if prefix is not None and prefix.num_virtual_tokens != width:
             raise PrefixError(f"{directory}: {width} virtual tokens; the {name} has {prefix.num_virtual_tokens}")
-    for part in parts:
-        prefix = part_prefix(part) or add_prefix(part, width)
-        with torch.no_grad():
-            for layer in part.layer_indices:
-                prefix.key[str(layer)].copy_(tensors[f"key.{layer}"])
-                prefix.value[str(layer)].copy_(tensors[f"value.{layer}"])
+    _set_prefixes(parts, width, tensors)
     return width
 
 

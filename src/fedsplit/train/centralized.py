@@ -36,6 +36,8 @@ class CentralizedTrainer:
         self.params = list(params)
         self.optimizer = build_optimizer(self.params, cfg)
         self.steps_taken = 0
+        # (decoder, LM head) for the chunked loss, found once; None: the model's own logits
+        self._loss_parts = model_loss_parts(model) if cfg.loss_chunk_tokens else None
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         mask = batch["attention_mask"]
@@ -49,10 +51,9 @@ class CentralizedTrainer:
         ``train.loss_chunk_tokens`` positions over the decoder's last hidden state (the same function on
         the same rows, so split and centralized runs differ only by a bug), or over the model's logits."""
         with autocast(self.cfg):
-            parts = model_loss_parts(self.model) if self.cfg.loss_chunk_tokens else None
-            if parts is None:
+            if self._loss_parts is None:
                 return causal_lm_loss(self.logits(batch), batch["labels"])
-            decoder, head = parts
+            decoder, head = self._loss_parts
             mask = batch["attention_mask"]
             hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask,
                              position_ids=positions_from_mask(mask)).last_hidden_state  # (B, T, H)
